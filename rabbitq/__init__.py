@@ -1,0 +1,50 @@
+"""rabbitq: a task system on RabbitMQ that never loses a task.
+
+The public API is what `__all__` lists.
+"""
+
+from rabbitq.app import App, Task
+from rabbitq.consume import Consumer
+from rabbitq.errors import (
+    ConfigError,
+    ConnectionFailed,
+    InvalidPayload,
+    NotConfirmed,
+    Park,
+    PublishError,
+    RabbitqError,
+    Retry,
+    TopologyDrift,
+    TopologyError,
+    TopologyInvalid,
+    TopologyMissing,
+    UnknownTask,
+    Unroutable,
+)
+from rabbitq.handlers import TaskContext
+from rabbitq.topology import Topology, Workload, load_topology, parse_topology
+
+__all__ = [
+    "App",
+    "ConfigError",
+    "ConnectionFailed",
+    "Consumer",
+    "InvalidPayload",
+    "NotConfirmed",
+    "Park",
+    "PublishError",
+    "RabbitqError",
+    "Retry",
+    "Task",
+    "TaskContext",
+    "Topology",
+    "TopologyDrift",
+    "TopologyError",
+    "TopologyInvalid",
+    "TopologyMissing",
+    "UnknownTask",
+    "Unroutable",
+    "Workload",
+    "load_topology",
+    "parse_topology",
+]

@@ -1,0 +1,3 @@
+from rabbitq.cli import main
+
+main()

@@ -1,0 +1,310 @@
+"""The user's entry point: `App` holds the registered tasks and publishes them.
+
+    app = rabbitq.App(namespace="shop", url="amqp://guest:guest@localhost:5672/")
+
+    @app.task("emails.send", workload="emails")
+    async def send_email(msg: SendEmail) -> None: ...
+
+    await send_email.publish(SendEmail(to="a@b.c"))       # from async code
+    send_email.publish_sync(SendEmail(to="a@b.c"))        # from Django, Flask, scripts
+
+Inside a running consumer the app publishes over the consumer's own publishing connection, so a
+handler can publish child tasks with the same calls (sync handlers too: they run in threads and
+hand the publish to the consumer's event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import re
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import Future
+from datetime import UTC, datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from rabbitq.connection import DEFAULT_URL
+from rabbitq.envelope import new_task_headers
+from rabbitq.errors import ConfigError, UnknownTask
+from rabbitq.handlers import TaskDef
+from rabbitq.publish import Outgoing, Publisher, raise_first
+from rabbitq.topology import NAME_PATTERN, RoutingKey, task_exchange
+
+P = TypeVar("P", bound=BaseModel)
+R = TypeVar("R")
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+SYNC_PUBLISH_TIMEOUT_SECONDS = 60.0
+MAX_PRIORITY = 255
+
+
+def _deadline_seconds(deadline: datetime | timedelta | None, now: float) -> float | None:
+    if deadline is None:
+        return None
+    if isinstance(deadline, timedelta):
+        return now + deadline.total_seconds()
+    if deadline.tzinfo is None:
+        raise ConfigError(f"deadline {deadline!r} has no time zone; use an aware datetime")
+    return deadline.timestamp()
+
+
+class Task(Generic[P, R]):
+    """A registered task: call it like the function, or publish it for a consumer to run."""
+
+    def __init__(self, app: App, definition: TaskDef[P, R]) -> None:
+        self.app = app
+        self.definition = definition
+        self.name = definition.name
+        self.workload = definition.workload
+
+    def __call__(self, *args: Any) -> Any:
+        """Run the handler in this process, as a plain function call (handy in tests)."""
+        return self.definition.fn(*args)
+
+    def message(
+        self,
+        payload: P | dict[str, Any],
+        *,
+        priority: int | None = None,
+        deadline: datetime | timedelta | None = None,
+        idempotency_key: str | None = None,
+    ) -> Outgoing:
+        """The message that `publish` would send, validated; for `App.publish_many`.
+
+        Args:
+            payload: the task's model (or a dict validated into it).
+            priority: 0 (default) to the workload's max_priority; higher runs first.
+            deadline: an aware datetime, or a timedelta from now, after which the task is not
+                run but parked as expired.
+            idempotency_key: becomes the message_id, so consumers can deduplicate.
+        """
+        namespace = self.app.require_namespace()
+        model = self.definition.check_payload(payload)
+        if priority is not None and not 0 <= priority <= MAX_PRIORITY:
+            raise ConfigError(f"priority {priority!r} must be from 0 to {MAX_PRIORITY}")
+        now = time.time()
+        return Outgoing(
+            exchange=task_exchange(namespace),
+            routing_key=RoutingKey(self.workload),
+            body=model.model_dump_json().encode(),
+            message_id=idempotency_key or uuid.uuid4().hex,
+            headers=new_task_headers(_deadline_seconds(deadline, now)),
+            task=self.name,
+            priority=priority,
+            timestamp=datetime.fromtimestamp(now, UTC),
+        )
+
+    async def publish(
+        self,
+        payload: P | dict[str, Any],
+        *,
+        priority: int | None = None,
+        deadline: datetime | timedelta | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Publish the task and wait for the broker's confirm; returns its message id.
+
+        Raises:
+            pydantic.ValidationError: the payload does not fit the model (nothing is sent).
+            Unroutable: no work queue is bound for the workload (run `rabbitq topology apply`).
+            NotConfirmed: the broker did not confirm it; it may or may not be queued.
+        """
+        out = self.message(
+            payload, priority=priority, deadline=deadline, idempotency_key=idempotency_key
+        )
+        await (await self.app.publisher()).send(out)
+        return out.message_id
+
+    async def publish_many(self, payloads: Iterable[P | dict[str, Any]]) -> list[str]:
+        """Publish many with pipelined confirms; returns their message ids."""
+        return await self.app.publish_many([self.message(p) for p in payloads])
+
+    def publish_sync(
+        self,
+        payload: P | dict[str, Any],
+        *,
+        priority: int | None = None,
+        deadline: datetime | timedelta | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """`publish` for synchronous code: blocks until confirmed; needs no event loop."""
+        out = self.message(
+            payload, priority=priority, deadline=deadline, idempotency_key=idempotency_key
+        )
+        self.app.run_sync(lambda: self._send(out))
+        return out.message_id
+
+    async def _send(self, out: Outgoing) -> None:
+        await (await self.app.publisher()).send(out)
+
+
+class _LoopThread:
+    """An event loop in a daemon thread, for publishing from code that has no loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="rabbitq-publish",
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+class App:
+    """The tasks of an application, and the publisher they share.
+
+    Args:
+        namespace: the topology namespace the tasks are published into; `rabbitq consume`
+            fills it from the topology when left out.
+        url: the broker to publish to (default `amqp://guest:guest@localhost:5672/`).
+    """
+
+    def __init__(self, namespace: str | None = None, *, url: str | None = None) -> None:
+        self.namespace = namespace
+        self.url = url
+        self.tasks: dict[str, TaskDef[Any, Any]] = {}
+        self._publisher: Publisher | None = None
+        self._owns_publisher = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: _LoopThread | None = None
+        self._sync_lock = threading.Lock()
+
+    def task(
+        self, name: str, *, workload: str, timeout_seconds: float | None = None
+    ) -> Callable[[Callable[..., Any]], Task[Any, Any]]:
+        """Register a handler under `name`, run by the consumers of `workload`.
+
+        Args:
+            name: the task name, sent as the message `type`; unique in the app.
+            workload: the workload (from `topology/`) whose queue the task goes to.
+            timeout_seconds: the handler is cancelled (or, if sync, abandoned) after this long,
+                and the task takes the retry path.
+        """
+        if not re.match(NAME_PATTERN, workload):
+            raise ConfigError(f"workload {workload!r} must match {NAME_PATTERN}")
+
+        def register(fn: Callable[..., Any]) -> Task[Any, Any]:
+            if name in self.tasks:
+                raise ConfigError(f"task {name!r} is registered twice")
+            definition: TaskDef[Any, Any] = TaskDef(name, workload, fn, timeout_seconds)
+            self.tasks[name] = definition
+            return Task(self, definition)
+
+        return register
+
+    def get(self, name: str) -> TaskDef[Any, Any]:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise UnknownTask(name) from None
+
+    def workloads(self) -> set[str]:
+        return {t.workload for t in self.tasks.values()}
+
+    def require_namespace(self) -> str:
+        if self.namespace is None:
+            raise ConfigError(
+                "the App has no namespace; pass App(namespace=...) to publish outside a consumer"
+            )
+        return self.namespace
+
+    # Publishing connection -------------------------------------------------------------------
+
+    def bind_publisher(self, publisher: Publisher, loop: asyncio.AbstractEventLoop) -> None:
+        """Publish through `publisher` (a consumer's), from its loop and from worker threads."""
+        self._publisher, self._owns_publisher, self._loop = publisher, False, loop
+
+    async def publisher(self) -> Publisher:
+        """The publisher of this app, connecting on first use."""
+        loop = asyncio.get_running_loop()
+        if self._publisher is not None and (self._loop is loop or not self._owns_publisher):
+            return self._publisher
+        # A publisher belongs to the loop it connected on; a new loop gets its own.
+        self._publisher = Publisher(self.url or DEFAULT_URL, name="app-publisher")
+        self._owns_publisher = True
+        self._loop = loop
+        return self._publisher
+
+    async def publish_many(self, messages: Sequence[Outgoing]) -> list[str]:
+        """Publish messages (from `Task.message`) with pipelined confirms; their message ids.
+
+        Raises:
+            PublishError: the first failure, noting how many others failed; the rest were
+                confirmed.
+        """
+        publisher = await self.publisher()
+        errors = await publisher.send_many(messages)
+        raise_first(messages, errors)
+        return [m.message_id for m in messages]
+
+    def publish_many_sync(self, messages: Sequence[Outgoing]) -> list[str]:
+        """`publish_many` for synchronous code."""
+        return self.run_sync(lambda: self.publish_many(messages))
+
+    async def close(self) -> None:
+        """Close the publishing connection this app opened (not a consumer's)."""
+        if self._publisher is not None and self._owns_publisher:
+            await self._publisher.close()
+        self._publisher = None
+        self._loop = None
+
+    async def __aenter__(self) -> App:
+        await (await self.publisher()).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def run_sync(
+        self, make: Callable[[], Awaitable[T]], timeout: float = SYNC_PUBLISH_TIMEOUT_SECONDS
+    ) -> T:
+        """Run a coroutine on the app's publishing loop from synchronous code, and wait."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            if _running_loop() is loop:
+                raise ConfigError("publish_sync was called on the event loop; use await publish()")
+            return self._submit(loop, make, timeout)
+        with self._sync_lock:
+            if self._loop_thread is None:
+                self._loop_thread = _LoopThread()
+                atexit.register(self.close_sync)
+            thread_loop = self._loop_thread.loop
+        return self._submit(thread_loop, make, timeout)
+
+    @staticmethod
+    def _submit(
+        loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[T]], timeout: float
+    ) -> T:
+        async def call() -> T:
+            return await make()
+
+        future: Future[T] = asyncio.run_coroutine_threadsafe(call(), loop)
+        return future.result(timeout)
+
+    def close_sync(self) -> None:
+        """Close the connection and thread that `publish_sync` opened."""
+        thread = self._loop_thread
+        if thread is None:
+            return
+        if self._owns_publisher and self._publisher is not None and self._loop is thread.loop:
+            try:
+                self._submit(thread.loop, self.close, 10)
+            except Exception:  # closing at exit: nothing left to report it to
+                pass
+        thread.stop()
+        self._loop_thread = None
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

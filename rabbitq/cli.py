@@ -1,0 +1,270 @@
+"""The `rabbitq` command: topology apply|show|plan, consume.
+
+stdout carries results only; logs and errors go to stderr. An expected failure prints one
+`error: ...` line and exits non-zero (`--debug` adds the traceback). Exit codes: 0 success,
+1 the operation failed, 2 usage error, 3 the topology drifted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from rabbitq.app import App
+from rabbitq.connection import DEFAULT_URL, connect, scrub
+from rabbitq.errors import ConfigError, RabbitqError
+from rabbitq.topology import Topology, load_topology
+
+T = TypeVar("T")
+
+EPILOG = "Exit codes: 0 success, 1 failure, 2 usage error, 3 topology drift."
+
+cli = typer.Typer(
+    name="rabbitq",
+    help="rabbitq: a task system on RabbitMQ that never loses a task.",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+topology_cli = typer.Typer(help="Declare and inspect the topology.", epilog=EPILOG,
+                           no_args_is_help=True)
+cli.add_typer(topology_cli, name="topology")
+
+URL = typer.Option(DEFAULT_URL, "--url", envvar="RABBITQ_URL", show_default=False,
+                   help="Broker URL [env RABBITQ_URL; default amqp://guest:guest@localhost:5672/].")
+TOPOLOGY = typer.Option(Path("topology"), "--topology", "-t", envvar="RABBITQ_TOPOLOGY",
+                        help="Directory (or file) of topology *.toml files.")
+NAMESPACE = typer.Option(None, "--namespace", envvar="RABBITQ_NAMESPACE",
+                         help="Override the namespace the topology files declare.")
+JSON = typer.Option(False, "--json", help="Print one JSON document.")
+DEBUG = typer.Option(False, "--debug", help="Show tracebacks of errors.")
+
+logger = logging.getLogger("rabbitq.cli")
+
+
+class _Fail(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+@contextlib.contextmanager
+def _errors(url: str, as_json: bool = False, debug: bool = False) -> Iterator[None]:
+    """Turn an expected failure into one line on stderr and an exit code."""
+    try:
+        yield
+    except RabbitqError as exc:
+        if debug:
+            import traceback
+
+            typer.echo(scrub("".join(traceback.format_exception(exc)), url), err=True)
+        text = scrub(str(exc), url)
+        if as_json:
+            typer.echo(json.dumps({"error": text, "type": type(exc).__name__,
+                                   **{k: str(v) for k, v in exc.facts().items()}}), err=True)
+        else:
+            typer.echo(f"error: {text}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _load(topology: Path, namespace: str | None) -> Topology:
+    return load_topology(topology, namespace)
+
+
+def _run(make: Callable[[], Awaitable[T]]) -> T:
+    async def call() -> T:
+        return await make()
+
+    return asyncio.run(call())
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # aio-pika and aiormq narrate every reconnect at length; ours says what matters.
+    for noisy in ("aio_pika", "aiormq"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+@topology_cli.command("show")
+def topology_show(
+    topology: Path = TOPOLOGY, namespace: str | None = NAMESPACE, as_json: bool = JSON,
+    debug: bool = DEBUG,
+) -> None:
+    """Print the derived exchanges, queues with their arguments, bindings, and each task's flow.
+
+    Example: rabbitq topology show --json
+    """
+    with _errors("", as_json, debug):
+        topo = _load(topology, namespace)
+        data = topo.to_dict()
+        if as_json:
+            typer.echo(json.dumps(data, indent=2))
+            return
+        typer.echo(f"namespace {topo.namespace}")
+        typer.echo("exchanges:")
+        for e in data["exchanges"]:
+            typer.echo(f"  {e['name']} ({e['type']}, durable)")
+        typer.echo("queues:")
+        for q in data["queues"]:
+            args = " ".join(f"{k}={v}" for k, v in q["arguments"].items())
+            typer.echo(f"  {q['name']} [{q['role']}] {args}")
+        typer.echo("bindings:")
+        for b in data["bindings"]:
+            typer.echo(f"  {b['exchange']} --{b['routing_key']}--> {b['queue']}")
+        typer.echo("flow:")
+        for name, w in data["workloads"].items():
+            typer.echo(f"  {name} (capacity {w['capacity']}, {w['max_attempts']} attempts):")
+            for step in w["flow"].split(" | "):
+                typer.echo(f"    {step}")
+
+
+async def _with_connection(url: str, work: Callable[[Any], Awaitable[T]]) -> T:
+    connection = await connect(url, "cli")
+    try:
+        return await work(connection)
+    finally:
+        await connection.close()
+
+
+@topology_cli.command("plan")
+def topology_plan(
+    topology: Path = TOPOLOGY, namespace: str | None = NAMESPACE, url: str = URL,
+    as_json: bool = JSON, debug: bool = DEBUG,
+) -> None:
+    """Show what `apply` would create, and any drift, without changing anything (exit 3 on drift).
+
+    Example: rabbitq topology plan
+    """
+    from rabbitq import declare
+
+    with _errors(url, as_json, debug):
+        topo = _load(topology, namespace)
+        items = _run(lambda: _with_connection(url, lambda c: declare.plan(c, topo)))
+        _print_items(items, as_json)
+        declare.raise_on_drift(items)
+
+
+def _print_items(items: list[Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps([vars(i) if hasattr(i, "__dict__") else
+                               {f: getattr(i, f) for f in i.__slots__} for i in items], indent=2))
+        return
+    for item in items:
+        line = f"{item.action:9} {item.kind} {item.name}"
+        if item.action == "drift":
+            line += f": {item.argument} declared {item.declared}, found {item.found}"
+        typer.echo(line)
+
+
+@topology_cli.command("apply")
+def topology_apply(
+    topology: Path = TOPOLOGY, namespace: str | None = NAMESPACE, url: str = URL,
+    as_json: bool = JSON, debug: bool = DEBUG,
+) -> None:
+    """Declare every exchange, queue and binding, durable and idempotent; never deletes.
+
+    Stops with exit code 3, touching nothing, if a queue exists with other arguments.
+
+    Example: rabbitq topology apply --topology topology/
+    """
+    from rabbitq import declare
+
+    with _errors(url, as_json, debug):
+        topo = _load(topology, namespace)
+        items = _run(lambda: _with_connection(url, lambda c: declare.apply(c, topo)))
+        _print_items(items, as_json)
+
+
+def load_app(spec: str) -> App:
+    """The App at `module:attribute`."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"--app {spec!r} must look like 'package.module:app'")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--app {spec!r}: cannot import {module_name!r}: {exc}") from None
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        raise ConfigError(
+            f"--app {spec!r}: {attr!r} is not a rabbitq.App (got {type(app).__name__})"
+        )
+    return app
+
+
+@cli.command("consume")
+def consume(
+    workload: str = typer.Argument(..., help="The workload to run, as named in the topology."),
+    app_spec: str = typer.Option(..., "--app", envvar="RABBITQ_APP",
+                                 help="Where the App is: 'package.module:app'."),
+    topology: Path = TOPOLOGY,
+    namespace: str | None = NAMESPACE,
+    url: str = URL,
+    grace: float = typer.Option(30.0, "--grace", help="Seconds running tasks get to finish on "
+                                "SIGTERM/SIGINT; the rest return to the queue."),
+    burst: bool = typer.Option(False, "--burst", help="Exit once the work queue and its tiers "
+                               "are empty (batch jobs, tests)."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    as_json: bool = typer.Option(False, "--json", help="On exit, print the outcome counts as "
+                                 "one JSON document on stdout."),
+    debug: bool = DEBUG,
+) -> None:
+    """Run the handlers of one workload until SIGTERM/SIGINT (a second signal exits at once).
+
+    Example: rabbitq consume emails --app myapp.tasks:app
+    """
+    from rabbitq.consume import Consumer
+
+    _setup_logging(log_level)
+    with _errors(url, debug=debug):
+        topo = _load(topology, namespace)
+        spec = topo.workload(workload)
+        app = load_app(app_spec)
+
+        async def main() -> Consumer:
+            consumer = Consumer(app, spec, url, grace_seconds=grace, burst=burst)
+            loop = asyncio.get_running_loop()
+            signals = {"count": 0}
+
+            def on_signal(signum: int) -> None:
+                signals["count"] += 1
+                if signals["count"] > 1:
+                    # Unacked deliveries return to the queue when the socket closes.
+                    logger.warning("second signal: exiting now; unfinished tasks are requeued")
+                    os._exit(1)
+                logger.info("%s: stopping (grace %.0fs)", signal.Signals(signum).name, grace)
+                consumer.stop()
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, on_signal, sig)
+            await consumer.run()
+            return consumer
+
+        consumer = _run(main)
+        summary = ", ".join(f"{k} {v}" for k, v in sorted(consumer.counts.items())) or "no tasks"
+        logger.info("workload %s stopped: %s", workload, summary)
+        if as_json:
+            typer.echo(json.dumps({"workload": workload, "reconnects": consumer.reconnects,
+                                   "outcomes": dict(sorted(consumer.counts.items()))}))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

@@ -1,0 +1,67 @@
+"""Opening connections to RabbitMQ, and keeping credentials out of every message.
+
+Publishing and consuming never share a connection: when a resource alarm fires, the broker
+stops reading from every connection that publishes, and acks travel on the same socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+from aio_pika.abc import AbstractConnection
+
+from rabbitq.errors import ConnectionFailed
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
+CONNECT_TIMEOUT_SECONDS = 10.0
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by `***`, safe to log or print."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` with the URL's password removed, for errors that quote what a library said."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    text = text.replace(url, mask_url(url))
+    if password:
+        text = text.replace(password, "***")
+    return text
+
+
+async def connect(url: str, name: str) -> AbstractConnection:
+    """A plain (not robust) connection; rabbitq runs its own reconnect loop.
+
+    Raises:
+        ConnectionFailed: with the masked URL and the reason.
+    """
+    client_name = f"rabbitq {name} on {socket.gethostname()}"
+    try:
+        return await aio_pika.connect(
+            url, timeout=CONNECT_TIMEOUT_SECONDS, client_properties={"connection_name": client_name}
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # aio-pika raises many types here; all mean "cannot connect"
+        reason = scrub(f"{type(exc).__name__}: {exc}", url)
+        raise ConnectionFailed(mask_url(url), reason) from None

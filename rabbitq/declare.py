@@ -1,0 +1,176 @@
+"""Carrying the declared topology to the broker: plan, apply, and check that it exists.
+
+`apply` first plans: it looks at every exchange and queue without creating anything, and stops
+with `TopologyDrift` if one exists with other arguments (nothing is touched then). Only a clean
+plan is declared: durable, idempotent, never deleting a queue or a message.
+
+RabbitMQ offers no read of a queue's arguments over AMQP, and a passive declare does not compare
+them; an active declare with the expected arguments does (406 PRECONDITION_FAILED on a
+difference, a no-op on equality), so drift is found with one active declare per existing queue,
+each on a throwaway channel since a 406 closes the channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from rabbitq.errors import TopologyDrift, TopologyMissing
+from rabbitq.topology import Exchange, Queue, Topology, Workload
+
+logger = logging.getLogger(__name__)
+
+Action = Literal["create", "unchanged", "drift"]
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'"
+    r" in vhost '[^']*': received (?P<received>.+?) but current is (?P<current>.+?)\s*$"
+)
+_VALUE = re.compile(r"the value '(?P<value>.*)' of type '(?P<type>[^']+)'")
+
+
+@dataclass(frozen=True, slots=True)
+class PlanItem:
+    """What `apply` does, or would do, to one object."""
+
+    kind: Literal["exchange", "queue"]
+    name: str
+    action: Action
+    argument: str = ""
+    declared: str = ""
+    found: str = ""
+
+
+def _value(text: str) -> str:
+    if text.strip() == "none":
+        return "(not set)"
+    match = _VALUE.search(text)
+    if match:
+        return match["value"]
+    return text.strip().strip("'")
+
+
+def parse_inequivalent(kind: Literal["exchange", "queue"], name: str, reply: str) -> PlanItem:
+    """A drift item from the broker's 406 reply text (format stable since RabbitMQ 3.x)."""
+    match = _INEQUIVALENT.search(reply)
+    if not match:
+        return PlanItem(kind, name, "drift", "arguments", "(as declared)", reply)
+    return PlanItem(
+        kind, name, "drift", match["arg"], _value(match["received"]), _value(match["current"])
+    )
+
+
+async def _exists(connection: AbstractConnection, kind: str, name: str) -> bool:
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        if kind == "queue":
+            await channel.declare_queue(name, passive=True)
+        else:
+            await channel.get_exchange(name, ensure=True)
+        return True
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def _declare_exchange(channel: AbstractChannel, exchange: Exchange) -> None:
+    await channel.declare_exchange(
+        exchange.name, aio_pika.ExchangeType(exchange.type), durable=exchange.durable
+    )
+
+
+async def _declare_queue(channel: AbstractChannel, queue: Queue) -> None:
+    # a copy: aio-pika's FieldTable type is invariant in its values
+    await channel.declare_queue(queue.name, durable=queue.durable, arguments=dict(queue.arguments))
+
+
+async def _compare(
+    connection: AbstractConnection, kind: Literal["exchange", "queue"], obj: Exchange | Queue
+) -> PlanItem:
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        if isinstance(obj, Queue):
+            await _declare_queue(channel, obj)
+        else:
+            await _declare_exchange(channel, obj)
+        return PlanItem(kind, obj.name, "unchanged")
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        return parse_inequivalent(kind, obj.name, str(exc.args[0] if exc.args else exc))
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def plan(connection: AbstractConnection, topology: Topology) -> list[PlanItem]:
+    """What `apply` would do; creates nothing (existing equal objects are left as they are)."""
+    items: list[PlanItem] = []
+    objects: list[tuple[Literal["exchange", "queue"], Exchange | Queue]] = [
+        *(("exchange", e) for e in topology.exchanges()),
+        *(("queue", q) for q in topology.queues()),
+    ]
+    for kind, obj in objects:
+        if await _exists(connection, kind, obj.name):
+            items.append(await _compare(connection, kind, obj))
+        else:
+            items.append(PlanItem(kind, obj.name, "create"))
+    return items
+
+
+def raise_on_drift(items: list[PlanItem]) -> None:
+    drifted = [i for i in items if i.action == "drift"]
+    if drifted:
+        first = drifted[0]
+        raise TopologyDrift(
+            first.kind, first.name, first.argument, first.declared, first.found, len(drifted) - 1
+        )
+
+
+async def apply(connection: AbstractConnection, topology: Topology) -> list[PlanItem]:
+    """Declare everything, durable and idempotent; returns what was created or unchanged.
+
+    Raises:
+        TopologyDrift: an object exists with other arguments; nothing was declared.
+    """
+    items = await plan(connection, topology)
+    raise_on_drift(items)
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        for exchange in topology.exchanges():
+            await _declare_exchange(channel, exchange)
+        for queue in topology.queues():
+            await _declare_queue(channel, queue)
+        for binding in topology.bindings():
+            q = await channel.get_queue(binding.queue, ensure=False)
+            await q.bind(binding.exchange, routing_key=binding.routing_key)
+    finally:
+        await channel.close()
+    for item in items:
+        if item.action == "create":
+            logger.info("created %s %s", item.kind, item.name)
+    return items
+
+
+async def check_exists(connection: AbstractConnection, workload: Workload) -> None:
+    """Fail fast when a queue or exchange the consumer needs is missing.
+
+    The consumer never declares: a consumer that re-creates what an operator deleted, with
+    arguments from its own copy of the topology, hides drift.
+
+    Raises:
+        TopologyMissing: naming the first missing object.
+    """
+    exchanges = [workload.task_exchange, workload.retry_exchange, workload.parking_exchange]
+    for name in exchanges:
+        if not await _exists(connection, "exchange", name):
+            raise TopologyMissing("exchange", name)
+    for queue in workload.queues():
+        if not await _exists(connection, "queue", queue.name):
+            raise TopologyMissing("queue", queue.name)

@@ -1,0 +1,169 @@
+"""Every error rabbitq raises, and the two signals a handler may raise.
+
+The tree::
+
+    RabbitqError
+    ├── TopologyError
+    │   ├── TopologyInvalid        a topology file does not validate
+    │   ├── TopologyDrift          a queue exists with other arguments than declared
+    │   └── TopologyMissing        an exchange or queue the consumer needs does not exist
+    ├── ConnectionFailed           the broker cannot be reached
+    ├── PublishError
+    │   ├── NotConfirmed           the broker nacked, or the confirm did not come in time
+    │   └── Unroutable             the message was returned: no queue is bound for it
+    ├── TaskError
+    │   ├── UnknownTask            no handler is registered under the task name
+    │   └── InvalidPayload         the payload does not validate against the task's model
+    └── ConfigError                an App, task or option is used wrongly
+
+    Retry(delay_seconds=...)       a handler asks to be retried after at least this delay
+    Park(reason=...)               a handler asks to be parked at once, without retrying
+
+Messages are one sentence, lower-case first, no final period; each exception carries its
+facts as attributes so the CLI can render them without parsing strings. This module imports
+nothing from the broker side.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RabbitqError(Exception):
+    """Base class of every error rabbitq raises on purpose."""
+
+    #: the CLI's exit code for this error
+    exit_code: int = 1
+
+    def facts(self) -> dict[str, Any]:
+        """The error's attributes, for `--json` output."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+class ConfigError(RabbitqError):
+    """An App, task, option or setting is used wrongly."""
+
+
+class TopologyError(RabbitqError):
+    """Something is wrong with the declared or the actual topology."""
+
+
+class TopologyInvalid(TopologyError):
+    """A topology file does not validate."""
+
+    def __init__(self, file: str, field: str, value: Any, problem: str) -> None:
+        self.file = file
+        self.field = field
+        self.value = value
+        self.problem = problem
+        where = f"{file}: {field}" if field else file
+        super().__init__(f"{where} = {value!r}: {problem}")
+
+
+class TopologyDrift(TopologyError):
+    """An object exists on the broker with other arguments than the topology declares."""
+
+    exit_code = 3
+
+    def __init__(
+        self, kind: str, name: str, argument: str, declared: str, found: str, more: int = 0
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.argument = argument
+        self.declared = declared
+        self.found = found
+        self.more = more
+        tail = f" (and {more} more drifted objects)" if more else ""
+        super().__init__(
+            f"{kind} {name!r} has {argument}={found} but the topology declares {declared}; "
+            f"arguments cannot change in place: drain and delete the {kind} and run "
+            f"'rabbitq topology apply', or change the topology back{tail}"
+        )
+
+
+class TopologyMissing(TopologyError):
+    """An exchange or queue the consumer needs does not exist."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        self.kind = kind
+        self.name = name
+        super().__init__(f"{kind} {name!r} does not exist; run 'rabbitq topology apply' first")
+
+
+class ConnectionFailed(RabbitqError):
+    """The broker cannot be reached or refused us."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url  # always the masked url
+        self.reason = reason
+        super().__init__(f"cannot connect to {url}: {reason}")
+
+
+class PublishError(RabbitqError):
+    """A publish was not confirmed by the broker; the message may or may not be queued."""
+
+
+class NotConfirmed(PublishError):
+    """The broker nacked the message, or its confirm did not arrive in time."""
+
+    def __init__(self, message_id: str, reason: str) -> None:
+        self.message_id = message_id
+        self.reason = reason
+        super().__init__(f"message {message_id!r} was not confirmed by the broker: {reason}")
+
+
+class Unroutable(PublishError):
+    """The broker returned the message: no queue is bound for its exchange and routing key."""
+
+    def __init__(self, message_id: str, exchange: str, routing_key: str) -> None:
+        self.message_id = message_id
+        self.exchange = exchange
+        self.routing_key = routing_key
+        super().__init__(
+            f"message {message_id!r} to exchange {exchange!r} with routing key {routing_key!r} "
+            "was returned unroutable; run 'rabbitq topology apply' or check the workload name"
+        )
+
+
+class TaskError(RabbitqError):
+    """A task message cannot be matched to a handler or payload."""
+
+
+class UnknownTask(TaskError):
+    """No handler is registered under this task name."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+        super().__init__(f"no task is registered under the name {task!r}")
+
+
+class InvalidPayload(TaskError):
+    """A payload does not validate against its task's model."""
+
+    def __init__(self, task: str, detail: str) -> None:
+        self.task = task
+        self.detail = detail
+        super().__init__(f"payload for task {task!r} is invalid: {detail}")
+
+
+class Retry(Exception):
+    """Raised by a handler to be retried after at least `delay_seconds`.
+
+    The task goes to the shortest retry tier whose delay is at least `delay_seconds` (the
+    longest tier if none is that long). It still counts as an attempt: a task that keeps
+    asking to be retried is parked when its attempts run out.
+    """
+
+    def __init__(self, delay_seconds: float = 0.0, reason: str = "") -> None:
+        self.delay_seconds = delay_seconds
+        self.reason = reason
+        super().__init__(reason or f"retry requested after {delay_seconds}s")
+
+
+class Park(Exception):
+    """Raised by a handler to park the task at once: the error will not go away by retrying."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

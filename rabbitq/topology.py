@@ -1,0 +1,430 @@
+"""The declared topology: workloads read from `topology/*.toml`, and every name derived from them.
+
+This is the only module that builds exchange and queue names or x-arguments. It is pure: it
+parses text it is handed and returns values; `declare` talks to the broker.
+
+Per namespace there are three durable direct exchanges; per workload a work queue, one queue per
+retry tier and a parking lot::
+
+    publish ─► NS.tasks ──rk=W──► NS.W.work ── fail ─► NS.retry ──rk=W.1s──► NS.W.retry.1s
+                                      ▲                                        │ x-message-ttl
+                                      └───────── dead-letter rk=W ─────────────┘
+    retries exhausted or poison ─► NS.parking ──rk=W──► NS.W.parking   (no TTL, no DLX, no limit)
+
+Why one queue per tier: RabbitMQ expires messages only at the head of a queue, so a queue with
+one fixed TTL keeps expiry order equal to arrival order (no head-of-line blocking). Tier queues
+dead-letter with a fixed routing key straight back to the work queue, and have no consumers and
+no `x-expires`, or the delay would vanish or the queue be deleted with its tasks.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, NewType
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rabbitq.errors import TopologyInvalid
+
+QueueName = NewType("QueueName", str)
+ExchangeName = NewType("ExchangeName", str)
+RoutingKey = NewType("RoutingKey", str)
+
+DEFAULT_NAMESPACE = "rabbitq"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+NAMESPACE_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+# The same limit a 4.x broker enforces by default; a task queue rarely needs more than a fraction.
+MAX_MESSAGE_BYTES_LIMIT = 16 * 1024 * 1024
+# Quorum queues count deliveries; 20 is RabbitMQ 4.0's own default, stated explicitly so that
+# every version behaves the same and a crash-looping task is parked, not dropped.
+QUORUM_DELIVERY_LIMIT = 20
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds in a duration such as "50ms", "1s", "10m", "1h" (a bare number is seconds).
+
+    Raises:
+        ValueError: the text is not a positive duration.
+    """
+    if isinstance(text, bool):
+        raise ValueError("expected a duration such as '10s'")
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        match = _DURATION.match(text)
+        if not match:
+            raise ValueError("expected a duration such as '500ms', '10s', '5m' or '1h'")
+        seconds = float(match[1]) * _UNITS[match[2]]
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return round(seconds, 3)
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact label for a delay: 0.05 -> "50ms", 60 -> "1m", 90 -> "90s"."""
+    ms = round(seconds * 1000)
+    for unit, factor in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % factor == 0:
+            return f"{ms // factor}{unit}"
+    return f"{ms}ms"
+
+
+class RetrySpec(BaseModel):
+    """How a workload retries: an ordered list of delay tiers and a cap on attempts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tiers: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [1.0, 10.0, 60.0])
+    max_attempts: int = Field(default=4, ge=1, le=1000)
+
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _parse_tiers(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [parse_duration(v) if isinstance(v, str | int | float) else v for v in value]
+        return value
+
+    @field_validator("tiers")
+    @classmethod
+    def _increasing(cls, value: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError("tiers must be strictly increasing, shortest first")
+        if len(value) > 20:
+            raise ValueError("at most 20 tiers")
+        return value
+
+    @model_validator(mode="after")
+    def _tiers_for_retries(self) -> RetrySpec:
+        if self.max_attempts > 1 and not self.tiers:
+            raise ValueError("max_attempts > 1 needs at least one tier")
+        return self
+
+
+class WorkloadSpec(BaseModel):
+    """One workload as written in a topology file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queue_type: Literal["classic", "quorum"] = "classic"
+    max_priority: int | None = Field(default=None, ge=1, le=255)
+    capacity: int = Field(default=16, ge=1, le=10_000)
+    max_message_bytes: int = Field(default=1024 * 1024, ge=64, le=MAX_MESSAGE_BYTES_LIMIT)
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+
+    @model_validator(mode="after")
+    def _priority_fits_type(self) -> WorkloadSpec:
+        if self.queue_type == "quorum" and self.max_priority is not None:
+            raise ValueError(
+                "max_priority is for classic queues; quorum queues have no priorities before "
+                "RabbitMQ 4.0 and a fixed two levels after"
+            )
+        return self
+
+    @property
+    def priority_levels(self) -> int:
+        """Classic queues get 5 levels (0-4) unless told otherwise: few levels stay cheap."""
+        if self.queue_type == "quorum":
+            return 0
+        return 4 if self.max_priority is None else self.max_priority
+
+
+class TopologyFile(BaseModel):
+    """The contents of one `topology/*.toml` file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: Annotated[str, Field(pattern=NAMESPACE_PATTERN)] | None = None
+    workloads: dict[Annotated[str, Field(pattern=NAME_PATTERN)], WorkloadSpec] = Field(
+        default_factory=dict
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    name: ExchangeName
+    type: str = "direct"
+    durable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    name: QueueName
+    role: Literal["work", "tier", "parking"]
+    workload: str
+    arguments: dict[str, str | int] = field(default_factory=dict)
+    durable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    exchange: ExchangeName
+    queue: QueueName
+    routing_key: RoutingKey
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """One retry delay queue of a workload."""
+
+    index: int
+    delay_seconds: float
+    label: str
+    queue: QueueName
+    routing_key: RoutingKey
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A workload with every name it needs, derived once."""
+
+    name: str
+    namespace: str
+    spec: WorkloadSpec
+    source: str
+    task_exchange: ExchangeName
+    retry_exchange: ExchangeName
+    parking_exchange: ExchangeName
+    routing_key: RoutingKey
+    work_queue: QueueName
+    parking_queue: QueueName
+    tiers: tuple[Tier, ...]
+
+    @property
+    def capacity(self) -> int:
+        return self.spec.capacity
+
+    def queues(self) -> list[Queue]:
+        """Work queue, tiers shortest first, parking lot; with their x-arguments."""
+        qtype = self.spec.queue_type
+        base: dict[str, str | int] = {"x-queue-type": qtype}
+        # Quorum dead-lettering is at-most-once unless asked; at-least-once needs reject-publish.
+        safe_dl: dict[str, str | int] = (
+            {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+            if qtype == "quorum"
+            else {}
+        )
+        work: dict[str, str | int] = dict(base)
+        if self.spec.priority_levels:
+            work["x-max-priority"] = self.spec.priority_levels
+        if qtype == "quorum":
+            work["x-delivery-limit"] = QUORUM_DELIVERY_LIMIT
+        # Only rejections and quorum delivery-limit deaths leave the work queue through its DLX,
+        # and they go to parking, never into a tier: no TTL here, so no dead-letter cycle.
+        work |= {
+            "x-dead-letter-exchange": self.parking_exchange,
+            "x-dead-letter-routing-key": self.routing_key,
+            **safe_dl,
+        }
+        queues = [Queue(self.work_queue, "work", self.name, work)]
+        for tier in self.tiers:
+            args: dict[str, str | int] = dict(base)
+            args |= {
+                "x-message-ttl": round(tier.delay_seconds * 1000),
+                "x-dead-letter-exchange": self.task_exchange,
+                "x-dead-letter-routing-key": self.routing_key,
+                **safe_dl,
+            }
+            queues.append(Queue(tier.queue, "tier", self.name, args))
+        queues.append(Queue(self.parking_queue, "parking", self.name, dict(base)))
+        return queues
+
+    def bindings(self) -> list[Binding]:
+        out = [Binding(self.task_exchange, self.work_queue, self.routing_key)]
+        out += [Binding(self.retry_exchange, t.queue, t.routing_key) for t in self.tiers]
+        out.append(Binding(self.parking_exchange, self.parking_queue, self.routing_key))
+        return out
+
+    def flow(self) -> str:
+        """How a task moves, in one line."""
+        steps = [f"{self.task_exchange} -> {self.work_queue}"]
+        max_attempts = self.spec.retry.max_attempts
+        for attempt in range(1, max_attempts):
+            tier = self.tiers[min(attempt - 1, len(self.tiers) - 1)]
+            steps.append(f"fails (attempt {attempt}) -> {tier.queue} ({tier.label}) -> work")
+        steps.append(f"fails (attempt {max_attempts}) or poison -> {self.parking_queue}")
+        return " | ".join(steps)
+
+
+def derive_workload(namespace: str, name: str, spec: WorkloadSpec, source: str = "") -> Workload:
+    """Every name of one workload. The only place where names are built."""
+    prefix = f"{namespace}.{name}"
+    tiers = tuple(
+        Tier(
+            index=i,
+            delay_seconds=delay,
+            label=format_duration(delay),
+            queue=QueueName(f"{prefix}.retry.{format_duration(delay)}"),
+            routing_key=RoutingKey(f"{name}.{format_duration(delay)}"),
+        )
+        for i, delay in enumerate(spec.retry.tiers)
+    )
+    return Workload(
+        name=name,
+        namespace=namespace,
+        spec=spec,
+        source=source,
+        task_exchange=ExchangeName(f"{namespace}.tasks"),
+        retry_exchange=ExchangeName(f"{namespace}.retry"),
+        parking_exchange=ExchangeName(f"{namespace}.parking"),
+        routing_key=RoutingKey(name),
+        work_queue=QueueName(f"{prefix}.work"),
+        parking_queue=QueueName(f"{prefix}.parking"),
+        tiers=tiers,
+    )
+
+
+def task_exchange(namespace: str) -> ExchangeName:
+    """The exchange a task is published to, for code that knows only the namespace."""
+    return ExchangeName(f"{namespace}.tasks")
+
+
+def parking_exchange(namespace: str) -> ExchangeName:
+    return ExchangeName(f"{namespace}.parking")
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """All workloads of one namespace."""
+
+    namespace: str
+    workloads: dict[str, Workload]
+
+    def workload(self, name: str) -> Workload:
+        try:
+            return self.workloads[name]
+        except KeyError:
+            known = ", ".join(sorted(self.workloads)) or "none"
+            raise TopologyInvalid(
+                "topology", "workload", name, f"no such workload (declared: {known})"
+            ) from None
+
+    def exchanges(self) -> list[Exchange]:
+        if not self.workloads:
+            return []
+        ns = self.namespace
+        return [Exchange(ExchangeName(f"{ns}.{kind}")) for kind in ("tasks", "retry", "parking")]
+
+    def queues(self) -> list[Queue]:
+        return [q for w in self.workloads.values() for q in w.queues()]
+
+    def bindings(self) -> list[Binding]:
+        return [b for w in self.workloads.values() for b in w.bindings()]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description, stable snake_case keys."""
+        return {
+            "namespace": self.namespace,
+            "exchanges": [{"name": e.name, "type": e.type, "durable": e.durable}
+                          for e in self.exchanges()],
+            "queues": [
+                {"name": q.name, "role": q.role, "workload": q.workload, "durable": q.durable,
+                 "arguments": q.arguments}
+                for q in self.queues()
+            ],
+            "bindings": [
+                {"exchange": b.exchange, "queue": b.queue, "routing_key": b.routing_key}
+                for b in self.bindings()
+            ],
+            "workloads": {
+                w.name: {
+                    "source": w.source,
+                    "capacity": w.capacity,
+                    "queue_type": w.spec.queue_type,
+                    "max_attempts": w.spec.retry.max_attempts,
+                    "tiers": [{"label": t.label, "delay_seconds": t.delay_seconds,
+                               "queue": t.queue} for t in w.tiers],
+                    "max_message_bytes": w.spec.max_message_bytes,
+                    "flow": w.flow(),
+                }
+                for w in self.workloads.values()
+            },
+        }
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def parse_file(source: str, text: str) -> TopologyFile:
+    """Validate one file's text.
+
+    Raises:
+        TopologyInvalid: naming the file, the field path and the bad value.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TopologyInvalid(source, "", "", f"not valid TOML: {exc}") from None
+    try:
+        return TopologyFile.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        if err["type"] == "string_pattern_mismatch" and loc[:1] == ("workloads",):
+            # a bad key in a dict: pydantic puts "[key]" in loc; say it plainly
+            loc = ("workloads",)
+        value = err.get("input")
+        if isinstance(value, dict):
+            value = "{...}"
+        raise TopologyInvalid(source, _field_path(loc), value, err["msg"]) from None
+
+
+def parse_topology(files: Mapping[str, str], namespace: str | None = None) -> Topology:
+    """Merge the files of a topology directory into one namespace.
+
+    Args:
+        files: file name to text, in the order they should be read.
+        namespace: overrides the namespace the files declare (for shared vhosts and test runs).
+    """
+    declared_ns: tuple[str, str] | None = None
+    specs: dict[str, tuple[str, WorkloadSpec]] = {}
+    for source, text in files.items():
+        parsed = parse_file(source, text)
+        if parsed.namespace is not None:
+            if declared_ns is not None and declared_ns[1] != parsed.namespace:
+                raise TopologyInvalid(
+                    source, "namespace", parsed.namespace,
+                    f"{declared_ns[0]} declares namespace {declared_ns[1]!r}; use one namespace",
+                )
+            declared_ns = (source, parsed.namespace)
+        for name, spec in parsed.workloads.items():
+            if name in specs:
+                raise TopologyInvalid(
+                    source, f"workloads.{name}", "{...}",
+                    f"workload already declared in {specs[name][0]}",
+                )
+            specs[name] = (source, spec)
+    if namespace is not None and not re.match(NAMESPACE_PATTERN, namespace):
+        raise TopologyInvalid("--namespace", "namespace", namespace,
+                              f"must match {NAMESPACE_PATTERN}")
+    ns = namespace or (declared_ns[1] if declared_ns else DEFAULT_NAMESPACE)
+    return Topology(
+        namespace=ns,
+        workloads={n: derive_workload(ns, n, s, src) for n, (src, s) in specs.items()},
+    )
+
+
+def load_topology(directory: Path, namespace: str | None = None) -> Topology:
+    """Read every `*.toml` file in `directory` (sorted by name) and merge them.
+
+    Raises:
+        TopologyInvalid: the directory has no files, or one of them does not validate.
+    """
+    if directory.is_file():
+        paths = [directory]
+    else:
+        paths = sorted(directory.glob("*.toml"))
+    if not paths:
+        raise TopologyInvalid(str(directory), "", "", "no *.toml topology files found")
+    files = {str(p): p.read_text(encoding="utf-8") for p in paths}
+    return parse_topology(files, namespace)
