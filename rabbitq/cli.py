@@ -89,15 +89,16 @@ def _run(make: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(call())
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, libraries: int = logging.WARNING) -> None:
     logging.basicConfig(
         level=level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # aio-pika and aiormq narrate every reconnect at length; ours says what matters.
+    # aio-pika and aiormq narrate every failed connect and reconnect; rabbitq's own lines say
+    # what matters (and a one-shot command's failure is its one `error:` line).
     for noisy in ("aio_pika", "aiormq"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+        logging.getLogger(noisy).setLevel(max(libraries, logging.getLogger().level))
 
 
 @topology_cli.command("show")
@@ -109,6 +110,7 @@ def topology_show(
 
     Example: rabbitq topology show --json
     """
+    _setup_logging("warning", libraries=logging.CRITICAL)
     with _errors("", as_json, debug):
         topo = _load(topology, namespace)
         data = topo.to_dict()
@@ -152,6 +154,7 @@ def topology_plan(
     """
     from rabbitq import declare
 
+    _setup_logging("warning", libraries=logging.CRITICAL)
     with _errors(url, as_json, debug):
         topo = _load(topology, namespace)
         items = _run(lambda: _with_connection(url, lambda c: declare.plan(c, topo)))
@@ -184,6 +187,7 @@ def topology_apply(
     """
     from rabbitq import declare
 
+    _setup_logging("warning", libraries=logging.CRITICAL)
     with _errors(url, as_json, debug):
         topo = _load(topology, namespace)
         items = _run(lambda: _with_connection(url, lambda c: declare.apply(c, topo)))
