@@ -218,9 +218,18 @@ class App:
 
     # Publishing connection -------------------------------------------------------------------
 
-    def bind_publisher(self, publisher: Publisher, loop: asyncio.AbstractEventLoop) -> None:
+    async def bind_publisher(self, publisher: Publisher) -> None:
         """Publish through `publisher` (a consumer's), from its loop and from worker threads."""
-        self._publisher, self._owns_publisher, self._loop = publisher, False, loop
+        if self._publisher is publisher:
+            return
+        await self.close()
+        self._publisher, self._owns_publisher = publisher, False
+        self._loop = asyncio.get_running_loop()
+
+    def unbind_publisher(self, publisher: Publisher) -> None:
+        """Stop using a consumer's publisher (it is closing); the app opens its own again."""
+        if self._publisher is publisher:
+            self._publisher, self._loop = None, None
 
     async def publisher(self) -> Publisher:
         """The publisher of this app, connecting on first use."""
@@ -251,9 +260,9 @@ class App:
 
     async def close(self) -> None:
         """Close the publishing connection this app opened (not a consumer's)."""
-        if self._publisher is not None and self._owns_publisher:
-            await self._publisher.close()
-        self._publisher = None
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None and self._owns_publisher and self._loop is _running_loop():
+            await publisher.close()
         self._loop = None
 
     async def __aenter__(self) -> App:

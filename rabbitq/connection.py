@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
@@ -28,13 +28,12 @@ def mask_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    user = userinfo.split(":", 1)[0]
+    # netloc text is kept as written: IPv6 brackets, host case and a bad port survive
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 def scrub(text: str, url: str) -> str:
@@ -45,7 +44,9 @@ def scrub(text: str, url: str) -> str:
         password = None
     text = text.replace(url, mask_url(url))
     if password:
-        text = text.replace(password, "***")
+        # as written in the URL and as decoded by a library that quotes it back
+        for form in {password, unquote(password)}:
+            text = text.replace(form, "***")
     return text
 
 

@@ -153,6 +153,7 @@ class Consumer:
                     delay = min(delay * 2, RECONNECT_MAX_SECONDS)
         finally:
             self.ready.clear()
+            self.app.unbind_publisher(self.publisher)
             await self.publisher.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -178,7 +179,7 @@ class Consumer:
             # where it would age toward consumer_timeout or jump ahead of a higher priority.
             await channel.set_qos(prefetch_count=self.workload.capacity)
             await self.publisher.start()
-            self.app.bind_publisher(self.publisher, asyncio.get_running_loop())
+            await self.app.bind_publisher(self.publisher)
             underlay = await channel.get_underlay_channel()
             consume_ok = await underlay.basic_consume(
                 self.workload.work_queue, self._on_delivery, no_ack=False

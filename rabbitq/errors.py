@@ -56,8 +56,10 @@ class TopologyInvalid(TopologyError):
         self.field = field
         self.value = value
         self.problem = problem
-        where = f"{file}: {field}" if field else file
-        super().__init__(f"{where} = {value!r}: {problem}")
+        if field:
+            super().__init__(f"{file}: {field} = {value!r}: {problem}")
+        else:
+            super().__init__(f"{file}: {problem}")
 
 
 class TopologyDrift(TopologyError):

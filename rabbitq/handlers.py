@@ -120,9 +120,11 @@ class TaskDef(Generic[P, R]):
             result = await call
         else:
             try:
-                async with asyncio.timeout(self.timeout_seconds):
+                async with asyncio.timeout(self.timeout_seconds) as scope:
                     result = await call
             except TimeoutError:
+                if not scope.expired():
+                    raise  # the handler's own TimeoutError, not ours
                 raise TimeoutError(
                     f"handler ran longer than its timeout of {self.timeout_seconds}s"
                 ) from None

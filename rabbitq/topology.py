@@ -26,7 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, NewType
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rabbitq.errors import TopologyInvalid
 
@@ -62,9 +71,10 @@ def parse_duration(text: str | float) -> float:
         if not match:
             raise ValueError("expected a duration such as '500ms', '10s', '5m' or '1h'")
         seconds = float(match[1]) * _UNITS[match[2]]
+    seconds = round(seconds, 3)  # RabbitMQ TTLs are whole milliseconds
     if seconds <= 0:
-        raise ValueError("a duration must be positive")
-    return round(seconds, 3)
+        raise ValueError("a duration must be at least 1ms")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -76,20 +86,19 @@ def format_duration(seconds: float) -> str:
     return f"{ms}ms"
 
 
+def _duration(value: Any) -> Any:
+    return parse_duration(value) if isinstance(value, str | int | float) else value
+
+
 class RetrySpec(BaseModel):
     """How a workload retries: an ordered list of delay tiers and a cap on attempts."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tiers: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [1.0, 10.0, 60.0])
+    tiers: list[Annotated[float, BeforeValidator(_duration)]] = Field(
+        default_factory=lambda: [1.0, 10.0, 60.0]
+    )
     max_attempts: int = Field(default=4, ge=1, le=1000)
-
-    @field_validator("tiers", mode="before")
-    @classmethod
-    def _parse_tiers(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [parse_duration(v) if isinstance(v, str | int | float) else v for v in value]
-        return value
 
     @field_validator("tiers")
     @classmethod
@@ -118,14 +127,15 @@ class WorkloadSpec(BaseModel):
     max_message_bytes: int = Field(default=1024 * 1024, ge=64, le=MAX_MESSAGE_BYTES_LIMIT)
     retry: RetrySpec = Field(default_factory=RetrySpec)
 
-    @model_validator(mode="after")
-    def _priority_fits_type(self) -> WorkloadSpec:
-        if self.queue_type == "quorum" and self.max_priority is not None:
+    @field_validator("max_priority")
+    @classmethod
+    def _priority_fits_type(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("queue_type") == "quorum":
             raise ValueError(
                 "max_priority is for classic queues; quorum queues have no priorities before "
                 "RabbitMQ 4.0 and a fixed two levels after"
             )
-        return self
+        return value
 
     @property
     def priority_levels(self) -> int:
@@ -376,7 +386,8 @@ def parse_file(source: str, text: str) -> TopologyFile:
         value = err.get("input")
         if isinstance(value, dict):
             value = "{...}"
-        raise TopologyInvalid(source, _field_path(loc), value, err["msg"]) from None
+        problem = err["msg"].removeprefix("Value error, ")
+        raise TopologyInvalid(source, _field_path(loc), value, problem) from None
 
 
 def parse_topology(files: Mapping[str, str], namespace: str | None = None) -> Topology:

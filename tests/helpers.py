@@ -18,7 +18,7 @@ from rabbitq.topology import Workload
 
 async def wait_until(
     predicate: Callable[[], bool | Awaitable[bool]],
-    timeout: float = 10.0,
+    timeout: float = 10.0,  # noqa: ASYNC109 - a polling deadline, not a cancellation scope
     what: str = "the condition",
     interval: float = 0.02,
 ) -> None:
