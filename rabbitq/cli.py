@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -253,7 +254,7 @@ def consume(
                     # Unacked deliveries return to the queue when the socket closes.
                     logger.warning("second signal: exiting now; unfinished tasks are requeued")
                     os._exit(1)
-                logger.info("%s: stopping (grace %.0fs)", signal.Signals(signum).name, grace)
+                logger.info("%s: stopping (grace %gs)", signal.Signals(signum).name, grace)
                 consumer.stop()
 
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -267,6 +268,13 @@ def consume(
         if as_json:
             typer.echo(json.dumps({"workload": workload, "reconnects": consumer.reconnects,
                                    "outcomes": dict(sorted(consumer.counts.items()))}))
+        if any(t.name.startswith("rabbitq-") and not t.daemon for t in threading.enumerate()):
+            # A sync handler still runs past the grace; its delivery is already back in the
+            # queue. Python would wait for the thread at exit, so leave without waiting.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 def main() -> None:

@@ -50,6 +50,15 @@ def scrub(text: str, url: str) -> str:
     return text
 
 
+def is_open(connection: AbstractConnection) -> bool:
+    """False once the connection is closed from either side.
+
+    aio-pika's `is_closed` only turns true after a local `close()`; a close by the broker
+    (or a dropped socket) clears `connected` instead.
+    """
+    return not connection.is_closed and connection.connected.is_set()
+
+
 async def connect(url: str, name: str) -> AbstractConnection:
     """A plain (not robust) connection; rabbitq runs its own reconnect loop.
 

@@ -164,6 +164,13 @@ class Consumer:
 
     async def _session(self) -> bool:
         """One connection's life. True when done for good (stopped or drained)."""
+        try:
+            return await self._connected_session()
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
+            # aio-pika reports a connection that died under a call as one of these
+            raise SessionLost(f"{type(exc).__name__}: {exc}") from None
+
+    async def _connected_session(self) -> bool:
         self._lost.clear()
         connection = await connect(self.url, f"consumer {self.workload.name}")
         connection.close_callbacks.add(
@@ -247,13 +254,13 @@ class Consumer:
             logger.debug("cancel of consumer %s failed", consumer_tag, exc_info=True)
         if self._running:
             logger.info(
-                "workload %s: stopping; waiting up to %.0fs for %d running tasks",
+                "workload %s: stopping; waiting up to %gs for %d running tasks",
                 self.workload.name, self.grace_seconds, len(self._running),
             )
             _, late = await asyncio.wait(set(self._running), timeout=self.grace_seconds)
             if late:
                 logger.warning(
-                    "workload %s: %d tasks did not finish within %.0fs; returning them to the "
+                    "workload %s: %d tasks did not finish within %gs; returning them to the "
                     "queue", self.workload.name, len(late), self.grace_seconds,
                 )
                 for task in late:

@@ -21,9 +21,9 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
-from rabbitq.connection import connect, mask_url
+from rabbitq.connection import connect, is_open, mask_url
 from rabbitq.envelope import CONTENT_TYPE, PERSISTENT
-from rabbitq.errors import NotConfirmed, PublishError, RabbitqError, Unroutable
+from rabbitq.errors import ConnectionFailed, NotConfirmed, PublishError, RabbitqError, Unroutable
 
 logger = logging.getLogger(__name__)
 
@@ -94,21 +94,34 @@ class Publisher:
 
     @property
     def is_connected(self) -> bool:
-        return self._channel is not None and not self._channel.is_closed
+        return (
+            self._channel is not None
+            and not self._channel.is_closed
+            and self._connection is not None
+            and is_open(self._connection)
+        )
 
     async def _ready(self) -> AbstractChannel:
-        if self._channel is not None and not self._channel.is_closed:
+        if self.is_connected:
+            assert self._channel is not None
             return self._channel
         async with self._lock:
-            if self._channel is not None and not self._channel.is_closed:
+            if self.is_connected:
+                assert self._channel is not None
                 return self._channel
             self._closed = False
             self._exchanges.clear()
-            if self._connection is None or self._connection.is_closed:
+            if self._connection is None or not is_open(self._connection):
                 self._connection = await connect(self.url, self.name)
-            self._channel = await self._connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
+            try:
+                self._channel = await self._connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the connection died between the check and the call
+                self._connection = None
+                raise ConnectionFailed(mask_url(self.url), f"{type(exc).__name__}: {exc}") from None
             return self._channel
 
     async def _exchange(self, name: str) -> AbstractExchange:

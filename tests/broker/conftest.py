@@ -116,7 +116,12 @@ async def make_topology(
         return topology
 
     yield make
-    await delete_namespace(connection, applied)
+    # A fresh connection: the test may have had the broker close its own.
+    cleanup = await aio_pika.connect(broker_url())
+    try:
+        await delete_namespace(cleanup, applied)
+    finally:
+        await cleanup.close()
 
 
 async def delete_namespace(connection: AbstractConnection, topologies: list[Topology]) -> None:

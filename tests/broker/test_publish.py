@@ -1,0 +1,405 @@
+"""Publishing against the real broker: confirms, returns, batches, sync callers, the wire format."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import pytest
+from pydantic import BaseModel
+
+from rabbitq import App, NotConfirmed, TaskContext, Unroutable
+from rabbitq.publish import Outgoing
+from tests.helpers import drain_queue, queue_depth, running_consumer, wait_until
+
+WORKLOAD = {"capacity": 4, "retry": {"tiers": ["50ms"], "max_attempts": 2}}
+
+
+class Item(BaseModel):
+    n: int
+
+
+async def test_publish_to_an_unbound_workload_raises_unroutable(
+    make_topology, connection, url, namespace
+):
+    """A task whose workload has no queue bound is returned: Unroutable, nothing queued."""
+    topology = await make_topology(a=WORKLOAD)
+    app = App(namespace=namespace, url=url)
+
+    @app.task("b.item", workload="b")
+    async def b_item(item: Item) -> None:
+        pass
+
+    @app.task("a.item", workload="a")
+    async def a_item(item: Item) -> None:
+        pass
+
+    try:
+        with pytest.raises(Unroutable) as caught:
+            await b_item.publish(Item(n=1), idempotency_key="lost-1")
+        assert caught.value.message_id == "lost-1"
+        assert caught.value.exchange == f"{namespace}.tasks"
+        assert caught.value.routing_key == "b"
+        assert "rabbitq topology apply" in str(caught.value)
+        # the publisher still works after a return
+        await a_item.publish(Item(n=2))
+    finally:
+        await app.close()
+    assert await queue_depth(connection, topology.workload("a").work_queue) == 1
+
+
+async def test_publish_to_a_namespace_without_exchange_raises_unroutable(
+    make_topology, url, namespace
+):
+    """Publishing into a namespace whose exchange does not exist raises Unroutable too."""
+    await make_topology(a=WORKLOAD)
+    missing_namespace = f"{namespace}-missing"
+    app = App(namespace=missing_namespace, url=url)
+
+    @app.task("a.item", workload="a")
+    async def a_item(item: Item) -> None:
+        pass
+
+    try:
+        for _ in range(2):  # the second publish finds the publisher's channel reopened
+            with pytest.raises(Unroutable) as caught:
+                await a_item.publish(Item(n=1))
+            assert caught.value.exchange == f"{missing_namespace}.tasks"
+            assert caught.value.routing_key == "a"
+    finally:
+        await app.close()
+
+
+async def test_publish_returns_after_the_confirm(make_topology, connection, url, namespace):
+    """Once `publish` returns, the message is already counted in the work queue."""
+    topology = await make_topology(a=WORKLOAD)
+    work_queue = topology.workload("a").work_queue
+    app = App(namespace=namespace, url=url)
+
+    @app.task("a.item", workload="a")
+    async def a_item(item: Item) -> None:
+        pass
+
+    try:
+        for expected in (1, 2, 3):
+            await a_item.publish(Item(n=expected))
+            assert await queue_depth(connection, work_queue) == expected
+    finally:
+        await app.close()
+
+
+async def test_publish_raises_not_confirmed_when_the_broker_nacks(
+    make_topology, connection, url, namespace
+):
+    """A publish the broker nacks (a full reject-publish queue) raises NotConfirmed."""
+    await make_topology(a=WORKLOAD)
+    full_queue = f"{namespace}.a.full"
+    channel = await connection.channel()
+    queue = await channel.declare_queue(
+        full_queue, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    await queue.bind(f"{namespace}.tasks", routing_key="a")
+    app = App(namespace=namespace, url=url)
+
+    @app.task("a.item", workload="a")
+    async def a_item(item: Item) -> None:
+        pass
+
+    try:
+        with pytest.raises(NotConfirmed) as caught:
+            await a_item.publish(Item(n=1), idempotency_key="nacked-1")
+        assert caught.value.message_id == "nacked-1"
+        assert "nacked" in caught.value.reason
+    finally:
+        await app.close()
+        await channel.queue_delete(full_queue)
+        await channel.close()
+
+
+async def test_publish_many_queues_the_whole_batch(make_topology, connection, url, namespace):
+    """`publish_many` of 100 messages returns 100 distinct ids once all 100 are queued."""
+    topology = await make_topology(a=WORKLOAD)
+    app = App(namespace=namespace, url=url)
+
+    @app.task("a.item", workload="a")
+    async def a_item(item: Item) -> None:
+        pass
+
+    try:
+        ids = await app.publish_many([a_item.message(Item(n=n)) for n in range(100)])
+        assert await queue_depth(connection, topology.workload("a").work_queue) == 100
+    finally:
+        await app.close()
+    assert len(set(ids)) == 100
+    queued = await drain_queue(connection, topology.workload("a").work_queue)
+    assert sorted(m.message_id for m in queued if m.message_id) == sorted(ids)
+
+
+async def test_publish_many_raises_the_first_return_and_queues_the_rest(
+    make_topology, connection, url, namespace
+):
+    """In a batch with unroutable messages, the routable ones are queued and Unroutable raised."""
+    topology = await make_topology(a=WORKLOAD)
+    app = App(namespace=namespace, url=url)
+
+    @app.task("a.item", workload="a")
+    async def a_item(item: Item) -> None:
+        pass
+
+    @app.task("b.item", workload="b")
+    async def b_item(item: Item) -> None:
+        pass
+
+    batch = [a_item.message(Item(n=n)) for n in range(10)]
+    batch[3] = b_item.message(Item(n=3), idempotency_key="lost-3")
+    batch[7] = b_item.message(Item(n=7), idempotency_key="lost-7")
+    try:
+        with pytest.raises(Unroutable) as caught:
+            await app.publish_many(batch)
+    finally:
+        await app.close()
+    assert caught.value.message_id == "lost-3"
+    assert any("1 more of the 10" in note for note in caught.value.__notes__)
+    assert await queue_depth(connection, topology.workload("a").work_queue) == 8
+
+
+SYNC_SCRIPT = textwrap.dedent(
+    """\
+    import sys
+
+    from pydantic import BaseModel
+
+    import rabbitq
+
+    namespace, url, n = sys.argv[1:]
+    app = rabbitq.App(namespace=namespace, url=url)
+
+
+    class Item(BaseModel):
+        n: int
+
+
+    @app.task("sync.item", workload="w")
+    def item(payload: Item) -> None:
+        pass
+
+
+    print(item.publish_sync(Item(n=int(n))))
+    """
+)
+
+
+async def test_publish_sync_from_a_script_without_an_event_loop(
+    make_topology, tmp_path, url, namespace
+):
+    """A plain script publishes with `publish_sync`, exits by itself, and the task runs."""
+    topology = await make_topology(w=WORKLOAD)
+    script = tmp_path / "publish_sync.py"
+    script.write_text(SYNC_SCRIPT)
+
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(script), namespace, url, "41"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+    assert result.returncode == 0, result.stderr
+    published_id = result.stdout.strip()
+    assert published_id
+    app = App(namespace=namespace, url=url)
+    ran: list[tuple[str, int]] = []
+
+    @app.task("sync.item", workload="w")
+    async def item(payload: Item, ctx: TaskContext) -> None:
+        ran.append((ctx.message_id, payload.n))
+
+    async with running_consumer(app, topology.workload("w"), url):
+        await wait_until(lambda: bool(ran), what="the task published by the script to run")
+    assert ran == [(published_id, 41)]
+
+
+async def close_sync_and_its_loop(app: App) -> None:
+    """`app.close_sync()`: stops and closes the loop thread `publish_sync` started."""
+    await asyncio.to_thread(app.close_sync)
+
+
+async def test_close_sync_closes_the_event_loop_publish_sync_started(make_topology, url, namespace):
+    """After `close_sync`, the loop thread that `publish_sync` started is stopped and closed."""
+    await make_topology(w=WORKLOAD)
+    app = App(namespace=namespace, url=url)
+
+    @app.task("sync.item", workload="w")
+    def publish_item(payload: Item) -> None:
+        pass
+
+    await asyncio.to_thread(publish_item.publish_sync, Item(n=1))
+    loop_thread = app._loop_thread
+    assert loop_thread is not None
+    await asyncio.to_thread(app.close_sync)
+    try:
+        assert not loop_thread.thread.is_alive()
+        assert loop_thread.loop.is_closed(), "close_sync left its event loop open"
+    finally:
+        if not loop_thread.loop.is_closed():
+            loop_thread.loop.close()
+
+
+async def test_publish_sync_from_a_plain_thread(make_topology, url, namespace):
+    """`publish_sync` called from a thread with no event loop is confirmed and the task runs."""
+    topology = await make_topology(w=WORKLOAD)
+    publisher_app = App(namespace=namespace, url=url)
+
+    @publisher_app.task("sync.item", workload="w")
+    def publish_item(payload: Item) -> None:
+        pass
+
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def publish_from_thread() -> None:
+        try:
+            results.append(publish_item.publish_sync(Item(n=42)))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=publish_from_thread, name="plain-publisher")
+    thread.start()
+    await wait_until(lambda: not thread.is_alive(), what="publish_sync in the thread to return")
+    assert errors == []
+    await close_sync_and_its_loop(publisher_app)
+    app = App(namespace=namespace, url=url)
+    ran: list[tuple[str, int]] = []
+
+    @app.task("sync.item", workload="w")
+    async def item(payload: Item, ctx: TaskContext) -> None:
+        ran.append((ctx.message_id, payload.n))
+
+    async with running_consumer(app, topology.workload("w"), url):
+        await wait_until(lambda: bool(ran), what="the task published from the thread to run")
+    assert ran == [(results[0], 42)]
+
+
+def _wire_message(message_id: str, n: int, headers: dict[str, Any]) -> aio_pika.Message:
+    """A task message built only from the wire format in rabbitq/envelope.py's docstring."""
+    return aio_pika.Message(
+        json.dumps({"n": n}).encode(),
+        content_type="application/json",
+        message_id=message_id,
+        timestamp=datetime.now(UTC),
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        type="wire.item",
+        headers=headers,
+    )
+
+
+async def test_a_task_published_by_plain_aio_pika_runs(make_topology, connection, url, namespace):
+    """Messages in the documented wire format, with or without a deadline, run their handler."""
+    topology = await make_topology(w=WORKLOAD)
+    workload = topology.workload("w")
+    deadline_ms = int((time.time() + 120) * 1000)
+    app = App(namespace=namespace, url=url)
+    ran: dict[str, tuple[int, int, float | None]] = {}
+
+    @app.task("wire.item", workload="w")
+    async def wire_item(payload: Item, ctx: TaskContext) -> None:
+        ran[ctx.message_id] = (payload.n, ctx.attempt, ctx.deadline)
+
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    exchange = await channel.get_exchange(f"{namespace}.tasks")
+    await exchange.publish(
+        _wire_message("wire-plain", 1, {"rabbitq-attempt": 1}), routing_key="w", mandatory=True
+    )
+    await exchange.publish(
+        _wire_message("wire-deadline", 2, {"rabbitq-attempt": 1, "rabbitq-deadline": deadline_ms}),
+        routing_key="w",
+        mandatory=True,
+    )
+    await channel.close()
+
+    async with running_consumer(app, workload, url) as consumer:
+        await wait_until(lambda: consumer.counts["succeeded"] == 2, what="both tasks to be acked")
+    assert ran == {
+        "wire-plain": (1, 1, None),
+        "wire-deadline": (2, 1, deadline_ms / 1000),
+    }
+    assert await queue_depth(connection, workload.work_queue) == 0
+    assert await queue_depth(connection, workload.parking_queue) == 0
+
+
+async def test_publish_sends_the_documented_wire_format(make_topology, connection, url, namespace):
+    """What `publish` sends is exactly what rabbitq/envelope.py's docstring describes."""
+    topology = await make_topology(w={**WORKLOAD, "max_priority": 5})
+    app = App(namespace=namespace, url=url)
+
+    @app.task("wire.item", workload="w")
+    async def wire_item(payload: Item) -> None:
+        pass
+
+    before = time.time()
+    try:
+        await wire_item.publish(Item(n=3), idempotency_key="key-3", priority=2)
+        await wire_item.publish(Item(n=4), deadline=datetime.fromtimestamp(before + 60, UTC))
+    finally:
+        await app.close()
+
+    first, second = await drain_queue(connection, topology.workload("w").work_queue)
+    assert json.loads(first.body) == {"n": 3}
+    assert first.content_type == "application/json"
+    assert first.message_id == "key-3"
+    assert first.type == "wire.item"
+    assert first.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert first.priority == 2
+    assert first.timestamp is not None and abs(first.timestamp.timestamp() - before) < 5
+    assert first.headers == {"rabbitq-attempt": 1}
+    assert first.exchange == f"{namespace}.tasks" and first.routing_key == "w"
+    assert json.loads(second.body) == {"n": 4}
+    assert second.message_id and second.message_id != "key-3"
+    assert second.headers == {"rabbitq-attempt": 1, "rabbitq-deadline": int((before + 60) * 1000)}
+
+
+async def test_handlers_publish_child_tasks_over_the_consumer_connection(
+    make_topology, monkeypatch, url, namespace
+):
+    """An async handler awaiting `publish` and a sync one calling `publish_sync` both get run."""
+    topology = await make_topology(w=WORKLOAD)
+    app = App(namespace=namespace, url=url)
+    children: list[str] = []
+
+    @app.task("child", workload="w")
+    async def child(item: Item, ctx: TaskContext) -> None:
+        children.append(f"child of {item.n}")
+
+    @app.task("parent.async", workload="w")
+    async def parent_async(item: Item) -> None:
+        await child.publish(Item(n=item.n))
+
+    @app.task("parent.sync", workload="w")
+    def parent_sync(item: Item) -> None:
+        assert threading.current_thread() is not threading.main_thread()
+        child.publish_sync(Item(n=item.n))
+
+    async with running_consumer(app, topology.workload("w"), url) as consumer:
+        sent: Counter[str | None] = Counter()
+        send = consumer.publisher.send
+
+        async def counting_send(out: Outgoing) -> None:
+            sent[out.task] += 1
+            await send(out)
+
+        monkeypatch.setattr(consumer.publisher, "send", counting_send)
+        await parent_async.publish(Item(n=1))
+        await parent_sync.publish(Item(n=2))
+        await wait_until(lambda: consumer.counts["succeeded"] == 4, what="parents and children")
+    assert sorted(children) == ["child of 1", "child of 2"]
+    assert sent == {"parent.async": 1, "parent.sync": 1, "child": 2}
