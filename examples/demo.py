@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -78,6 +79,8 @@ async def prepare(run_id: str) -> str:
 
 
 def main() -> None:
+    # aiormq logs a failed connect itself; the demo says it once, with what to do.
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     run_id = f"demo-{uuid.uuid4().hex[:8]}"
     parking_queue = asyncio.run(prepare(run_id))
     print("3. running `rabbitq consume demo --burst` until the queue and its tiers are empty:")

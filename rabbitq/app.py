@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
 from pydantic import BaseModel
 
@@ -52,6 +52,14 @@ def _deadline_seconds(deadline: datetime | timedelta | None, now: float) -> floa
     if deadline.tzinfo is None:
         raise ConfigError(f"deadline {deadline!r} has no time zone; use an aware datetime")
     return deadline.timestamp()
+
+
+class PublishOptions(TypedDict, total=False):
+    """How a task is published; see `Task.message`."""
+
+    priority: int | None
+    deadline: datetime | timedelta | None
+    idempotency_key: str | None
 
 
 class Task(Generic[P, R]):
@@ -100,14 +108,7 @@ class Task(Generic[P, R]):
             timestamp=datetime.fromtimestamp(now, UTC),
         )
 
-    async def publish(
-        self,
-        payload: P | dict[str, Any],
-        *,
-        priority: int | None = None,
-        deadline: datetime | timedelta | None = None,
-        idempotency_key: str | None = None,
-    ) -> str:
+    async def publish(self, payload: P | dict[str, Any], **options: Unpack[PublishOptions]) -> str:
         """Publish the task and wait for the broker's confirm; returns its message id.
 
         Raises:
@@ -115,9 +116,7 @@ class Task(Generic[P, R]):
             Unroutable: no work queue is bound for the workload (run `rabbitq topology apply`).
             NotConfirmed: the broker did not confirm it; it may or may not be queued.
         """
-        out = self.message(
-            payload, priority=priority, deadline=deadline, idempotency_key=idempotency_key
-        )
+        out = self.message(payload, **options)
         await (await self.app.publisher()).send(out)
         return out.message_id
 
@@ -125,18 +124,9 @@ class Task(Generic[P, R]):
         """Publish many with pipelined confirms; returns their message ids."""
         return await self.app.publish_many([self.message(p) for p in payloads])
 
-    def publish_sync(
-        self,
-        payload: P | dict[str, Any],
-        *,
-        priority: int | None = None,
-        deadline: datetime | timedelta | None = None,
-        idempotency_key: str | None = None,
-    ) -> str:
+    def publish_sync(self, payload: P | dict[str, Any], **options: Unpack[PublishOptions]) -> str:
         """`publish` for synchronous code: blocks until confirmed; needs no event loop."""
-        out = self.message(
-            payload, priority=priority, deadline=deadline, idempotency_key=idempotency_key
-        )
+        out = self.message(payload, **options)
         self.app.run_sync(lambda: self._send(out))
         return out.message_id
 

@@ -66,7 +66,8 @@ def parse_inequivalent(kind: Literal["exchange", "queue"], name: str, reply: str
     )
 
 
-async def _exists(connection: AbstractConnection, kind: str, name: str) -> bool:
+async def exists(connection: AbstractConnection, kind: str, name: str) -> bool:
+    """Whether an exchange or queue exists: a passive declare on a throwaway channel."""
     channel = await connection.channel(publisher_confirms=False)
     try:
         if kind == "queue":
@@ -117,7 +118,7 @@ async def plan(connection: AbstractConnection, topology: Topology) -> list[PlanI
         *(("queue", q) for q in topology.queues()),
     ]
     for kind, obj in objects:
-        if await _exists(connection, kind, obj.name):
+        if await exists(connection, kind, obj.name):
             items.append(await _compare(connection, kind, obj))
         else:
             items.append(PlanItem(kind, obj.name, "create"))
@@ -169,8 +170,8 @@ async def check_exists(connection: AbstractConnection, workload: Workload) -> No
     """
     exchanges = [workload.task_exchange, workload.retry_exchange, workload.parking_exchange]
     for name in exchanges:
-        if not await _exists(connection, "exchange", name):
+        if not await exists(connection, "exchange", name):
             raise TopologyMissing("exchange", name)
     for queue in workload.queues():
-        if not await _exists(connection, "queue", queue.name):
+        if not await exists(connection, "queue", queue.name):
             raise TopologyMissing("queue", queue.name)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import aio_pika
-import aiormq
 import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
@@ -41,20 +40,6 @@ async def rabbitq_cli(url: str, *args: str | Path) -> subprocess.CompletedProces
     )
 
 
-async def exists(connection: AbstractConnection, kind: str, name: str) -> bool:
-    """Whether an exchange or queue exists: a passive declare on a throwaway channel."""
-    channel = await connection.channel()
-    try:
-        if kind == "queue":
-            await channel.declare_queue(name, passive=True)
-        else:
-            await channel.declare_exchange(name, passive=True)
-        return True
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return False
-    finally:
-        if not channel.is_closed:
-            await channel.close()
 
 
 def names(topology: Topology) -> set[tuple[str, str]]:
@@ -120,7 +105,7 @@ async def test_cli_apply_twice_then_plan_reports_only_unchanged(
         ("create", kind, name) for kind, name in expected
     }
     for kind, name in expected:
-        assert await exists(connection, kind, name), f"{kind} {name} was not created"
+        assert await declare.exists(connection, kind, name), f"{kind} {name} was not created"
     app = App(namespace=namespace, url=url)
 
     @app.task("declare.item", workload="w")
@@ -163,7 +148,7 @@ async def test_apply_stops_on_argument_drift_and_touches_nothing(
     assert repr(queue) in text and "x-max-priority" in text
     assert "drain and delete" in text and "rabbitq topology apply" in text
     for kind, name in names(topology) - {("queue", queue)}:
-        assert not await exists(connection, kind, name), f"{kind} {name} was created"
+        assert not await declare.exists(connection, kind, name), f"{kind} {name} was created"
     assert await queue_depth(connection, queue) == 1
 
 
@@ -198,7 +183,7 @@ async def test_cli_apply_and_plan_exit_3_on_drift(
     ]
     assert len([line for line in planned.stderr.splitlines() if line.startswith("error: ")]) == 1
     for kind, name in names(topology) - {("queue", queue)}:
-        assert not await exists(connection, kind, name), f"{kind} {name} was created"
+        assert not await declare.exists(connection, kind, name), f"{kind} {name} was created"
     assert await queue_depth(connection, queue) == 1
 
 
