@@ -42,12 +42,13 @@ from rabbitq.envelope import (
     decode,
     error_text,
     park_headers,
+    recount_headers,
     retry_headers,
 )
 from rabbitq.errors import ConfigError, ConnectionFailed, PublishError, Unroutable
 from rabbitq.handlers import TaskContext, TaskDef
 from rabbitq.publish import Outgoing, Publisher
-from rabbitq.retry import ParkNow, RetryIn, decide
+from rabbitq.retry import ParkNow, Recount, RetryIn, crash_guard, decide
 from rabbitq.topology import Workload
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ logger = logging.getLogger(__name__)
 RECONNECT_MIN_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 10.0
 BURST_POLL_SECONDS = 0.2
+LOOP_WATCH_SECONDS = 0.25
+# A blocked loop sends no heartbeats; the broker drops the connection after about two missed
+# intervals. Long before that, a pause this long is worth a warning.
+LOOP_BLOCKED_SECONDS = 1.0
 TRACEBACK_LINES = 12
 # Properties a forwarded copy keeps from the original. `expiration` is dropped (it would
 # shorten a tier's delay or expire a parked task) and so is `user_id` (the broker rejects a
@@ -102,6 +107,7 @@ class Consumer:
         self.host = socket.gethostname()
         self.counts: Counter[str] = Counter()
         self.reconnects = 0
+        self.loop_blocked_seconds = 0.0
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._lost = asyncio.Event()
@@ -131,6 +137,7 @@ class Consumer:
             TopologyMissing: a queue or exchange is missing (run `rabbitq topology apply`).
         """
         delay = RECONNECT_MIN_SECONDS
+        watchdog = asyncio.create_task(self._watch_loop())
         try:
             while not self._stop.is_set():
                 try:
@@ -152,10 +159,29 @@ class Consumer:
                         pass
                     delay = min(delay * 2, RECONNECT_MAX_SECONDS)
         finally:
+            watchdog.cancel()
             self.ready.clear()
             self.app.unbind_publisher(self.publisher)
             await self.publisher.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _watch_loop(self) -> None:
+        """Say so when something blocks the event loop (an async handler doing blocking work)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LOOP_WATCH_SECONDS)
+            blocked = loop.time() - before - LOOP_WATCH_SECONDS
+            if blocked >= LOOP_BLOCKED_SECONDS:
+                self.counts["loop_blocked"] += 1
+                self.loop_blocked_seconds += blocked
+                logger.warning(
+                    "workload %s: the event loop was blocked for %.1fs, so no heartbeat or ack "
+                    "went out; an async handler is running blocking code (declare it as a "
+                    "plain def: sync handlers run in threads). If this outlasts the heartbeat "
+                    "timeout the broker drops the connection and every running task is "
+                    "redelivered", self.workload.name, blocked,
+                )
 
     def _lose(self, reason: str) -> None:
         if not self._lost.is_set():
@@ -298,6 +324,21 @@ class Consumer:
                 headers=props.headers,
                 max_message_bytes=self.workload.spec.max_message_bytes,
             )
+            guard = crash_guard(
+                bool(getattr(message.delivery, "redelivered", False)),
+                envelope.redeliveries,
+                envelope.delivery_count,
+                self.workload.spec.max_redeliveries,
+            )
+            if isinstance(guard, ParkNow):
+                raise Poison(
+                    ParkReason.CRASH_LOOP,
+                    f"cut off {self.workload.spec.max_redeliveries} times while running (its "
+                    "consumer died or lost its connection); not run again",
+                )
+            if isinstance(guard, Recount):
+                await self._recount(message, guard.redeliveries)
+                return
             definition = self.app.tasks.get(envelope.task)
             if definition is None:
                 raise Poison(ParkReason.UNKNOWN_TASK, f"no task is registered as {envelope.task!r}")
@@ -323,7 +364,9 @@ class Consumer:
             workload=self.workload.name,
             attempt=envelope.attempt,
             deadline=envelope.deadline,
-            redelivered=bool(getattr(delivery, "redelivered", False)),
+            redelivered=bool(getattr(delivery, "redelivered", False))
+            or envelope.redeliveries > 0
+            or bool(envelope.delivery_count),
             priority=props.priority or 0,
         )
         started = time.monotonic()
@@ -412,6 +455,25 @@ class Consumer:
         )
         if await self._settle(message):
             self.counts[f"parked:{reason}"] += 1
+
+    async def _recount(self, message: DeliveredMessage, redeliveries: int) -> None:
+        """Requeue a redelivered task with its redelivery count raised, then ack the delivery."""
+        out = self._copy(
+            message, self.workload.task_exchange, self.workload.routing_key,
+            recount_headers(message.header.properties.headers, redeliveries),
+        )
+        try:
+            await self.publisher.send(out)
+        except (PublishError, ConnectionFailed) as error:
+            await self._not_forwarded(message, error)
+            return
+        logger.info(
+            "task %s %s came back unsettled (redelivery %d of at most %d); requeued",
+            message.header.properties.message_type, message.header.properties.message_id,
+            redeliveries, self.workload.spec.max_redeliveries - 1,
+        )
+        if await self._settle(message):
+            self.counts["redelivered"] += 1
 
     async def _not_forwarded(self, message: DeliveredMessage, error: Exception) -> None:
         """The copy was not confirmed: keep the original (requeue) and back off."""

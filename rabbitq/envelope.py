@@ -30,6 +30,9 @@ HEADER_DEADLINE = "rabbitq-deadline"
 HEADER_FIRST_FAILURE = "rabbitq-first-failure"
 HEADER_LAST_FAILURE = "rabbitq-last-failure"
 HEADER_LAST_ERROR = "rabbitq-last-error"
+HEADER_REDELIVERIES = "rabbitq-redeliveries"
+# Set by quorum queues on every redelivery (RabbitMQ 3.10+).
+HEADER_DELIVERY_COUNT = "x-delivery-count"
 HEADER_PARK_REASON = "rabbitq-park-reason"
 HEADER_PARK_ERROR_TYPE = "rabbitq-park-error-type"
 HEADER_PARK_ERROR = "rabbitq-park-error"
@@ -57,6 +60,7 @@ class ParkReason(StrEnum):
     RETRIES_EXHAUSTED = "retries_exhausted"
     PARKED_BY_HANDLER = "parked_by_handler"
     UNROUTABLE_RETRY = "unroutable_retry"
+    CRASH_LOOP = "crash_loop"
 
 
 class Poison(Exception):
@@ -78,6 +82,8 @@ class Envelope:
     deadline: float | None  # seconds since the epoch
     first_failure_ms: int | None
     last_failure_ms: int | None
+    redeliveries: int = 0  # times rabbitq saw this attempt come back unsettled (classic)
+    delivery_count: int | None = None  # the broker's count (quorum queues)
 
 
 def _int_header(headers: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
@@ -133,6 +139,8 @@ def decode(
         deadline=None if deadline_ms is None else deadline_ms / 1000,
         first_failure_ms=_int_header(headers, HEADER_FIRST_FAILURE, 0, 2**53),
         last_failure_ms=_int_header(headers, HEADER_LAST_FAILURE, 0, 2**53),
+        redeliveries=_int_header(headers, HEADER_REDELIVERIES, 0, MAX_ATTEMPT) or 0,
+        delivery_count=_int_header(headers, HEADER_DELIVERY_COUNT, 0, 2**53),
     )
 
 
@@ -173,11 +181,19 @@ def retry_headers(
 ) -> dict[str, Any]:
     """Headers of the copy forwarded to a retry tier: next attempt, failure history."""
     out = strip_broker_headers(headers)
+    out.pop(HEADER_REDELIVERIES, None)  # each attempt gets the whole crash budget
     now_ms = epoch_ms(failed_at)
     out[HEADER_ATTEMPT] = envelope.attempt + 1
     out[HEADER_FIRST_FAILURE] = envelope.first_failure_ms or now_ms
     out[HEADER_LAST_FAILURE] = now_ms
     out[HEADER_LAST_ERROR] = error_text(error)
+    return out
+
+
+def recount_headers(headers: Mapping[str, Any] | None, redeliveries: int) -> dict[str, Any]:
+    """Headers of the copy that carries a redelivered task's new redelivery count."""
+    out = strip_broker_headers(headers)
+    out[HEADER_REDELIVERIES] = redeliveries
     return out
 
 

@@ -30,6 +30,42 @@ class ParkNow:
 Decision = RetryIn | ParkNow
 
 
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Run the handler."""
+
+
+@dataclass(frozen=True, slots=True)
+class Recount:
+    """Requeue a copy that carries `redeliveries`, ack the delivery, and do not run it now."""
+
+    redeliveries: int
+
+
+Guard = Run | Recount | ParkNow
+
+
+def crash_guard(
+    redelivered: bool, redeliveries: int, delivery_count: int | None, limit: int
+) -> Guard:
+    """Stop a task that keeps killing its consumer before it takes every consumer down.
+
+    A delivery that comes back unsettled (`redelivered`) was running when its consumer died,
+    was cut off, or stopped past its grace. Quorum queues count those deliveries themselves
+    (`x-delivery-count`); a classic queue does not, so rabbitq counts them in its own header:
+    it republishes the redelivered task with the count raised, confirmed, and acks the
+    delivery before running anything. Past `limit` such returns, the task is parked as
+    `crash_loop` without running again.
+    """
+    if delivery_count is not None:
+        return ParkNow(ParkReason.CRASH_LOOP) if delivery_count >= limit else Run()
+    if not redelivered:
+        return Run()
+    if redeliveries + 1 >= limit:
+        return ParkNow(ParkReason.CRASH_LOOP)
+    return Recount(redeliveries + 1)
+
+
 def tier_for_delay(tiers: list[float], delay_seconds: float) -> int:
     """The shortest tier that waits at least `delay_seconds`, else the longest tier."""
     for index, delay in enumerate(tiers):

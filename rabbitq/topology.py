@@ -125,6 +125,9 @@ class WorkloadSpec(BaseModel):
     max_priority: int | None = Field(default=None, ge=1, le=255)
     capacity: int = Field(default=16, ge=1, le=10_000)
     max_message_bytes: int = Field(default=1024 * 1024, ge=64, le=MAX_MESSAGE_BYTES_LIMIT)
+    # Deliveries that may come back unsettled (the consumer died or was cut off while the task
+    # ran) before the task is parked as crash_loop.
+    max_redeliveries: int = Field(default=5, ge=1, le=QUORUM_DELIVERY_LIMIT)
     retry: RetrySpec = Field(default_factory=RetrySpec)
 
     @field_validator("max_priority")

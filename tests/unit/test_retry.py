@@ -6,7 +6,16 @@ import pytest
 
 from rabbitq.envelope import ParkReason
 from rabbitq.errors import Park, Retry
-from rabbitq.retry import Decision, ParkNow, RetryIn, decide, tier_for_delay
+from rabbitq.retry import (
+    Decision,
+    ParkNow,
+    Recount,
+    RetryIn,
+    Run,
+    crash_guard,
+    decide,
+    tier_for_delay,
+)
 from rabbitq.topology import RetrySpec
 
 NOW = 1_000_000.0
@@ -126,3 +135,29 @@ def test_tier_for_delay_is_the_shortest_tier_long_enough_else_the_longest(
 ) -> None:
     """tier_for_delay returns the index of the shortest tier >= delay, else the last index."""
     assert tier_for_delay(tiers, delay_seconds) == expected
+
+
+@pytest.mark.parametrize(
+    ("redelivered", "redeliveries", "delivery_count", "limit", "expected"),
+    [
+        pytest.param(False, 0, None, 5, Run(), id="first-delivery-runs"),
+        pytest.param(True, 0, None, 5, Recount(1), id="classic-first-return-is-recounted"),
+        pytest.param(True, 3, None, 5, Recount(4), id="classic-below-limit-recounted"),
+        pytest.param(True, 4, None, 5, ParkNow(ParkReason.CRASH_LOOP), id="classic-at-limit-parks"),
+        pytest.param(
+            True, 9, None, 5, ParkNow(ParkReason.CRASH_LOOP), id="classic-past-limit-parks"
+        ),
+        pytest.param(False, 4, None, 5, Run(), id="recounted-copy-runs"),
+        pytest.param(
+            True, 0, None, 1, ParkNow(ParkReason.CRASH_LOOP), id="limit-one-parks-first-return"
+        ),
+        pytest.param(False, 0, 0, 5, Run(), id="quorum-first-delivery-runs"),
+        pytest.param(True, 0, 4, 5, Run(), id="quorum-below-limit-runs-without-recount"),
+        pytest.param(True, 0, 5, 5, ParkNow(ParkReason.CRASH_LOOP), id="quorum-at-limit-parks"),
+    ],
+)
+def test_crash_guard_counts_unsettled_returns(
+    redelivered: bool, redeliveries: int, delivery_count: int | None, limit: int, expected: object
+) -> None:
+    """A task cut off `limit` times is parked as crash_loop; classic queues recount first."""
+    assert crash_guard(redelivered, redeliveries, delivery_count, limit) == expected
