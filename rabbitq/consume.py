@@ -32,6 +32,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 
+from rabbitq.ack import Acker
 from rabbitq.app import App
 from rabbitq.connection import connect
 from rabbitq.declare import check_exists
@@ -115,6 +116,7 @@ class Consumer:
         self._established = False
         self._established_at = 0.0
         self._running: set[asyncio.Task[Any]] = set()
+        self._acker: Acker | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=workload.capacity, thread_name_prefix=f"rabbitq-{workload.name}"
         )
@@ -214,6 +216,7 @@ class Consumer:
             await self.publisher.start()
             await self.app.bind_publisher(self.publisher)
             underlay = await channel.get_underlay_channel()
+            self._acker = Acker(underlay, self.workload.capacity)
             consume_ok = await underlay.basic_consume(
                 self.workload.work_queue, self._on_delivery, no_ack=False
             )
@@ -292,6 +295,10 @@ class Consumer:
                 for task in late:
                     task.cancel()
                 await asyncio.wait(late, timeout=5)
+        if self._acker is not None:
+            # Acks still batched must reach the broker before the connection closes, or
+            # finished tasks would be redelivered.
+            await self._acker.settled()
 
     # One delivery ----------------------------------------------------------------------------
 
@@ -299,6 +306,9 @@ class Consumer:
         task = asyncio.current_task()
         assert task is not None
         self._running.add(task)
+        acker = self._acker
+        if acker is not None and acker.channel is message.channel:
+            acker.delivered()
         try:
             await self._handle(message)
         except asyncio.CancelledError:
@@ -503,20 +513,23 @@ class Consumer:
         )
 
     async def _settle(self, message: DeliveredMessage, requeue: bool | None = None) -> bool:
-        """Ack (or nack with requeue) on the delivery's own channel; False if it is gone."""
+        """Ack (or nack with requeue) on the delivery's own channel; False if it is gone.
+
+        Acks are batched by the channel's `Acker`; a delivery from a channel that has died is
+        never settled on another one (the broker has requeued it already).
+        """
         tag = message.delivery_tag
         assert tag is not None
-        try:
-            if requeue:
-                await message.channel.basic_nack(tag, requeue=True)
-            else:
-                await message.channel.basic_ack(tag)
-            return True
-        except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError,
-                ConnectionError) as exc:
+        acker = self._acker
+        if acker is None or acker.channel is not message.channel or acker.dead \
+                or message.channel.is_closed:
             logger.info(
-                "message %s not %s: its channel is closed (%s); the broker redelivers it",
+                "message %s not %s: its channel is closed; the broker redelivers it",
                 message.header.properties.message_id, "returned" if requeue else "acked",
-                type(exc).__name__,
             )
             return False
+        if requeue:
+            acker.nack(tag)
+        else:
+            acker.ack(tag)
+        return True
