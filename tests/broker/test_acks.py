@@ -1,0 +1,96 @@
+"""Batched acks against the real broker: every delivery acked once, on its own channel, in time."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from pydantic import BaseModel
+
+from rabbitq import App, Consumer
+from tests.helpers import queue_depth, running_consumer, wait_until
+
+
+class Item(BaseModel):
+    n: int
+
+
+async def test_out_of_order_finishes_are_each_acked_once(make_topology, connection, url, namespace):
+    """Handlers finishing out of order at capacity 16: all acked, no channel error, none left."""
+    topology = await make_topology(jobs={"capacity": 16})
+    workload = topology.workload("jobs")
+    app = App(namespace=namespace, url=url)
+    runs: list[int] = []
+    rng = random.Random(7)
+
+    @app.task("jobs.jitter", workload="jobs")
+    async def jitter(item: Item) -> None:
+        await asyncio.sleep(rng.random() * 0.01)  # the handler's work, of varying length
+        runs.append(item.n)
+
+    async with running_consumer(app, workload, url) as consumer:
+        await app.publish_many([jitter.message(Item(n=n)) for n in range(300)])
+        await wait_until(lambda: consumer.counts["succeeded"] == 300, what="300 tasks to finish")
+        # An ack naming an unknown or already-acked tag would have closed the channel.
+        assert consumer.reconnects == 0
+    # Stopped: anything left unacked would be back in the queue now.
+    assert await queue_depth(connection, workload.work_queue) == 0
+    assert sorted(runs) == list(range(300))
+
+
+async def test_a_long_task_does_not_hold_back_the_acks_of_later_ones(
+    make_topology, connection, url, namespace
+):
+    """With the lowest delivery still running, later finished ones are acked and more arrive."""
+    topology = await make_topology(jobs={"capacity": 8})
+    workload = topology.workload("jobs")
+    app = App(namespace=namespace, url=url)
+    release = asyncio.Event()
+    quick_done: list[int] = []
+
+    @app.task("jobs.long", workload="jobs")
+    async def long(item: Item) -> None:
+        await release.wait()
+
+    @app.task("jobs.quick", workload="jobs")
+    async def quick(item: Item) -> None:
+        quick_done.append(item.n)
+
+    await app.publish_many(
+        [long.message(Item(n=0))] + [quick.message(Item(n=n)) for n in range(1, 41)]
+    )
+    await app.close()
+    async with running_consumer(app, workload, url) as consumer:
+        # 40 quick tasks through a window of 8 with one slot held: only possible if the
+        # finished ones above the running delivery were acked while it still ran.
+        await wait_until(lambda: len(quick_done) == 40, what="40 quick tasks to finish")
+        assert consumer.running == 1
+        release.set()
+        await wait_until(lambda: consumer.counts["succeeded"] == 41, what="the long task")
+    assert await queue_depth(connection, workload.work_queue) == 0
+
+
+async def test_graceful_stop_sends_the_acks_still_batched(
+    make_topology, connection, url, namespace
+):
+    """Acks held for batching reach the broker before the consumer closes: nothing redelivered."""
+    topology = await make_topology(jobs={"capacity": 64})
+    workload = topology.workload("jobs")
+    app = App(namespace=namespace, url=url)
+    seen: list[int] = []
+    holder: list[Consumer] = []
+
+    @app.task("jobs.record", workload="jobs")
+    async def record(item: Item) -> None:
+        seen.append(item.n)
+        if len(seen) == 10:
+            holder[0].stop()  # stop right away, before the ack timer fires
+
+    await app.publish_many([record.message(Item(n=n)) for n in range(10)])
+    await app.close()
+    async with running_consumer(app, workload, url) as consumer:
+        holder.append(consumer)
+        # 10 finished tasks are fewer than one batch (64 // 4): their acks are still held
+        # when the stop comes.
+        await wait_until(lambda: len(seen) == 10, what="10 tasks to run")
+    assert await queue_depth(connection, workload.work_queue) == 0
