@@ -167,21 +167,24 @@ class Publisher:
                 out.message_id, f"{type(exc).__name__} while publishing to {mask_url(self.url)}"
             ) from None
 
-    async def send_many(self, messages: Iterable[Outgoing]) -> list[PublishError | None]:
+    async def send_many(self, messages: Iterable[Outgoing]) -> list[SendError | None]:
         """Publish all, confirms pipelined; the error of each message, or None if confirmed."""
         results = await asyncio.gather(
             *(self.send(m) for m in messages), return_exceptions=True
         )
-        out: list[PublishError | None] = []
+        out: list[SendError | None] = []
         for result in results:
-            if isinstance(result, PublishError) or result is None:
+            if isinstance(result, PublishError | ConnectionFailed) or result is None:
                 out.append(result)
             elif isinstance(result, BaseException):
                 raise result
         return out
 
 
-def raise_first(messages: Sequence[Outgoing], errors: Sequence[PublishError | None]) -> None:
+SendError = PublishError | ConnectionFailed
+
+
+def raise_first(messages: Sequence[Outgoing], errors: Sequence[SendError | None]) -> None:
     """Raise the first error of a batch, saying how many others failed."""
     failed = [(m, e) for m, e in zip(messages, errors, strict=True) if e is not None]
     if not failed:
