@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import time
 import traceback
 from collections import Counter
@@ -29,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiormq
+import pamqp.encode
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 
@@ -42,9 +44,11 @@ from rabbitq.envelope import (
     Poison,
     decode,
     error_text,
+    keep_own_headers,
     park_headers,
     recount_headers,
     retry_headers,
+    sanitize_header_value,
 )
 from rabbitq.errors import ConfigError, ConnectionFailed, PublishError, Unroutable
 from rabbitq.handlers import TaskContext, TaskDef
@@ -58,6 +62,9 @@ RECONNECT_MIN_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 10.0
 BURST_POLL_SECONDS = 0.2
 LOOP_WATCH_SECONDS = 0.25
+# The whole header table travels in one frame (frame_max is 128 KiB by default): what came in
+# fitted, but a parked copy adds up to ~5 KiB of its own headers.
+MAX_HEADER_BYTES = 120 * 1024
 # A blocked loop sends no heartbeats; the broker drops the connection after about two missed
 # intervals. Long before that, a pause this long is worth a warning.
 LOOP_BLOCKED_SECONDS = 1.0
@@ -66,6 +73,26 @@ TRACEBACK_LINES = 12
 # shorten a tier's delay or expire a parked task) and so is `user_id` (the broker rejects a
 # user_id that is not the publishing connection's user).
 _KEPT_PROPERTIES = ("content_encoding", "correlation_id", "reply_to", "app_id")
+
+
+def _travelling(headers: dict[str, Any]) -> dict[str, Any]:
+    """Headers that encode, and fit in one frame with room to spare.
+
+    A header value another client sent may not survive a decode and re-encode, and a parked
+    copy adds its own headers to the original ones; a copy that cannot be sent would be
+    requeued forever.
+    """
+    try:
+        size = len(pamqp.encode.field_table(headers))
+    except (TypeError, ValueError, OverflowError, struct.error):
+        headers = {k: sanitize_header_value(v) for k, v in headers.items()}
+        try:
+            size = len(pamqp.encode.field_table(headers))
+        except (TypeError, ValueError, OverflowError, struct.error) as exc:
+            return keep_own_headers(headers, f"could not be encoded again: {error_text(exc)}")
+    if size > MAX_HEADER_BYTES:
+        return keep_own_headers(headers, f"{size} bytes of headers, over {MAX_HEADER_BYTES}")
+    return headers
 
 
 class SessionLost(Exception):
@@ -504,7 +531,7 @@ class Consumer:
             routing_key=routing_key,
             body=message.body,
             message_id=props.message_id or "",
-            headers=headers,
+            headers=_travelling(headers),
             task=props.message_type,
             priority=props.priority,
             timestamp=props.timestamp,

@@ -31,6 +31,7 @@ HEADER_FIRST_FAILURE = "rabbitq-first-failure"
 HEADER_LAST_FAILURE = "rabbitq-last-failure"
 HEADER_LAST_ERROR = "rabbitq-last-error"
 HEADER_REDELIVERIES = "rabbitq-redeliveries"
+HEADER_DROPPED = "rabbitq-dropped-headers"
 # Set by quorum queues on every redelivery (RabbitMQ 3.10+).
 HEADER_DELIVERY_COUNT = "x-delivery-count"
 HEADER_PARK_REASON = "rabbitq-park-reason"
@@ -167,7 +168,37 @@ def strip_broker_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
         k: v
         for k, v in (headers or {}).items()
         if not (k == "x-death" or k.startswith("x-first-death") or k.startswith("x-last-death"))
+        and k not in _ROUTING_HEADERS
     }
+
+
+# Sender-selected distribution: a forged CC on a parked copy would copy it into other queues.
+_ROUTING_HEADERS = frozenset({"CC", "BCC"})
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def sanitize_header_value(value: Any) -> Any:
+    """A value AMQP can encode again: what a client decoded is not always re-encodable.
+
+    Raw bytes (a long string that was not UTF-8) become a byte array; floats outside the
+    single-precision range the encoder uses, and NaN or infinity, become their text.
+    """
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, float) and not (abs(value) <= _FLOAT32_MAX):
+        return repr(value)
+    if isinstance(value, dict):
+        return {str(k): sanitize_header_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [sanitize_header_value(v) for v in value]
+    return value
+
+
+def keep_own_headers(headers: Mapping[str, Any], dropped_reason: str) -> dict[str, Any]:
+    """Only rabbitq's headers, when the others cannot travel; says why they were dropped."""
+    out = {k: v for k, v in headers.items() if k.startswith("rabbitq-")}
+    out[HEADER_DROPPED] = dropped_reason
+    return out
 
 
 def error_text(error: BaseException) -> str:

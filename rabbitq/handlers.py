@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar, get_type_hints
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from rabbitq.envelope import ParkReason, Poison
+from rabbitq.envelope import ParkReason, Poison, error_text
 from rabbitq.errors import ConfigError
 
 P = TypeVar("P", bound=BaseModel)
@@ -88,6 +88,9 @@ class TaskDef(Generic[P, R]):
                 detail = f"body is not JSON: {errors[0]['msg']}"
                 raise Poison(ParkReason.UNDECODABLE, detail) from None
             raise Poison(ParkReason.INVALID_PAYLOAD, _summarise(exc)) from None
+        except Exception as exc:  # a validator that raises something else is still bad input
+            detail = f"the model raised {error_text(exc)}"
+            raise Poison(ParkReason.INVALID_PAYLOAD, detail) from None
 
     def check_payload(self, payload: Any) -> BaseModel:
         """The payload to publish, validated before it leaves.

@@ -28,9 +28,11 @@ from rabbitq.envelope import (
     Poison,
     decode,
     error_text,
+    keep_own_headers,
     new_task_headers,
     park_headers,
     retry_headers,
+    sanitize_header_value,
     strip_broker_headers,
 )
 
@@ -410,3 +412,32 @@ def test_error_text_is_type_and_message_bounded(error: BaseException, expected: 
     text = error_text(error)
     assert text == expected
     assert len(text) <= MAX_ERROR_CHARS
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param(b"\xff\xfe", bytearray(b"\xff\xfe"), id="raw-bytes-become-a-byte-array"),
+        pytest.param(1e300, "1e+300", id="double-beyond-float32-becomes-text"),
+        pytest.param(float("inf"), "inf", id="infinity-becomes-text"),
+        pytest.param(1.5, 1.5, id="ordinary-float-kept"),
+        pytest.param("text", "text", id="text-kept"),
+        pytest.param({"a": b"x", 2: [1e300]}, {"a": bytearray(b"x"), "2": ["1e+300"]}, id="nested"),
+    ],
+)
+def test_sanitize_header_value_makes_values_encodable_again(
+    value: object, expected: object
+) -> None:
+    """Values a client decoded but AMQP cannot encode again become an encodable equivalent."""
+    assert sanitize_header_value(value) == expected
+
+
+def test_keep_own_headers_keeps_only_rabbitq_headers_and_says_why() -> None:
+    """When the original headers cannot travel, rabbitq's own stay, with the reason."""
+    out = keep_own_headers({"rabbitq-attempt": 2, "big": "x" * 10}, "too big")
+    assert out == {"rabbitq-attempt": 2, "rabbitq-dropped-headers": "too big"}
+
+
+def test_routing_headers_are_stripped_from_copies() -> None:
+    """A forged CC or BCC would route a parked copy into other queues: it is removed."""
+    assert strip_broker_headers({"CC": ["q"], "BCC": ["r"], "keep": 1}) == {"keep": 1}
