@@ -1,0 +1,282 @@
+"""The benchmark runner: rabbitq against the raw aio-pika floor, interleaved, in one run.
+
+    python -m benchmarks.run --n 20000 --reps 3 --json benchmarks/results.json
+    python -m benchmarks.run --quick          # tiny N, one repetition: does it still run?
+
+For each repetition, each scenario is measured on the raw baseline and then on rabbitq, on the
+same broker; the table shows medians with min and max, and every figure as a ratio to the raw
+baseline of the same repetition. Everything lives in a fresh namespace that is deleted at the
+end, also on Ctrl-C or SIGTERM. A measurement disturbed by something outside it (a broker
+restart, a forced close) is measured again, up to `--attempts` times, and noted in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiormq
+
+from benchmarks import broker, machine, scenarios
+from benchmarks.names import CAPACITIES, CAPACITY, RawQueues, new_namespace, topology_toml
+from benchmarks.probe import LOOPS, uvloop_installed
+from benchmarks.probe import run as run_loop
+from benchmarks.procs import Disturbed
+from benchmarks.report import Results, table
+from benchmarks.systems import RabbitqSide, RawSide, RunContext, Side
+from rabbitq.errors import RabbitqError
+from rabbitq.topology import parse_topology
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+# Someone else's fault-injection test may stop the broker for a while.
+BROKER_DOWN_SECONDS = 120.0
+RETRY_WAIT_SECONDS = 2.0
+STEADY_RATE = 500.0
+NEAR_SATURATION = 0.8
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default=os.environ.get("RABBITQ_URL", DEFAULT_URL),
+                   help="the broker (default: $RABBITQ_URL or the local guest account)")
+    p.add_argument("--n", type=int, default=20_000, help="tasks per publish/drain/retry/scale run")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    p.add_argument("--capacities", default=",".join(map(str, CAPACITIES)),
+                   help=f"drain capacities to measure, from {CAPACITIES}; {CAPACITY} is "
+                        "always measured (the 80%% latency rate comes from it)")
+    p.add_argument("--batch", type=int, default=1000,
+                   help="batch publish: messages per publish_many / per gather of confirms")
+    p.add_argument("--latency-seconds", type=float, default=10.0,
+                   help="how long the paced publisher sends in each latency run")
+    p.add_argument("--tier-n", type=int, default=100_000,
+                   help="tasks forwarded into the long tier for the memory scenario")
+    p.add_argument("--tier-early", type=int, default=10_000,
+                   help="the early RSS sample of the memory scenario, in forwarded tasks")
+    p.add_argument("--skip-memory", action="store_true",
+                   help="skip the long-tier memory runs (peak RSS of the drain is still shown)")
+    p.add_argument("--idle", type=float, default=1.0,
+                   help="scale: a consumer process is done after this many idle seconds "
+                        "(never part of a rate)")
+    p.add_argument("--loop", choices=("shipped", *LOOPS), default="shipped",
+                   help="consumer event loops. shipped (default): raw on asyncio, as a "
+                        "hand-written asyncio.run program gets; rabbitq on what `rabbitq "
+                        "consume` picks (uvloop where installed). asyncio or uvloop: both "
+                        "sides on that loop, to compare like with like")
+    p.add_argument("--attempts", type=int, default=5,
+                   help="times a disturbed measurement is tried before the run fails")
+    p.add_argument("--json", type=Path, help="write every figure and the summary here")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny run that only shows the runner works: --n 100 --reps 1 "
+                        f"--capacities {CAPACITY} --latency-seconds 0.3 --tier-n 200 "
+                        "--tier-early 50 --idle 0.25")
+    p.add_argument("--delete-namespace", metavar="NS",
+                   help="only delete what an interrupted run left under namespace NS, and exit")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.reps, args.latency_seconds = 100, 1, 0.3
+        args.tier_n, args.tier_early, args.idle = 200, 50, 0.25
+        args.capacities = str(CAPACITY)
+    try:
+        chosen = {int(c) for c in args.capacities.split(",") if c.strip()} | {CAPACITY}
+    except ValueError:
+        p.error("--capacities takes comma-separated numbers")
+    if not chosen <= set(CAPACITIES):
+        p.error(f"--capacities must be among {CAPACITIES}")
+    args.capacities = tuple(sorted(chosen))
+    if not 0 < args.tier_early < args.tier_n:
+        p.error("--tier-early must be between 0 and --tier-n")
+    return args
+
+
+def loops(choice: str) -> tuple[str, str]:
+    """The consumer event loops of the raw and the rabbitq side for `--loop`."""
+    if choice == "shipped":
+        return "asyncio", "uvloop" if uvloop_installed() else "asyncio"
+    return choice, choice
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+Measure = Callable[[Side], Awaitable[dict[str, float]]]
+
+
+class Runner:
+    """The repetitions of one run, each scenario measured raw first, then rabbitq."""
+
+    def __init__(self, args: argparse.Namespace, ctx: RunContext) -> None:
+        self.args = args
+        self.ctx = ctx
+        self.sides: list[Side] = [RawSide(ctx), RabbitqSide(ctx)]
+        self.results = Results()
+        self.disturbed: list[str] = []
+
+    async def measure(self, what: str, side: Side, make: Measure) -> dict[str, float]:
+        """One measurement, repeated if something outside it disturbed it."""
+        for attempt in range(1, self.args.attempts + 1):
+            started = time.monotonic()
+            try:
+                figures = await make(side)
+            except (Disturbed, RabbitqError, aiormq.exceptions.AMQPError, ConnectionError,
+                    OSError, TimeoutError) as exc:
+                note = f"{what} ({side.name}), attempt {attempt}: {type(exc).__name__}: {exc}"
+                self.disturbed.append(note)
+                say(f"  disturbed: {note}")
+                if attempt == self.args.attempts:
+                    raise
+                await asyncio.sleep(RETRY_WAIT_SECONDS)
+                await broker.wait_until_up(self.ctx.url, BROKER_DOWN_SECONDS)
+                continue
+            shown = ", ".join(f"{k} {v:,.2f}" for k, v in figures.items())
+            say(f"  {what} ({side.name}) in {time.monotonic() - started:.1f}s: {shown}")
+            return figures
+        raise AssertionError("unreachable")
+
+    async def both(self, what: str, make: Measure) -> dict[str, dict[str, float]]:
+        """Raw, then rabbitq: the interleaving that keeps both under the same conditions."""
+        return {side.name: await self.measure(what, side, make) for side in self.sides}
+
+    def record(self, scenario: str, figures: dict[str, dict[str, float]],
+               prefix: str = "") -> None:
+        for side_name, values in figures.items():
+            self.results.add(scenario, side_name, values, prefix)
+
+    async def repetition(self) -> None:
+        a = self.args
+        self.results.new_rep()
+        self.record("publish", await self.both(
+            "publish one at a time", partial(scenarios.publish_one_at_a_time, n=a.n)))
+        self.record("publish", await self.both(
+            f"publish in batches of {a.batch}",
+            partial(scenarios.publish_batches, n=a.n, batch=a.batch)))
+        drain_rate: dict[str, float] = {}
+        for capacity in a.capacities:
+            figures = await self.both(f"drain capacity {capacity}",
+                                      partial(scenarios.drain, capacity=capacity, n=a.n))
+            for name, fig in figures.items():
+                self.results.add("drain", name, {
+                    f"c{capacity}_tasks_per_s": fig["tasks_per_s"],
+                    f"c{capacity}_cpu_us_per_task": fig["cpu_us_per_task"],
+                })
+                self.results.add("memory", name,
+                                 {f"drain_c{capacity}_peak_rss_mib": fig["peak_rss_mib"]})
+                if capacity == CAPACITY:
+                    drain_rate[name] = fig["tasks_per_s"]
+        steady = await self.both(f"latency at {STEADY_RATE:.0f}/s", partial(
+            scenarios.latency, rate=STEADY_RATE, seconds=a.latency_seconds))
+        for values in steady.values():
+            values.pop("offered_per_s")  # the setting itself, the same for both
+        self.record("latency", steady, "500/s ")
+        # Near saturation, each side at 80% of its own capacity-64 drain rate of this rep.
+        for side in self.sides:
+            rate = NEAR_SATURATION * drain_rate[side.name]
+            near = await self.measure(
+                f"latency at 80% of drain ({rate:,.0f}/s)", side,
+                partial(scenarios.latency, rate=rate, seconds=a.latency_seconds))
+            self.results.add("latency", side.name, near, "80% of drain ")
+        self.record("retry", await self.both(
+            "retry path (fail once, 50ms tier)", partial(scenarios.retry, n=a.n)))
+        if not a.skip_memory:
+            self.record("memory", await self.both(
+                f"{a.tier_n:,} tasks into a long tier",
+                partial(scenarios.tiers, n=a.tier_n, early=a.tier_early)), "tiers ")
+        self.record("scale", await self.both(
+            "scale: 1 then 2 consumer processes", partial(scenarios.scale, n=a.n, idle=a.idle)))
+
+    async def run(self) -> None:
+        for rep in range(1, self.args.reps + 1):
+            say(f"repetition {rep} of {self.args.reps}")
+            await self.repetition()
+
+
+async def delete_namespace(url: str, namespace: str) -> None:
+    """Delete every queue and exchange a run makes under `namespace` (they are all derived)."""
+    topology = parse_topology({"bench.toml": topology_toml(namespace)})
+    queues = [q.name for q in topology.queues()] + [q.name for q in RawQueues.of(namespace).all()]
+    exchanges = [e.name for e in topology.exchanges()]
+    try:
+        if not await broker.wait_until_up(url, BROKER_DOWN_SECONDS):
+            raise ConnectionError("the broker did not come back")
+        left = await broker.delete_everything(url, queues, exchanges)
+    except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+        say(f"could not delete namespace {namespace} ({exc}); once the broker is back, run:\n"
+            f"  python -m benchmarks.run --delete-namespace {namespace}")
+        return
+    say(f"deleted namespace {namespace} ({len(queues)} queues, {len(exchanges)} exchanges)"
+        + (f"; could not delete: {left}" if left else ""))
+
+
+async def main(args: argparse.Namespace) -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    if args.delete_namespace:
+        await delete_namespace(args.url, args.delete_namespace)
+        return 0
+    namespace = new_namespace()
+    topology = parse_topology({"bench.toml": topology_toml(namespace)})
+    raw = RawQueues.of(namespace)
+    with tempfile.TemporaryDirectory(prefix="rabbitq-bench-") as tmp:
+        topology_file = Path(tmp) / "bench.toml"
+        topology_file.write_text(topology_toml(namespace))
+        raw_loop, rabbitq_loop = loops(args.loop)
+        ctx = RunContext(args.url, namespace, topology, topology_file, raw, raw_loop,
+                         rabbitq_loop)
+        info = machine.describe(await broker.server_version(args.url), raw_loop, rabbitq_loop)
+        say(machine.header(info))
+        say(f"namespace {namespace}: n={args.n}, reps={args.reps}, batch={args.batch}, "
+            f"latency {args.latency_seconds:g}s, tier-n={args.tier_n}")
+        runner = Runner(args, ctx)
+        started = time.monotonic()
+        try:
+            await broker.set_up(args.url, topology, raw.all())
+            await runner.run()
+        finally:
+            await asyncio.shield(delete_namespace(args.url, namespace))
+    summary = runner.results.summary()
+    print(machine.header(info))
+    print(table(summary, args.reps))
+    if runner.disturbed:
+        print(f"\n{len(runner.disturbed)} measurement(s) were disturbed and repeated:")
+        for note in runner.disturbed:
+            print(f"- {note.splitlines()[0]}")
+    if args.json:
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        config["namespace"] = namespace
+        config["seconds"] = round(time.monotonic() - started, 1)
+        document: dict[str, Any] = {
+            "machine": info, "config": config, "summary": summary,
+            "reps": runner.results.as_json(), "disturbed": runner.disturbed,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(document, indent=2, allow_nan=False, default=str) + "\n")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        # The runner publishes for both sides on one loop: uvloop only when both are asked to.
+        return int(run_loop(lambda: main(args), "uvloop" if args.loop == "uvloop" else "asyncio"))
+    except KeyboardInterrupt:
+        say("interrupted; the run's queues and exchanges were deleted")
+        return 130
+    except asyncio.CancelledError:
+        say("stopped; the run's queues and exchanges were deleted")
+        return 143
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,150 @@
+"""One measurement of one scenario on one side; each returns its figures as a flat dict.
+
+Consumer measurements follow one pattern: start the consumer process(es) while the tasks are
+published (set-up, untimed), wait until every process holds its first deliveries (`ready`),
+say go, and take the rate from go to the last ack as each process reports it. Afterwards the
+work queue must be empty and the counts must add up, or the measurement is `Disturbed` (and
+the runner repeats it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from benchmarks import broker
+from benchmarks.names import CAPACITY, drain_workload
+from benchmarks.procs import Disturbed, Worker
+from benchmarks.systems import Side
+
+KIB_PER_MIB = 1024
+# Generous: a consumer below this many tasks a second is broken, not slow.
+SLOWEST_RATE = 100.0
+
+
+def _timeout(count: int) -> float:
+    return 30 + count / SLOWEST_RATE
+
+
+async def _gated(side: Side, workers: list[Worker], workload: str, count: int,
+                 expect_total: int) -> list[dict[str, Any]]:
+    """Fill, start, go; the workers' results once all are done."""
+    await broker.purge(side.ctx.url, side.queues(workload))
+    try:
+        await asyncio.gather(*(w.start() for w in workers))
+        await broker.fill(side.ctx.url, side.target(workload), workload, count)
+        await asyncio.gather(*(w.ready() for w in workers))
+        for worker in workers:
+            worker.go()
+        results = await asyncio.gather(*(w.result(_timeout(count)) for w in workers))
+    finally:
+        for worker in workers:
+            await worker.stop()
+    handled = sum(r["handled"] for r in results)
+    if handled != expect_total:
+        raise Disturbed(f"{side.name} {workload}: handled {handled} of {expect_total}")
+    left = await broker.message_count(side.ctx.url, side.work_queue(workload))
+    if left:
+        raise Disturbed(f"{side.name} {workload}: {left} tasks left in the work queue")
+    return list(results)
+
+
+def _rate(results: list[dict[str, Any]]) -> float:
+    go = min(r["go_at"] for r in results)
+    last = max(r["last_at"] for r in results)
+    return float(sum(r["handled"] for r in results) / (last - go))
+
+
+async def drain(side: Side, capacity: int, n: int) -> dict[str, float]:
+    """N pre-published tasks, one consumer process, a no-op handler."""
+    workload = drain_workload(capacity)
+    worker = side.worker("drain", workload, capacity, expect=n)
+    [result] = await _gated(side, [worker], workload, n, n)
+    return {
+        "tasks_per_s": _rate([result]),
+        "cpu_us_per_task": result["cpu_seconds"] / n * 1e6,
+        "peak_rss_mib": result["vm_hwm_kib"] / KIB_PER_MIB,
+    }
+
+
+async def retry(side: Side, n: int) -> dict[str, float]:
+    """N tasks that fail once, wait in the 50ms tier, and succeed."""
+    worker = side.worker("retry", "retry", CAPACITY, expect=n)
+    [result] = await _gated(side, [worker], "retry", n, n)
+    return {"tasks_per_s": _rate([result])}
+
+
+async def tiers(side: Side, n: int, early: int) -> dict[str, float]:
+    """N failing-once tasks forwarded into a long tier: RSS after `early` and after all."""
+    worker = side.worker("tiers", "tiers", CAPACITY, expect=n, rss_at=(early, n))
+    [result] = await _gated(side, [worker], "tiers", n, n)
+    samples = result["rss_samples_kib"]
+    early_kib, all_kib = samples[str(early)], samples[str(n)]
+    return {
+        f"rss_at_{early}_mib": early_kib / KIB_PER_MIB,
+        f"rss_at_{n}_mib": all_kib / KIB_PER_MIB,
+        "rss_growth_pct": (all_kib - early_kib) / early_kib * 100,
+        "forwards_per_s": _rate([result]),
+    }
+
+
+async def scale(side: Side, n: int, idle: float) -> dict[str, float]:
+    """The same N tasks drained by one consumer process, then by two.
+
+    Neither process knows its share, so each stops once idle for `idle` seconds; the rate
+    runs from go to the last ack of either, so the idle tail is not in it.
+    """
+    out: dict[str, float] = {}
+    for processes in (1, 2):
+        workers = [side.worker("drain", "scale", CAPACITY, expect=0, idle=idle,
+                               label=f"{side.name} scale {i + 1}/{processes}")
+                   for i in range(processes)]
+        results = await _gated(side, workers, "scale", n, n)
+        out[f"{processes}_process_tasks_per_s"] = _rate(results)
+    out["two_over_one"] = out["2_process_tasks_per_s"] / out["1_process_tasks_per_s"]
+    return out
+
+
+async def latency(side: Side, rate: float, seconds: float) -> dict[str, float]:
+    """A consumer running while a paced publisher sends `rate` tasks/s for `seconds`."""
+    count = max(1, round(rate * seconds))
+    await broker.purge(side.ctx.url, side.queues("latency"))
+    worker = side.worker("latency", "latency", CAPACITY, expect=count)
+    try:
+        await worker.start()
+        await worker.ready()
+        achieved = await side.publish_paced("latency", rate, count)
+        result = await worker.result(_timeout(count))
+    finally:
+        await worker.stop()
+    lat = result["latency_ms"]
+    # What the consumer kept up with: below the offered rate, a backlog grew (and latency
+    # with it), because publisher, broker and consumer share the machine's cores.
+    consumed = float(count / (result["last_at"] - result["first_at"]))
+    return {"offered_per_s": rate, "published_per_s": achieved, "consumed_per_s": consumed,
+            "p50_ms": lat["p50"], "p95_ms": lat["p95"], "p99_ms": lat["p99"]}
+
+
+async def publish_one_at_a_time(side: Side, n: int) -> dict[str, float]:
+    """N tasks, each publish waiting for its confirm."""
+    queue = side.work_queue("publish")
+    await broker.purge(side.ctx.url, [queue])
+    seconds = await side.publish_one_at_a_time(n)
+    await _expect_and_purge(side, queue, n)
+    return {"one_at_a_time_per_s": n / seconds}
+
+
+async def publish_batches(side: Side, n: int, batch: int) -> dict[str, float]:
+    """N tasks in batches of `batch`, each batch's confirms pipelined."""
+    queue = side.work_queue("publish")
+    await broker.purge(side.ctx.url, [queue])
+    seconds = await side.publish_batches(n, batch)
+    await _expect_and_purge(side, queue, n)
+    return {"batch_per_s": n / seconds}
+
+
+async def _expect_and_purge(side: Side, queue: str, n: int) -> None:
+    found = await broker.message_count(side.ctx.url, queue)
+    await broker.purge(side.ctx.url, [queue])
+    if found != n:
+        raise Disturbed(f"{side.name} publish: {found} of {n} tasks arrived in {queue}")

@@ -1,0 +1,42 @@
+"""The benchmark runner still runs end to end. Benchmarks are not tests: no time is asserted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from aio_pika.abc import AbstractConnection
+
+from tests.conftest import broker_url
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = {"publish", "drain", "latency", "retry", "memory", "scale"}
+# Under the suite's 30 s timeout, with room for a slow machine.
+RUN_TIMEOUT_SECONDS = 27
+
+
+async def test_benchmark_runner_quick_run_reports_every_scenario(
+    connection: AbstractConnection, tmp_path: Path
+) -> None:
+    """`python -m benchmarks.run --quick` exits 0 and its JSON has every scenario."""
+    results = tmp_path / "results.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.run", "--quick", "--url", broker_url(),
+        "--json", str(results),
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_SECONDS)
+    except TimeoutError:
+        proc.terminate()  # the runner deletes its namespace on SIGTERM
+        try:
+            await asyncio.wait_for(proc.wait(), 2)
+        except TimeoutError:
+            proc.kill()  # its consumer processes exit once they see it gone
+            await proc.wait()
+        raise AssertionError(f"the quick run did not finish in {RUN_TIMEOUT_SECONDS}s") from None
+    assert proc.returncode == 0, stderr.decode()[-4000:]
+    summary = json.loads(results.read_text())["summary"]
+    assert SCENARIOS <= set(summary), f"missing: {SCENARIOS - set(summary)}"
