@@ -144,6 +144,7 @@ class Consumer:
         self._established_at = 0.0
         self._running: set[asyncio.Task[Any]] = set()
         self._acker: Acker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=workload.capacity, thread_name_prefix=f"rabbitq-{workload.name}"
         )
@@ -227,6 +228,7 @@ class Consumer:
 
     async def _connected_session(self) -> bool:
         self._lost.clear()
+        self._loop = asyncio.get_running_loop()
         connection = await connect(self.url, f"consumer {self.workload.name}")
         connection.close_callbacks.add(
             lambda _c, exc=None: self._lose(f"connection closed: {exc or 'by us'}")
@@ -330,7 +332,8 @@ class Consumer:
     # One delivery ----------------------------------------------------------------------------
 
     async def _on_delivery(self, message: DeliveredMessage) -> None:
-        task = asyncio.current_task()
+        # passing the loop skips a get_running_loop() per delivery (Python 3.11)
+        task = asyncio.current_task(self._loop)
         assert task is not None
         self._running.add(task)
         acker = self._acker
@@ -395,16 +398,21 @@ class Consumer:
     ) -> None:
         props = message.header.properties
         delivery = message.delivery
-        ctx = TaskContext(
-            message_id=envelope.message_id,
-            task=envelope.task,
-            workload=self.workload.name,
-            attempt=envelope.attempt,
-            deadline=envelope.deadline,
-            redelivered=bool(getattr(delivery, "redelivered", False))
-            or envelope.redeliveries > 0
-            or bool(envelope.delivery_count),
-            priority=props.priority or 0,
+        # built only for handlers that take it: most do not, and it is per-task work
+        ctx = (
+            TaskContext(
+                message_id=envelope.message_id,
+                task=envelope.task,
+                workload=self.workload.name,
+                attempt=envelope.attempt,
+                deadline=envelope.deadline,
+                redelivered=bool(getattr(delivery, "redelivered", False))
+                or envelope.redeliveries > 0
+                or bool(envelope.delivery_count),
+                priority=props.priority or 0,
+            )
+            if definition.wants_context
+            else None
         )
         started = time.monotonic()
         try:

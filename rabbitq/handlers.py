@@ -107,7 +107,9 @@ class TaskDef(Generic[P, R]):
             )
         return self.model.model_validate(payload)
 
-    async def run(self, payload: BaseModel, ctx: TaskContext, executor: Executor | None) -> Any:
+    async def run(
+        self, payload: BaseModel, ctx: TaskContext | None, executor: Executor | None
+    ) -> Any:
         """Call the handler with its timeout; sync handlers go to `executor`.
 
         A sync handler that times out keeps its thread until it returns (threads cannot be

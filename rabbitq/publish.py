@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+import aiormq.abc
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from pamqp.commands import Basic as _Basic
 
 from rabbitq.connection import connect, is_open, mask_url
 from rabbitq.envelope import CONTENT_TYPE, PERSISTENT
@@ -45,18 +46,16 @@ class Outgoing:
     content_type: str | None = CONTENT_TYPE
     properties: dict[str, Any] | None = None  # other AMQP properties kept from an original
 
-    def to_message(self) -> aio_pika.Message:
-        props = dict(self.properties or {})
-        return aio_pika.Message(
-            self.body,
+    def amqp_properties(self) -> _Basic.Properties:
+        return _Basic.Properties(
             headers=self.headers,
             content_type=self.content_type,
-            delivery_mode=aio_pika.DeliveryMode(PERSISTENT),
+            delivery_mode=PERSISTENT,
             priority=self.priority,
             message_id=self.message_id,
             timestamp=self.timestamp,
-            type=self.task,
-            **props,
+            message_type=self.task,
+            **(self.properties or {}),
         )
 
 
@@ -77,7 +76,9 @@ class Publisher:
         self.confirm_timeout = confirm_timeout
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
+        # aiormq's channel under aio-pika's: publishing there skips building an aio-pika
+        # Message per publish (a measurable share of a batch's CPU)
+        self._underlay: aiormq.abc.AbstractChannel | None = None
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -88,7 +89,7 @@ class Publisher:
     async def close(self) -> None:
         self._closed = True
         connection, self._connection, self._channel = self._connection, None, None
-        self._exchanges.clear()
+        self._underlay = None
         if connection is not None and not connection.is_closed:
             await connection.close()
 
@@ -101,36 +102,26 @@ class Publisher:
             and is_open(self._connection)
         )
 
-    async def _ready(self) -> AbstractChannel:
-        if self.is_connected:
-            assert self._channel is not None
-            return self._channel
+    async def _ready(self) -> aiormq.abc.AbstractChannel:
+        if self._underlay is not None and self.is_connected:
+            return self._underlay
         async with self._lock:
-            if self.is_connected:
-                assert self._channel is not None
-                return self._channel
+            if self._underlay is not None and self.is_connected:
+                return self._underlay
             self._closed = False
-            self._exchanges.clear()
             if self._connection is None or not is_open(self._connection):
                 self._connection = await connect(self.url, self.name)
             try:
                 self._channel = await self._connection.channel(
                     publisher_confirms=True, on_return_raises=True
                 )
+                self._underlay = await self._channel.get_underlay_channel()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the connection died between the check and the call
                 self._connection = None
                 raise ConnectionFailed(mask_url(self.url), f"{type(exc).__name__}: {exc}") from None
-            return self._channel
-
-    async def _exchange(self, name: str) -> AbstractExchange:
-        channel = await self._ready()
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            exchange = await channel.get_exchange(name, ensure=False)
-            self._exchanges[name] = exchange
-        return exchange
+            return self._underlay
 
     async def send(self, out: Outgoing) -> None:
         """Publish one message and wait for its confirm.
@@ -141,20 +132,22 @@ class Publisher:
             ConnectionFailed: the broker cannot be reached.
         """
         try:
-            exchange = await self._exchange(out.exchange)
-            await exchange.publish(
-                out.to_message(),
+            channel = await self._ready()
+            confirm = await channel.basic_publish(
+                out.body,
+                exchange=out.exchange,
                 routing_key=out.routing_key,
+                properties=out.amqp_properties(),
                 mandatory=True,
                 timeout=self.confirm_timeout,
             )
         except RabbitqError:
             raise
-        except aio_pika.exceptions.PublishError:
+        except aiormq.exceptions.PublishError:
             raise Unroutable(out.message_id, out.exchange, out.routing_key) from None
         except aiormq.exceptions.ChannelNotFoundEntity:
             raise Unroutable(out.message_id, out.exchange, out.routing_key) from None
-        except aio_pika.exceptions.DeliveryError:
+        except aiormq.exceptions.DeliveryError:
             raise NotConfirmed(out.message_id, "the broker nacked it") from None
         except TimeoutError:
             raise NotConfirmed(
@@ -166,6 +159,8 @@ class Publisher:
             raise NotConfirmed(
                 out.message_id, f"{type(exc).__name__} while publishing to {mask_url(self.url)}"
             ) from None
+        if not isinstance(confirm, _Basic.Ack):
+            raise NotConfirmed(out.message_id, "the broker nacked it")
 
     async def send_many(self, messages: Iterable[Outgoing]) -> list[SendError | None]:
         """Publish all, confirms pipelined; the error of each message, or None if confirmed."""

@@ -218,11 +218,11 @@ class Workload:
         qtype = self.spec.queue_type
         base: dict[str, str | int] = {"x-queue-type": qtype}
         # Quorum dead-lettering is at-most-once unless asked; at-least-once needs reject-publish.
-        safe_dl: dict[str, str | int] = (
-            {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
-            if qtype == "quorum"
-            else {}
-        )
+        at_least_once: dict[str, str | int] = {
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+        safe_dl = at_least_once if qtype == "quorum" else {}
         work: dict[str, str | int] = dict(base)
         if self.spec.priority_levels:
             work["x-max-priority"] = self.spec.priority_levels
@@ -237,12 +237,17 @@ class Workload:
         }
         queues = [Queue(self.work_queue, "work", self.name, work)]
         for tier in self.tiers:
-            args: dict[str, str | int] = dict(base)
-            args |= {
+            # Tiers are quorum queues whatever the workload's type: a classic queue
+            # dead-letters at-most-once, so a task whose TTL ran out while the broker stopped
+            # could vanish between the tier and the work queue (seen in the soak). A quorum
+            # tier republishes with confirms until the work queue has it. Tiers need no
+            # priorities: the message keeps its priority for when it is back in the work queue.
+            args: dict[str, str | int] = {
+                "x-queue-type": "quorum",
                 "x-message-ttl": round(tier.delay_seconds * 1000),
                 "x-dead-letter-exchange": self.task_exchange,
                 "x-dead-letter-routing-key": self.routing_key,
-                **safe_dl,
+                **at_least_once,
             }
             queues.append(Queue(tier.queue, "tier", self.name, args))
         queues.append(Queue(self.parking_queue, "parking", self.name, dict(base)))

@@ -56,8 +56,11 @@ async def test_failed_task_is_kept_when_neither_retry_nor_park_copy_can_be_confi
         await channel.exchange_delete(workload.parking_exchange)
 
         out = fail.message(Item(n=5))
-        exchange = await channel.get_exchange(workload.task_exchange, ensure=False)
-        await exchange.publish(out.to_message(), routing_key=out.routing_key)
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_publish(
+            out.body, exchange=out.exchange, routing_key=out.routing_key,
+            properties=out.amqp_properties(),
+        )
         await channel.close()
 
         await asyncio.wait_for(failed.wait(), timeout=10)

@@ -54,10 +54,12 @@ def test_topology_show_prints_queues_bindings_and_flow(topology_dir: Path) -> No
         "  shop.tasks (direct, durable)",
         "  shop.emails.work [work] x-queue-type=classic x-max-priority=4 "
         "x-dead-letter-exchange=shop.parking x-dead-letter-routing-key=emails",
-        "  shop.emails.retry.200ms [tier] x-queue-type=classic x-message-ttl=200 "
-        "x-dead-letter-exchange=shop.tasks x-dead-letter-routing-key=emails",
-        "  shop.emails.retry.1s [tier] x-queue-type=classic x-message-ttl=1000 "
-        "x-dead-letter-exchange=shop.tasks x-dead-letter-routing-key=emails",
+        "  shop.emails.retry.200ms [tier] x-queue-type=quorum x-message-ttl=200 "
+        "x-dead-letter-exchange=shop.tasks x-dead-letter-routing-key=emails "
+        "x-dead-letter-strategy=at-least-once x-overflow=reject-publish",
+        "  shop.emails.retry.1s [tier] x-queue-type=quorum x-message-ttl=1000 "
+        "x-dead-letter-exchange=shop.tasks x-dead-letter-routing-key=emails "
+        "x-dead-letter-strategy=at-least-once x-overflow=reject-publish",
         "  shop.emails.parking [parking] x-queue-type=classic",
         "  shop.retry --emails.200ms--> shop.emails.retry.200ms",
         "  emails (capacity 8, 3 attempts):",

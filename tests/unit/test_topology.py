@@ -228,15 +228,10 @@ def test_quorum_delivery_limit_is_twenty() -> None:
     assert _emails('queue_type = "quorum"').queues()[0].arguments["x-delivery-limit"] == 20
 
 
-@pytest.mark.parametrize(
-    ("queue_type", "safe_dl"),
-    [
-        ("classic", {}),
-        ("quorum", {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}),
-    ],
-)
-def test_tier_queue_arguments(queue_type: str, safe_dl: dict[str, str]) -> None:
-    """Tiers expire after their delay in ms and dead-letter to NS.tasks with rk W; no x-expires."""
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_tier_queue_arguments(queue_type: str) -> None:
+    """Tiers are quorum queues that expire after their delay in ms and dead-letter at least once
+    to NS.tasks with rk W, whatever the workload's queue type; no x-expires."""
     tiers = _emails(f'queue_type = "{queue_type}"').queues()[1:-1]
     assert [(q.name, q.role, q.durable) for q in tiers] == [
         ("shop.emails.retry.200ms", "tier", True),
@@ -245,11 +240,12 @@ def test_tier_queue_arguments(queue_type: str, safe_dl: dict[str, str]) -> None:
     ]
     for queue, ttl_ms in zip(tiers, [200, 1000, 300_000], strict=True):
         assert queue.arguments == {
-            "x-queue-type": queue_type,
+            "x-queue-type": "quorum",
             "x-message-ttl": ttl_ms,
             "x-dead-letter-exchange": "shop.tasks",
             "x-dead-letter-routing-key": "emails",
-            **safe_dl,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
         }
         assert "x-expires" not in queue.arguments
 
