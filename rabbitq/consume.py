@@ -230,6 +230,9 @@ class Consumer:
         self._lost.clear()
         self._loop = asyncio.get_running_loop()
         connection = await connect(self.url, f"consumer {self.workload.name}")
+        # The URL works: from now on an unreachable broker is an outage to wait out, not a
+        # mistake to report by exiting.
+        self._established = True
         connection.close_callbacks.add(
             lambda _c, exc=None: self._lose(f"connection closed: {exc or 'by us'}")
         )
