@@ -19,6 +19,6 @@ demo: install
 	$(BIN)/python -m examples.demo
 
 test: install
-	$(BIN)/ruff check rabbitq tests examples
+	$(BIN)/ruff check rabbitq tests examples scripts benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest
