@@ -80,14 +80,12 @@ class Publisher:
         # Message per publish (a measurable share of a batch's CPU)
         self._underlay: aiormq.abc.AbstractChannel | None = None
         self._lock = asyncio.Lock()
-        self._closed = False
 
     async def start(self) -> None:
         """Connect now rather than at the first publish (to fail fast)."""
         await self._ready()
 
     async def close(self) -> None:
-        self._closed = True
         connection, self._connection, self._channel = self._connection, None, None
         self._underlay = None
         if connection is not None and not connection.is_closed:
@@ -108,7 +106,6 @@ class Publisher:
         async with self._lock:
             if self._underlay is not None and self.is_connected:
                 return self._underlay
-            self._closed = False
             if self._connection is None or not is_open(self._connection):
                 self._connection = await connect(self.url, self.name)
             try:

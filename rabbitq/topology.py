@@ -288,9 +288,9 @@ def derive_workload(namespace: str, name: str, spec: WorkloadSpec, source: str =
         namespace=namespace,
         spec=spec,
         source=source,
-        task_exchange=ExchangeName(f"{namespace}.tasks"),
-        retry_exchange=ExchangeName(f"{namespace}.retry"),
-        parking_exchange=ExchangeName(f"{namespace}.parking"),
+        task_exchange=task_exchange(namespace),
+        retry_exchange=_exchange(namespace, "retry"),
+        parking_exchange=_exchange(namespace, "parking"),
         routing_key=RoutingKey(name),
         work_queue=QueueName(f"{prefix}.work"),
         parking_queue=QueueName(f"{prefix}.parking"),
@@ -298,13 +298,16 @@ def derive_workload(namespace: str, name: str, spec: WorkloadSpec, source: str =
     )
 
 
+_EXCHANGE_KINDS = ("tasks", "retry", "parking")
+
+
+def _exchange(namespace: str, kind: str) -> ExchangeName:
+    return ExchangeName(f"{namespace}.{kind}")
+
+
 def task_exchange(namespace: str) -> ExchangeName:
     """The exchange a task is published to, for code that knows only the namespace."""
-    return ExchangeName(f"{namespace}.tasks")
-
-
-def parking_exchange(namespace: str) -> ExchangeName:
-    return ExchangeName(f"{namespace}.parking")
+    return _exchange(namespace, "tasks")
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +330,7 @@ class Topology:
         if not self.workloads:
             return []
         ns = self.namespace
-        return [Exchange(ExchangeName(f"{ns}.{kind}")) for kind in ("tasks", "retry", "parking")]
+        return [Exchange(_exchange(ns, kind)) for kind in _EXCHANGE_KINDS]
 
     def queues(self) -> list[Queue]:
         return [q for w in self.workloads.values() for q in w.queues()]

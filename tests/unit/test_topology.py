@@ -15,7 +15,6 @@ from rabbitq.topology import (
     Workload,
     format_duration,
     load_topology,
-    parking_exchange,
     parse_duration,
     parse_file,
     parse_topology,
@@ -139,10 +138,13 @@ def test_names_are_derived_from_namespace_and_workload() -> None:
 
 
 def test_namespace_helpers_match_the_derived_exchanges() -> None:
-    """task_exchange and parking_exchange give the same names as a derived workload."""
-    w = _topology(EMAILS).workload("emails")
+    """task_exchange gives the same name as a derived workload, and the namespace's exchanges."""
+    topology = _topology(EMAILS)
+    w = topology.workload("emails")
     assert task_exchange("shop") == w.task_exchange
-    assert parking_exchange("shop") == w.parking_exchange
+    assert [e.name for e in topology.exchanges()] == [
+        w.task_exchange, w.retry_exchange, w.parking_exchange
+    ]
 
 
 def test_topology_declares_three_durable_direct_exchanges() -> None:
