@@ -36,7 +36,7 @@ def _text_value(value: Any) -> str:
 
 
 class _Scrubbing(logging.Formatter):
-    def __init__(self, urls: tuple[str, ...], fmt: str | None = None) -> None:
+    def __init__(self, urls: tuple[str, ...] = (), fmt: str | None = None) -> None:
         super().__init__(fmt)
         self.urls = tuple(u for u in urls if u)
 
