@@ -30,7 +30,7 @@ TRACEBACK = "traceback"
 
 def _text_value(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.6f}"
     text = str(value)
     return json.dumps(text) if (" " in text or '"' in text or not text) else text
 

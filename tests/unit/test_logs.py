@@ -32,7 +32,7 @@ def test_text_line_carries_the_outcome_fields_in_order() -> None:
     line = logs.TextFormatter().format(_record(**FACTS))
     assert line.endswith(
         "task parked workload=emails task=emails.send message_id=m-1 attempt=2 outcome=parked "
-        'reason=retries_exhausted duration_seconds=0.2500 error="ValueError: smtp said no"'
+        'reason=retries_exhausted duration_seconds=0.250000 error="ValueError: smtp said no"'
     )
     assert " ERROR rabbitq.consume: " in line
 
