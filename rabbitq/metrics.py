@@ -17,9 +17,12 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from rabbitq.envelope import ParkReason
+
 UNKNOWN_TASK = "_unknown"
 OUTCOMES = ("succeeded", "retried", "parked", "expired", "redelivered")
 PUBLISH_KINDS = ("task", "retry", "park", "redeliver")
+PUBLISH_OUTCOMES = ("confirmed", "returned", "nacked", "failed")
 
 # Handlers run from a millisecond to minutes; queue latency from a millisecond to hours of
 # backlog.
@@ -111,7 +114,7 @@ class TaskMetrics:
     """The children of one (workload, task)."""
 
     __slots__ = ("succeeded", "retried", "parked", "expired", "redelivered", "duration",
-                 "queue_latency", "_parked_by_reason", "_metrics", "_labels")
+                 "queue_latency", "_parked_by_reason")
 
     def __init__(self, metrics: Metrics, workload: str, task: str) -> None:
         children = {o: metrics.tasks.labels(workload, task, o) for o in OUTCOMES}
@@ -122,17 +125,15 @@ class TaskMetrics:
         self.redelivered = children["redelivered"]
         self.duration = metrics.duration.labels(workload, task)
         self.queue_latency = metrics.queue_latency.labels(workload, task)
-        self._metrics = metrics
-        self._labels = (workload, task)
-        self._parked_by_reason: dict[str, Counter] = {}
+        # every reason up front: a series born at its first park would hide that park from
+        # rate() and increase()
+        self._parked_by_reason = {
+            str(r): metrics.parked.labels(workload, task, str(r)) for r in ParkReason
+        }
 
     def park(self, reason: str) -> None:
         """Count an arrival in the parking lot (`expired` counts as its own outcome)."""
-        child = self._parked_by_reason.get(reason)
-        if child is None:
-            child = self._metrics.parked.labels(*self._labels, reason)
-            self._parked_by_reason[reason] = child
-        child.inc()
+        self._parked_by_reason[reason].inc()
         (self.expired if reason == "expired" else self.parked).inc()
 
 
@@ -170,17 +171,18 @@ class WorkloadMetrics:
 class PublishMetrics:
     """The publish counters and confirm latency, per kind."""
 
-    __slots__ = ("_metrics", "_confirmed", "_confirm")
+    __slots__ = ("_counts", "_confirm")
 
     def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self._confirmed = {k: metrics.publishes.labels(k, "confirmed") for k in PUBLISH_KINDS}
+        self._counts = {
+            (k, o): metrics.publishes.labels(k, o) for k in PUBLISH_KINDS for o in PUBLISH_OUTCOMES
+        }
         self._confirm = {k: metrics.confirm.labels(k) for k in PUBLISH_KINDS}
 
     def confirmed(self, kind: str, seconds: float) -> None:
-        self._confirmed[kind].inc()
+        self._counts[kind, "confirmed"].inc()
         self._confirm[kind].observe(seconds)
 
     def failed(self, kind: str, outcome: str) -> None:
         """`returned`, `nacked` or `failed` (no confirm: connection lost or timed out)."""
-        self._metrics.publishes.labels(kind, outcome).inc()
+        self._counts[kind, outcome].inc()

@@ -666,12 +666,16 @@ KEY_LENGTH = 8  # "k0000042"
 
 
 class _Errors(logging.Handler):
+    """Errors of the consume path; a parked task's outcome line (also ERROR) is the expected
+    result of poison, not an error of rabbitq's."""
+
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        if getattr(record, "outcome", None) != "parked":
+            self.records.append(record)
 
 
 @dataclass(repr=False)

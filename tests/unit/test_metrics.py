@@ -104,3 +104,21 @@ def test_names_follow_prometheus_conventions() -> None:
             assert not name.endswith("_total")  # the client adds it to the samples
         if kind == "histogram":
             assert name.endswith("_seconds"), name
+
+
+def test_every_park_reason_and_publish_outcome_series_exists_at_zero() -> None:
+    """A series born at its first increment hides that increment from rate() and increase()."""
+    from rabbitq.envelope import ParkReason
+    from rabbitq.metrics import PUBLISH_KINDS, PUBLISH_OUTCOMES
+
+    registry = CollectorRegistry()
+    _workload(registry)
+    for reason in ParkReason:
+        assert _value(registry, "rabbitq_tasks_parked_total", workload="emails",
+                      task="emails.send", reason=str(reason)) == 0
+    publishing_registry = CollectorRegistry()
+    Metrics(publishing_registry).publishing()
+    for kind in PUBLISH_KINDS:
+        for outcome in PUBLISH_OUTCOMES:
+            assert _value(publishing_registry, "rabbitq_publishes_total", kind=kind,
+                          outcome=outcome) == 0
