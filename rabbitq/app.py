@@ -31,7 +31,8 @@ from pydantic import BaseModel
 from rabbitq.connection import DEFAULT_URL
 from rabbitq.envelope import new_task_headers
 from rabbitq.errors import ConfigError, UnknownTask
-from rabbitq.handlers import TaskDef
+from rabbitq.handlers import FailureHook, TaskDef
+from rabbitq.metrics import Metrics
 from rabbitq.publish import Outgoing, Publisher, raise_first
 from rabbitq.topology import NAME_PATTERN, RoutingKey, task_exchange
 
@@ -102,7 +103,7 @@ class Task(Generic[P, R]):
             routing_key=RoutingKey(self.workload),
             body=model.model_dump_json().encode(),
             message_id=idempotency_key or uuid.uuid4().hex,
-            headers=new_task_headers(_deadline_seconds(deadline, now)),
+            headers=new_task_headers(_deadline_seconds(deadline, now), now),
             task=self.name,
             priority=priority,
             timestamp=datetime.fromtimestamp(now, UTC),
@@ -157,12 +158,18 @@ class App:
         namespace: the topology namespace the tasks are published into; `rabbitq consume`
             fills it from the topology when left out.
         url: the broker to publish to (default `amqp://guest:guest@localhost:5672/`).
+        metrics: where the app's own publishes are counted (a consumer counts its own).
     """
 
-    def __init__(self, namespace: str | None = None, *, url: str | None = None) -> None:
+    def __init__(
+        self, namespace: str | None = None, *, url: str | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.namespace = namespace
         self.url = url
+        self.metrics = metrics
         self.tasks: dict[str, TaskDef[Any, Any]] = {}
+        self.failure_hooks: list[FailureHook] = []
         self._publisher: Publisher | None = None
         self._owns_publisher = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -191,6 +198,16 @@ class App:
             return Task(self, definition)
 
         return register
+
+    def on_failure(self, hook: FailureHook) -> FailureHook:
+        """Call `hook(failure)` whenever a task is retried or parked; usable as a decorator.
+
+        For error reporters: `app.on_failure(lambda f: sentry_sdk.capture_exception(f.error))`.
+        The hook runs on the consumer's event loop, so it must be quick (Sentry only queues);
+        whatever it raises is logged and ignored: a hook never changes a task's outcome.
+        """
+        self.failure_hooks.append(hook)
+        return hook
 
     def get(self, name: str) -> TaskDef[Any, Any]:
         try:
@@ -229,7 +246,10 @@ class App:
         if self._publisher is not None and (self._loop is loop or not self._owns_publisher):
             return self._publisher
         # A publisher belongs to the loop it connected on; a new loop gets its own.
-        self._publisher = Publisher(self.url or DEFAULT_URL, name="app-publisher")
+        self._publisher = Publisher(
+            self.url or DEFAULT_URL, name="app-publisher",
+            metrics=self.metrics.publishing() if self.metrics is not None else None,
+        )
         self._owns_publisher = True
         self._loop = loop
         return self._publisher

@@ -53,6 +53,7 @@ JSON = typer.Option(False, "--json", help="Print one JSON document.")
 DEBUG = typer.Option(False, "--debug", help="Show tracebacks of errors.")
 
 logger = logging.getLogger("rabbitq.cli")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class _Fail(Exception):
@@ -100,16 +101,18 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _setup_logging(level: str, libraries: int = logging.WARNING) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # aio-pika and aiormq narrate every failed connect and reconnect; rabbitq's own lines say
-    # what matters (and a one-shot command's failure is its one `error:` line).
-    for noisy in ("aio_pika", "aiormq"):
-        logging.getLogger(noisy).setLevel(max(libraries, logging.getLogger().level))
+def _setup_logging(
+    level: str, libraries: int = logging.WARNING, fmt: str = "text", url: str = ""
+) -> None:
+    from rabbitq import logs
+
+    for option, value, allowed in (("--log-level", level.lower(), LOG_LEVELS),
+                                   ("--log-format", fmt, logs.FORMATS)):
+        if value not in allowed:
+            typer.echo(f"error: {option} {value!r} must be one of {', '.join(allowed)}",
+                       err=True)
+            raise typer.Exit(2)
+    logs.setup(level, fmt, (url,), libraries)
 
 
 @topology_cli.command("show")
@@ -236,25 +239,53 @@ def consume(
                                 "SIGTERM/SIGINT; the rest return to the queue."),
     burst: bool = typer.Option(False, "--burst", help="Exit once the work queue and its tiers "
                                "are empty (batch jobs, tests)."),
-    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    log_level: str = typer.Option("info", "--log-level", envvar="RABBITQ_LOG_LEVEL",
+                                  help="debug (adds a line per succeeded task), info, warning "
+                                  "or error."),
+    log_format: str = typer.Option("text", "--log-format", envvar="RABBITQ_LOG_FORMAT",
+                                   help="text, or json: one JSON object per line."),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", envvar="RABBITQ_METRICS_PORT",
+        help="Serve /metrics, /healthz and /readyz on this port (all interfaces)."),
     as_json: bool = typer.Option(False, "--json", help="On exit, print the outcome counts as "
                                  "one JSON document on stdout."),
     debug: bool = DEBUG,
 ) -> None:
     """Run the handlers of one workload until SIGTERM/SIGINT (a second signal exits at once).
 
-    Example: rabbitq consume emails --app myapp.tasks:app
+    Example: rabbitq consume emails --app myapp.tasks:app --metrics-port 9100
     """
-    from rabbitq.consume import Consumer
+    from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
-    _setup_logging(log_level)
+    from rabbitq import serve
+    from rabbitq.consume import Consumer
+    from rabbitq.metrics import Metrics
+
+    _setup_logging(log_level, fmt=log_format, url=url)
     with _errors(url, debug=debug):
         topo = _load(topology, namespace)
         spec = topo.workload(workload)
         app = load_app(app_spec)
+        registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        metrics = Metrics(registry)
 
         async def main() -> Consumer:
-            consumer = Consumer(app, spec, url, grace_seconds=grace, burst=burst)
+            consumer = Consumer(app, spec, url, grace_seconds=grace, burst=burst,
+                                metrics=metrics)
+            server = None
+            if metrics_port is not None:
+                facts = {"workload": workload}
+                server = await serve.start(
+                    metrics_port, registry,
+                    healthy=lambda: (consumer.connected, {**facts,
+                                                          "connected": consumer.connected}),
+                    ready=lambda: (consumer.ready.is_set(), {
+                        **facts, "consuming": consumer.ready.is_set(),
+                        "running": consumer.running, "capacity": spec.capacity}),
+                )
+                logger.info("serving /metrics, /healthz and /readyz on port %d", metrics_port)
             loop = asyncio.get_running_loop()
             signals = {"count": 0}
 
@@ -269,7 +300,11 @@ def consume(
 
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, on_signal, sig)
-            await consumer.run()
+            try:
+                await consumer.run()
+            finally:
+                if server is not None:
+                    server.close()
             return consumer
 
         consumer = _run(main)

@@ -5,10 +5,11 @@ A task message is published to the exchange `NS.tasks` with the workload as rout
 * body: the payload as JSON (UTF-8), nothing wrapped around it;
 * properties: `content_type` "application/json", `message_id` (the idempotency key, or a fresh
   id), `timestamp` (publish time, seconds), `delivery_mode` 2, `priority`, `type` (task name);
-* headers: `rabbitq-attempt` (int, 1 on first publish; required), `rabbitq-deadline` (int,
-  milliseconds since the epoch; optional); on retried copies also `rabbitq-first-failure`,
-  `rabbitq-last-failure` (ms) and `rabbitq-last-error`; on parked copies the `rabbitq-park-*`
-  headers.
+* headers: `rabbitq-attempt` (int, 1 on first publish; required), `rabbitq-published-at`
+  (int, ms since the epoch, the first publish; optional), `rabbitq-deadline` (int, ms since
+  the epoch; optional); on retried copies also `rabbitq-first-failure`, `rabbitq-last-failure`
+  (ms), `rabbitq-last-error` and `rabbitq-retry-at` (ms: when its tier's delay ends); on parked
+  copies the `rabbitq-park-*` headers, and their `timestamp` is the time they were parked.
 
 This module is pure: it knows nothing of aio-pika. `decode` turns what arrived into an
 `Envelope` or raises `Poison` with the reason the message must be parked at once.
@@ -27,6 +28,8 @@ PERSISTENT = 2
 
 HEADER_ATTEMPT = "rabbitq-attempt"
 HEADER_DEADLINE = "rabbitq-deadline"
+HEADER_PUBLISHED_AT = "rabbitq-published-at"
+HEADER_RETRY_AT = "rabbitq-retry-at"
 HEADER_FIRST_FAILURE = "rabbitq-first-failure"
 HEADER_LAST_FAILURE = "rabbitq-last-failure"
 HEADER_LAST_ERROR = "rabbitq-last-error"
@@ -85,6 +88,9 @@ class Envelope:
     last_failure_ms: int | None
     redeliveries: int = 0  # times rabbitq saw this attempt come back unsettled (classic)
     delivery_count: int | None = None  # the broker's count (quorum queues)
+    # when this attempt could start (publish time, or the end of its retry delay): the base of
+    # the queue latency; None for a message from a publisher that did not say
+    ready_ms: int | None = None
 
 
 def _int_header(headers: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
@@ -133,6 +139,9 @@ def decode(
     if attempt is None:
         raise Poison(ParkReason.BAD_ENVELOPE, f"header {HEADER_ATTEMPT!r} is missing")
     deadline_ms = _int_header(headers, HEADER_DEADLINE, 0, 2**53)
+    ready_ms = _int_header(headers, HEADER_RETRY_AT, 0, 2**53)
+    if ready_ms is None:
+        ready_ms = _int_header(headers, HEADER_PUBLISHED_AT, 0, 2**53)
     return Envelope(
         task=task,
         message_id=message_id,
@@ -142,6 +151,7 @@ def decode(
         last_failure_ms=_int_header(headers, HEADER_LAST_FAILURE, 0, 2**53),
         redeliveries=_int_header(headers, HEADER_REDELIVERIES, 0, MAX_ATTEMPT) or 0,
         delivery_count=_int_header(headers, HEADER_DELIVERY_COUNT, 0, 2**53),
+        ready_ms=ready_ms,
     )
 
 
@@ -149,9 +159,9 @@ def epoch_ms(seconds: float) -> int:
     return math.floor(seconds * 1000)
 
 
-def new_task_headers(deadline: float | None) -> dict[str, Any]:
+def new_task_headers(deadline: float | None, published_at: float) -> dict[str, Any]:
     """Headers of a task published for the first time."""
-    headers: dict[str, Any] = {HEADER_ATTEMPT: 1}
+    headers: dict[str, Any] = {HEADER_ATTEMPT: 1, HEADER_PUBLISHED_AT: epoch_ms(published_at)}
     if deadline is not None:
         headers[HEADER_DEADLINE] = epoch_ms(deadline)
     return headers
@@ -208,9 +218,14 @@ def error_text(error: BaseException) -> str:
 
 
 def retry_headers(
-    headers: Mapping[str, Any] | None, envelope: Envelope, failed_at: float, error: BaseException
+    headers: Mapping[str, Any] | None,
+    envelope: Envelope,
+    failed_at: float,
+    error: BaseException,
+    delay_seconds: float,
 ) -> dict[str, Any]:
-    """Headers of the copy forwarded to a retry tier: next attempt, failure history."""
+    """Headers of the copy forwarded to a retry tier: next attempt, failure history, and when
+    the tier's delay ends."""
     out = strip_broker_headers(headers)
     out.pop(HEADER_REDELIVERIES, None)  # each attempt gets the whole crash budget
     now_ms = epoch_ms(failed_at)
@@ -218,6 +233,7 @@ def retry_headers(
     out[HEADER_FIRST_FAILURE] = envelope.first_failure_ms or now_ms
     out[HEADER_LAST_FAILURE] = now_ms
     out[HEADER_LAST_ERROR] = error_text(error)
+    out[HEADER_RETRY_AT] = epoch_ms(failed_at + delay_seconds)
     return out
 
 
@@ -240,9 +256,16 @@ def park_headers(
     failed_at: float,
     host: str,
     workload: str,
+    published_at: float | None = None,
 ) -> dict[str, Any]:
-    """Headers of a parked copy: the original headers plus why, when, where and how often."""
+    """Headers of a parked copy: the original headers plus why, when, where and how often.
+
+    The copy's `timestamp` property becomes the park time, so the publish time moves to
+    `rabbitq-published-at` (from `published_at`) if the original did not carry it.
+    """
     out = strip_broker_headers(headers)
+    if published_at is not None and HEADER_PUBLISHED_AT not in out:
+        out[HEADER_PUBLISHED_AT] = epoch_ms(published_at)
     now_ms = epoch_ms(failed_at)
     out |= {
         HEADER_PARK_REASON: str(reason),

@@ -109,9 +109,10 @@ class PublishError(RabbitqError):
 class NotConfirmed(PublishError):
     """The broker nacked the message, or its confirm did not arrive in time."""
 
-    def __init__(self, message_id: str, reason: str) -> None:
+    def __init__(self, message_id: str, reason: str, *, nacked: bool = False) -> None:
         self.message_id = message_id
         self.reason = reason
+        self.nacked = nacked  # the broker said no (rather than: no answer)
         super().__init__(f"message {message_id!r} was not confirmed by the broker: {reason}")
 
 

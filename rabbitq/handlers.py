@@ -50,6 +50,34 @@ class TaskContext:
     priority: int
 
 
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A task that failed, for the app's failure hooks (an error reporter such as Sentry).
+
+    Attributes:
+        workload: the workload it ran in.
+        task: the task name, or None for a message that named none.
+        message_id: the task's id, or None.
+        attempt: the attempt that failed (0 for a message that could not be read).
+        outcome: `retried`, `parked` or `expired`.
+        reason: why it was parked (a `ParkReason` value), or None when it was retried.
+        error: what the handler raised, or the `Poison` that stopped it before it ran.
+        duration_seconds: how long the handler ran, or None if it did not run.
+    """
+
+    workload: str
+    task: str | None
+    message_id: str | None
+    attempt: int
+    outcome: str
+    reason: str | None
+    error: BaseException
+    duration_seconds: float | None
+
+
+FailureHook = Callable[[Failure], None]
+
+
 class TaskDef(Generic[P, R]):
     """A registered handler: its name, workload, payload model and how to call it."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,6 +26,7 @@ from pamqp.commands import Basic as _Basic
 from rabbitq.connection import connect, is_open, mask_url
 from rabbitq.envelope import CONTENT_TYPE, PERSISTENT
 from rabbitq.errors import ConnectionFailed, NotConfirmed, PublishError, RabbitqError, Unroutable
+from rabbitq.metrics import PublishMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class Outgoing:
     timestamp: datetime | None = None
     content_type: str | None = CONTENT_TYPE
     properties: dict[str, Any] | None = None  # other AMQP properties kept from an original
+    kind: str = "task"  # for metrics: task, retry, park or redeliver
 
     def amqp_properties(self) -> _Basic.Properties:
         return _Basic.Properties(
@@ -66,14 +69,20 @@ class Publisher:
         url: the broker URL (credentials are never logged).
         name: shown in the broker's connection list.
         confirm_timeout: seconds to wait for a confirm before raising `NotConfirmed`.
+        metrics: where publishes and confirm latency are counted, if anywhere.
     """
 
     def __init__(
-        self, url: str, name: str = "publisher", confirm_timeout: float = CONFIRM_TIMEOUT_SECONDS
+        self,
+        url: str,
+        name: str = "publisher",
+        confirm_timeout: float = CONFIRM_TIMEOUT_SECONDS,
+        metrics: PublishMetrics | None = None,
     ) -> None:
         self.url = url
         self.name = name
         self.confirm_timeout = confirm_timeout
+        self.metrics = metrics
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         # aiormq's channel under aio-pika's: publishing there skips building an aio-pika
@@ -128,6 +137,24 @@ class Publisher:
             NotConfirmed: nacked, no confirm in time, or the connection dropped meanwhile.
             ConnectionFailed: the broker cannot be reached.
         """
+        if self.metrics is None:
+            await self._send(out)
+            return
+        started = time.monotonic()
+        try:
+            await self._send(out)
+        except Unroutable:
+            self.metrics.failed(out.kind, "returned")
+            raise
+        except NotConfirmed as exc:
+            self.metrics.failed(out.kind, "nacked" if exc.nacked else "failed")
+            raise
+        except BaseException:
+            self.metrics.failed(out.kind, "failed")
+            raise
+        self.metrics.confirmed(out.kind, time.monotonic() - started)
+
+    async def _send(self, out: Outgoing) -> None:
         try:
             channel = await self._ready()
             confirm = await channel.basic_publish(
@@ -145,7 +172,7 @@ class Publisher:
         except aiormq.exceptions.ChannelNotFoundEntity:
             raise Unroutable(out.message_id, out.exchange, out.routing_key) from None
         except aiormq.exceptions.DeliveryError:
-            raise NotConfirmed(out.message_id, "the broker nacked it") from None
+            raise NotConfirmed(out.message_id, "the broker nacked it", nacked=True) from None
         except TimeoutError:
             raise NotConfirmed(
                 out.message_id, f"no confirm within {self.confirm_timeout}s; outcome unknown"
@@ -157,7 +184,7 @@ class Publisher:
                 out.message_id, f"{type(exc).__name__} while publishing to {mask_url(self.url)}"
             ) from None
         if not isinstance(confirm, _Basic.Ack):
-            raise NotConfirmed(out.message_id, "the broker nacked it")
+            raise NotConfirmed(out.message_id, "the broker nacked it", nacked=True)
 
     async def send_many(self, messages: Iterable[Outgoing]) -> list[SendError | None]:
         """Publish all, confirms pipelined; the error of each message, or None if confirmed."""

@@ -20,6 +20,7 @@ from rabbitq.envelope import (
     HEADER_PARK_ERROR,
     HEADER_PARK_ERROR_TYPE,
     HEADER_PARK_REASON,
+    HEADER_PUBLISHED_AT,
 )
 from tests.helpers import drain_queue, plain_message, queue_depth, running_consumer, wait_until
 
@@ -126,8 +127,11 @@ async def test_poison_message_is_parked_at_once_and_the_consumer_goes_on(
     assert copy.type == task_type
     assert copy.priority == 3
     assert copy.content_type == "application/json"
-    assert copy.timestamp == ORIGINAL_TIMESTAMP
+    # the copy's timestamp is the park time (the broker reports the oldest parked task's age
+    # from it); the publish time moves to a header
+    assert copy.timestamp is not None and copy.timestamp > ORIGINAL_TIMESTAMP
     copy_headers = copy.headers or {}
+    assert copy_headers[HEADER_PUBLISHED_AT] == ORIGINAL_TIMESTAMP.timestamp() * 1000
     assert copy_headers[HEADER_PARK_REASON] == reason
     assert copy_headers[HEADER_PARK_ATTEMPTS] == attempts
     assert copy_headers[HEADER_PARK_ERROR_TYPE] == "Poison"

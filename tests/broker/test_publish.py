@@ -361,10 +361,15 @@ async def test_publish_sends_the_documented_wire_format(make_topology, connectio
     assert first.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert first.priority == 2
     assert first.timestamp is not None and abs(first.timestamp.timestamp() - before) < 5
+    assert first.headers is not None
+    published_ms = first.headers.pop("rabbitq-published-at")
+    assert isinstance(published_ms, int) and abs(published_ms / 1000 - before) < 5
     assert first.headers == {"rabbitq-attempt": 1}
     assert first.exchange == f"{namespace}.tasks" and first.routing_key == "w"
     assert json.loads(second.body) == {"n": 4}
     assert second.message_id and second.message_id != "key-3"
+    assert second.headers is not None
+    second.headers.pop("rabbitq-published-at")
     assert second.headers == {"rabbitq-attempt": 1, "rabbitq-deadline": int((before + 60) * 1000)}
 
 

@@ -20,6 +20,8 @@ from rabbitq.envelope import (
     HEADER_PARK_TRACEBACK,
     HEADER_PARK_WORKLOAD,
     HEADER_PARKED_AT,
+    HEADER_PUBLISHED_AT,
+    HEADER_RETRY_AT,
     MAX_ATTEMPT,
     MAX_ERROR_CHARS,
     MAX_TRACEBACK_CHARS,
@@ -219,17 +221,21 @@ def test_decode_checks_size_before_anything_else() -> None:
 def test_new_task_headers_start_at_attempt_one_with_deadline_in_ms(
     deadline: float | None, expected: dict[str, int]
 ) -> None:
-    """A new task has rabbitq-attempt=1 and, if given, the deadline in integer milliseconds."""
-    headers = new_task_headers(deadline)
-    assert headers == expected
+    """A new task has rabbitq-attempt=1, its publish time and, if given, the deadline, in
+    integer milliseconds."""
+    headers = new_task_headers(deadline, 1_600_000_000.0015)
+    assert headers == expected | {HEADER_PUBLISHED_AT: 1_600_000_000_001}
     assert all(type(v) is int for v in headers.values())
 
 
 def test_new_task_headers_decode_back() -> None:
-    """What new_task_headers writes, decode reads as attempt 1 with the same deadline."""
-    headers = new_task_headers(1_700_000_000.5)
+    """What new_task_headers writes, decode reads as attempt 1 with the same deadline, ready
+    since its publish time."""
+    headers = new_task_headers(1_700_000_000.5, 1_600_000_000.25)
     envelope = decode(**(VALID | {"headers": headers}))
-    assert (envelope.attempt, envelope.deadline) == (1, 1_700_000_000.5)
+    assert (envelope.attempt, envelope.deadline, envelope.ready_ms) == (
+        1, 1_700_000_000.5, 1_600_000_000_250,
+    )
 
 
 @pytest.mark.parametrize(
@@ -304,9 +310,10 @@ def test_retry_headers_advance_the_attempt_and_record_failures(
         "x-last-death-queue": "q",
         "trace-id": "abc",
     }
-    headers = retry_headers(original, envelope, FAILED_AT, ValueError("smtp said no"))
+    headers = retry_headers(original, envelope, FAILED_AT, ValueError("smtp said no"), 0.25)
     assert headers == {
         HEADER_ATTEMPT: envelope.attempt + 1,
+        HEADER_RETRY_AT: FAILED_AT_MS + 250,
         HEADER_DEADLINE: 1_800_000_000_000,
         HEADER_FIRST_FAILURE: first_failure,
         HEADER_LAST_FAILURE: FAILED_AT_MS,
@@ -316,19 +323,21 @@ def test_retry_headers_advance_the_attempt_and_record_failures(
 
 
 def test_retry_headers_decode_as_the_next_attempt() -> None:
-    """A retried copy decodes as the next attempt with its failure history."""
-    headers = retry_headers({HEADER_ATTEMPT: 1}, _envelope(attempt=1), FAILED_AT, KeyError("k"))
-    envelope = decode(**(VALID | {"headers": headers}))
-    assert (envelope.attempt, envelope.first_failure_ms, envelope.last_failure_ms) == (
-        2,
-        FAILED_AT_MS,
-        FAILED_AT_MS,
+    """A retried copy decodes as the next attempt with its failure history, ready once its
+    tier's delay ends (not since its first publish)."""
+    headers = retry_headers(
+        {HEADER_ATTEMPT: 1, HEADER_PUBLISHED_AT: 5}, _envelope(attempt=1), FAILED_AT,
+        KeyError("k"), 2.0,
     )
+    envelope = decode(**(VALID | {"headers": headers}))
+    assert (
+        envelope.attempt, envelope.first_failure_ms, envelope.last_failure_ms, envelope.ready_ms
+    ) == (2, FAILED_AT_MS, FAILED_AT_MS, FAILED_AT_MS + 2000)
 
 
 def test_retry_headers_bound_the_last_error() -> None:
     """rabbitq-last-error is cut to MAX_ERROR_CHARS, however long the exception text."""
-    headers = retry_headers(None, _envelope(), FAILED_AT, RuntimeError("x" * 10_000))
+    headers = retry_headers(None, _envelope(), FAILED_AT, RuntimeError("x" * 10_000), 1.0)
     assert len(headers[HEADER_LAST_ERROR]) == MAX_ERROR_CHARS
     assert headers[HEADER_LAST_ERROR].startswith("RuntimeError: xxx")
 

@@ -1,0 +1,186 @@
+"""rabbitq's Prometheus metrics, on a registry that is handed in.
+
+Nothing is registered at import and nothing goes to prometheus-client's global registry:
+`Metrics(registry)` registers everything once, and the consumer and the publisher take the
+label children they need up front, so the hot path pays one `inc()` or `observe()` (about a
+microsecond) per outcome, never a label lookup. Gauges that mirror state (running handlers)
+are read when scraped, at no cost per task.
+
+Label values are bounded: workload names come from the topology, task names from the app's
+registry (`_unknown` for poison that names no registered task), reasons and outcomes from
+fixed sets. Never an id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+UNKNOWN_TASK = "_unknown"
+OUTCOMES = ("succeeded", "retried", "parked", "expired", "redelivered")
+PUBLISH_KINDS = ("task", "retry", "park", "redeliver")
+
+# Handlers run from a millisecond to minutes; queue latency from a millisecond to hours of
+# backlog.
+DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+)
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0,
+)
+CONFIRM_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+
+class Metrics:
+    """Every rabbitq metric, registered on `registry`.
+
+    Args:
+        registry: where the metrics live; `rabbitq consume --metrics-port` serves the one the
+            CLI makes. Embedders pass their own (one `Metrics` per registry).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.tasks = Counter(
+            "rabbitq_tasks", "Settled deliveries by outcome: succeeded, retried, parked, "
+            "expired (deadline passed before it ran; also in the parking lot) or redelivered "
+            "(came back unsettled and was requeued with its count raised).",
+            ["workload", "task", "outcome"], registry=registry,
+        )
+        self.parked = Counter(
+            "rabbitq_tasks_parked", "Tasks moved to the parking lot, by reason.",
+            ["workload", "task", "reason"], registry=registry,
+        )
+        self.duration = Histogram(
+            "rabbitq_task_duration_seconds", "Handler run time, whatever the outcome.",
+            ["workload", "task"], buckets=DURATION_BUCKETS, registry=registry,
+        )
+        self.queue_latency = Histogram(
+            "rabbitq_task_queue_latency_seconds", "Handler start minus the time the task could "
+            "first run: its publish time, or the end of its retry delay.",
+            ["workload", "task"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.running = Gauge(
+            "rabbitq_running_handlers", "Handlers running now.", ["workload"], registry=registry,
+        )
+        self.capacity = Gauge(
+            "rabbitq_capacity", "The most handlers that run at once (the prefetch).",
+            ["workload"], registry=registry,
+        )
+        self.ready = Gauge(
+            "rabbitq_consumer_ready", "1 while consuming.", ["workload"], registry=registry,
+        )
+        self.connected = Gauge(
+            "rabbitq_connected", "1 while the consumer's connection is open.", ["workload"],
+            registry=registry,
+        )
+        self.reconnects = Counter(
+            "rabbitq_reconnects", "Lost connections the consumer reconnected after.",
+            ["workload"], registry=registry,
+        )
+        self.loop_blocked = Counter(
+            "rabbitq_loop_blocked_seconds", "Time the event loop was blocked (a second or more "
+            "at a time): no heartbeats or acks went out meanwhile.", ["workload"],
+            registry=registry,
+        )
+        self.publishes = Counter(
+            "rabbitq_publishes", "Publishes by kind (task, retry, park, redeliver) and outcome "
+            "(confirmed, returned, nacked, failed).", ["kind", "outcome"], registry=registry,
+        )
+        self.confirm = Histogram(
+            "rabbitq_publish_confirm_seconds", "From publish to the broker's confirm.",
+            ["kind"], buckets=CONFIRM_BUCKETS, registry=registry,
+        )
+
+    def workload(
+        self, name: str, tasks: Iterable[str], capacity: int, running: Callable[[], float]
+    ) -> WorkloadMetrics:
+        """The children of one workload; `running` is read at scrape time."""
+        return WorkloadMetrics(self, name, tasks, capacity, running)
+
+    def publishing(self) -> PublishMetrics:
+        return PublishMetrics(self)
+
+
+class TaskMetrics:
+    """The children of one (workload, task)."""
+
+    __slots__ = ("succeeded", "retried", "parked", "expired", "redelivered", "duration",
+                 "queue_latency", "_parked_by_reason", "_metrics", "_labels")
+
+    def __init__(self, metrics: Metrics, workload: str, task: str) -> None:
+        children = {o: metrics.tasks.labels(workload, task, o) for o in OUTCOMES}
+        self.succeeded = children["succeeded"]
+        self.retried = children["retried"]
+        self.parked = children["parked"]
+        self.expired = children["expired"]
+        self.redelivered = children["redelivered"]
+        self.duration = metrics.duration.labels(workload, task)
+        self.queue_latency = metrics.queue_latency.labels(workload, task)
+        self._metrics = metrics
+        self._labels = (workload, task)
+        self._parked_by_reason: dict[str, Counter] = {}
+
+    def park(self, reason: str) -> None:
+        """Count an arrival in the parking lot (`expired` counts as its own outcome)."""
+        child = self._parked_by_reason.get(reason)
+        if child is None:
+            child = self._metrics.parked.labels(*self._labels, reason)
+            self._parked_by_reason[reason] = child
+        child.inc()
+        (self.expired if reason == "expired" else self.parked).inc()
+
+
+class WorkloadMetrics:
+    """The children of one workload, one `TaskMetrics` per registered task."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        name: str,
+        tasks: Iterable[str],
+        capacity: int,
+        running: Callable[[], float],
+    ) -> None:
+        self._metrics = metrics
+        self.name = name
+        # created up front so every series exists at 0 before the first task (rate() and
+        # alerts then see the first increment)
+        self._tasks = {t: TaskMetrics(metrics, name, t) for t in (*tasks, UNKNOWN_TASK)}
+        self.unknown = self._tasks[UNKNOWN_TASK]
+        metrics.capacity.labels(name).set(capacity)
+        metrics.running.labels(name).set_function(running)
+        self.ready = metrics.ready.labels(name)
+        self.connected = metrics.connected.labels(name)
+        self.reconnects = metrics.reconnects.labels(name)
+        self.loop_blocked = metrics.loop_blocked.labels(name)
+        self.ready.set(0)
+        self.connected.set(0)
+
+    def task(self, name: str | None) -> TaskMetrics:
+        """The children of a registered task, or of `_unknown`."""
+        return self._tasks.get(name or "", self.unknown)
+
+
+class PublishMetrics:
+    """The publish counters and confirm latency, per kind."""
+
+    __slots__ = ("_metrics", "_confirmed", "_confirm")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._confirmed = {k: metrics.publishes.labels(k, "confirmed") for k in PUBLISH_KINDS}
+        self._confirm = {k: metrics.confirm.labels(k) for k in PUBLISH_KINDS}
+
+    def confirmed(self, kind: str, seconds: float) -> None:
+        self._confirmed[kind].inc()
+        self._confirm[kind].observe(seconds)
+
+    def failed(self, kind: str, outcome: str) -> None:
+        """`returned`, `nacked` or `failed` (no confirm: connection lost or timed out)."""
+        self._metrics.publishes.labels(kind, outcome).inc()
