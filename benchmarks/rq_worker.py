@@ -2,22 +2,26 @@
 
 Run by the runner as `python -m benchmarks.rq_worker --mode drain --workload drain-c64 ...`.
 It is what `rabbitq consume` does (the same Consumer, the app from `benchmarks.rq_app`), plus
-the probe's ready/go protocol and one JSON line of figures on exit. Logging is set to WARNING
-on stderr, as a production consumer would run it at scale (INFO logs every retry).
+the probe's ready/go protocol and one JSON line of figures on exit. Logging and metrics are
+`rabbitq consume`'s defaults: INFO text lines on stderr, and every metric on a registry with
+the process collectors (not scraped during a run).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
 import rabbitq
 from benchmarks.probe import Probe, run, worker_arguments
 from benchmarks.rq_app import build_app
+from rabbitq import logs
+from rabbitq.metrics import Metrics
 
 SETTLE_POLL_SECONDS = 0.001
 SETTLE_SECONDS = 60.0
@@ -47,7 +51,11 @@ async def main(args: Any) -> None:
     probe.install()
     app, _ = build_app(probe)
     topology = rabbitq.parse_topology({"bench.toml": args.topology.read_text()})
-    consumer = rabbitq.Consumer(app, topology.workload(args.workload), args.url, grace_seconds=5)
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    consumer = rabbitq.Consumer(app, topology.workload(args.workload), args.url, grace_seconds=5,
+                                metrics=Metrics(registry))
     running = asyncio.create_task(consumer.run())
     ready = asyncio.create_task(consumer.ready.wait())
     await asyncio.wait([running, ready], return_when=asyncio.FIRST_COMPLETED)
@@ -79,6 +87,5 @@ if __name__ == "__main__":
     parser.add_argument("--workload", required=True)
     parser.add_argument("--topology", type=Path, required=True, help="the run's topology file")
     arguments = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup("info", "text", (arguments.url,))
     run(lambda: main(arguments), arguments.loop)

@@ -21,7 +21,8 @@ from rabbitq.errors import (
     UnknownTask,
     Unroutable,
 )
-from rabbitq.handlers import TaskContext
+from rabbitq.handlers import Failure, TaskContext
+from rabbitq.metrics import Metrics
 from rabbitq.topology import Topology, Workload, load_topology, parse_topology
 
 __all__ = [
@@ -29,7 +30,9 @@ __all__ = [
     "ConfigError",
     "ConnectionFailed",
     "Consumer",
+    "Failure",
     "InvalidPayload",
+    "Metrics",
     "NotConfirmed",
     "Park",
     "PublishError",

@@ -108,7 +108,7 @@ class Consumer:
         )
         self._settler = Settler(
             app, workload, self.publisher, self._metrics, self._executor, self._lose,
-            socket.gethostname(),
+            socket.gethostname(), url,
         )
 
     @property

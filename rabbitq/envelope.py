@@ -221,7 +221,7 @@ def retry_headers(
     headers: Mapping[str, Any] | None,
     envelope: Envelope,
     failed_at: float,
-    error: BaseException,
+    error: str,
     delay_seconds: float,
 ) -> dict[str, Any]:
     """Headers of the copy forwarded to a retry tier: next attempt, failure history, and when
@@ -232,7 +232,7 @@ def retry_headers(
     out[HEADER_ATTEMPT] = envelope.attempt + 1
     out[HEADER_FIRST_FAILURE] = envelope.first_failure_ms or now_ms
     out[HEADER_LAST_FAILURE] = now_ms
-    out[HEADER_LAST_ERROR] = error_text(error)
+    out[HEADER_LAST_ERROR] = error[:MAX_ERROR_CHARS]
     out[HEADER_RETRY_AT] = epoch_ms(failed_at + delay_seconds)
     return out
 

@@ -30,13 +30,13 @@ TRACEBACK = "traceback"
 
 def _text_value(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.6f}"
     text = str(value)
     return json.dumps(text) if (" " in text or '"' in text or not text) else text
 
 
 class _Scrubbing(logging.Formatter):
-    def __init__(self, urls: tuple[str, ...], fmt: str | None = None) -> None:
+    def __init__(self, urls: tuple[str, ...] = (), fmt: str | None = None) -> None:
         super().__init__(fmt)
         self.urls = tuple(u for u in urls if u)
 

@@ -35,6 +35,7 @@ from aiormq.abc import DeliveredMessage
 
 from rabbitq.ack import Acker
 from rabbitq.app import App
+from rabbitq.connection import scrub
 from rabbitq.envelope import (
     Envelope,
     ParkReason,
@@ -97,6 +98,8 @@ class Settler:
         executor: where sync handlers run.
         lose: called when the session must end (a copy was not confirmed).
         host: this machine, written on parked copies.
+        url: the broker URL, whose password is scrubbed from error texts that travel or are
+            logged (a handler's library may quote a URL).
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class Settler:
         executor: Executor,
         lose: Callable[[str], None],
         host: str,
+        url: str = "",
     ) -> None:
         self.app = app
         self.workload = workload
@@ -116,6 +120,7 @@ class Settler:
         self.executor = executor
         self.lose = lose
         self.host = host
+        self.url = url
         self.counts: Counter[str] = Counter()
         # the channel deliveries arrive on now; replaced on every reconnect
         self.acker: Acker | None = None
@@ -214,15 +219,18 @@ class Settler:
         now = time.time()
         decision = decide(envelope.attempt, exc, self.workload.spec.retry, now, envelope.deadline)
         if isinstance(decision, ParkNow):
-            tb = "".join(traceback.format_exception(exc, limit=-TRACEBACK_LINES))
-            await self._park(message, envelope, decision.reason, exc, str(exc), tb, duration)
+            tb = self._clean("".join(traceback.format_exception(exc, limit=-TRACEBACK_LINES)))
+            await self._park(
+                message, envelope, decision.reason, exc, self._clean(str(exc)), tb, duration
+            )
             return
         assert isinstance(decision, RetryIn)
         tier = self.workload.tiers[decision.tier_index]
         out = self._copy(
             message, self.workload.retry_exchange, tier.routing_key,
             retry_headers(
-                message.header.properties.headers, envelope, now, exc, tier.delay_seconds
+                message.header.properties.headers, envelope, now, self._clean(error_text(exc)),
+                tier.delay_seconds,
             ),
             "retry",
         )
@@ -231,7 +239,8 @@ class Settler:
         except Unroutable as unroutable:
             await self._park(
                 message, envelope, ParkReason.UNROUTABLE_RETRY, exc,
-                f"{error_text(exc)}; then the retry copy was unroutable: {unroutable}", "",
+                self._clean(f"{error_text(exc)}; then the retry copy was unroutable: {unroutable}"),
+                "",
                 duration,
             )
             return
@@ -243,7 +252,7 @@ class Settler:
             self.metrics.task(envelope.task).retried.inc()
             logger.info("task failed; retrying in %s", tier.label, extra=self._facts(
                 envelope.task, envelope.message_id, envelope.attempt, "retried", duration,
-                tier=tier.label, error=error_text(exc),
+                tier=tier.label, error=self._clean(error_text(exc)),
             ))
             self._report(envelope.task, envelope.message_id, envelope.attempt, "retried", None,
                          exc, duration)
@@ -387,6 +396,9 @@ class Settler:
         else:
             acker.ack(tag)
         return True
+
+    def _clean(self, text: str) -> str:
+        return scrub(text, self.url) if self.url else text
 
     def _facts(
         self, task: str | None, message_id: str | None, attempt: int, outcome: str,

@@ -85,3 +85,32 @@ async def running_consumer(
 
 def plain_message(body: bytes, **properties: Any) -> aio_pika.Message:
     return aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties)
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """GET http://127.0.0.1:port/path; (status, body), or (0, b"") if nothing answers."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return 0, b""
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)
+    except (OSError, TimeoutError):
+        return 0, b""
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    try:
+        return int(head.split(b" ", 2)[1]), body
+    except (IndexError, ValueError):
+        return 0, b""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -9,6 +9,7 @@ a test can see what ran and what finished without talking to the process.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -61,3 +62,18 @@ def read_marks(marker: Path) -> tuple[set[str], set[str]]:
         message_id, _, what = line.partition(" ")
         (started if what == "start" else done).add(message_id)
     return started, done
+
+
+class Note(BaseModel):
+    n: int
+
+
+@app.task("quick", workload=WORKLOAD)
+async def quick(payload: Note) -> None:
+    """Does nothing: a success."""
+
+
+@app.task("leaky", workload=WORKLOAD)
+async def leaky(payload: Note) -> None:
+    """Fails quoting the broker URL, as a library that puts its DSN in an error might."""
+    raise ConnectionError(f"cannot reach {os.environ.get('RABBITQ_URL', '')} (task {payload.n})")

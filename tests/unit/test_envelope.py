@@ -310,7 +310,7 @@ def test_retry_headers_advance_the_attempt_and_record_failures(
         "x-last-death-queue": "q",
         "trace-id": "abc",
     }
-    headers = retry_headers(original, envelope, FAILED_AT, ValueError("smtp said no"), 0.25)
+    headers = retry_headers(original, envelope, FAILED_AT, "ValueError: smtp said no", 0.25)
     assert headers == {
         HEADER_ATTEMPT: envelope.attempt + 1,
         HEADER_RETRY_AT: FAILED_AT_MS + 250,
@@ -327,7 +327,7 @@ def test_retry_headers_decode_as_the_next_attempt() -> None:
     tier's delay ends (not since its first publish)."""
     headers = retry_headers(
         {HEADER_ATTEMPT: 1, HEADER_PUBLISHED_AT: 5}, _envelope(attempt=1), FAILED_AT,
-        KeyError("k"), 2.0,
+        "KeyError: 'k'", 2.0,
     )
     envelope = decode(**(VALID | {"headers": headers}))
     assert (
@@ -337,7 +337,8 @@ def test_retry_headers_decode_as_the_next_attempt() -> None:
 
 def test_retry_headers_bound_the_last_error() -> None:
     """rabbitq-last-error is cut to MAX_ERROR_CHARS, however long the exception text."""
-    headers = retry_headers(None, _envelope(), FAILED_AT, RuntimeError("x" * 10_000), 1.0)
+    error = error_text(RuntimeError("x" * 10_000))
+    headers = retry_headers(None, _envelope(), FAILED_AT, error, 1.0)
     assert len(headers[HEADER_LAST_ERROR]) == MAX_ERROR_CHARS
     assert headers[HEADER_LAST_ERROR].startswith("RuntimeError: xxx")
 

@@ -1,0 +1,106 @@
+"""The metrics: names, bounded labels, series that exist before the first task, no globals."""
+
+from __future__ import annotations
+
+import prometheus_client
+import pytest
+from prometheus_client import CollectorRegistry
+
+from rabbitq.metrics import OUTCOMES, UNKNOWN_TASK, Metrics, WorkloadMetrics
+
+
+def _workload(registry: CollectorRegistry, running: float = 0) -> WorkloadMetrics:
+    return Metrics(registry).workload("emails", ["emails.send"], 8, lambda: running)
+
+
+def _value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def test_nothing_is_registered_globally() -> None:
+    before = set(prometheus_client.REGISTRY._names_to_collectors)
+    _workload(CollectorRegistry())
+    assert set(prometheus_client.REGISTRY._names_to_collectors) == before
+
+
+def test_two_registries_hold_their_own_metrics() -> None:
+    """A Metrics per registry: two consumers in one process (tests, embedders) do not clash."""
+    a, b = CollectorRegistry(), CollectorRegistry()
+    _workload(a).task("emails.send").succeeded.inc()
+    _workload(b)
+    assert _value(a, "rabbitq_tasks_total", workload="emails", task="emails.send",
+                  outcome="succeeded") == 1
+    assert _value(b, "rabbitq_tasks_total", workload="emails", task="emails.send",
+                  outcome="succeeded") == 0
+
+
+@pytest.mark.parametrize("task", ["emails.send", UNKNOWN_TASK])
+@pytest.mark.parametrize("outcome", OUTCOMES)
+def test_every_outcome_series_exists_at_zero_before_the_first_task(task: str, outcome: str) -> None:
+    registry = CollectorRegistry()
+    _workload(registry)
+    assert _value(registry, "rabbitq_tasks_total", workload="emails", task=task,
+                  outcome=outcome) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("emails.send", "emails.send"), ("forged.name", UNKNOWN_TASK), (None, UNKNOWN_TASK),
+     ("", UNKNOWN_TASK)],
+)
+def test_a_task_label_is_a_registered_name_or_unknown(name: str | None, expected: str) -> None:
+    """Poison names anything; only registered names become label values (bounded)."""
+    registry = CollectorRegistry()
+    _workload(registry).task(name).succeeded.inc()
+    assert _value(registry, "rabbitq_tasks_total", workload="emails", task=expected,
+                  outcome="succeeded") == 1
+
+
+@pytest.mark.parametrize(
+    ("reason", "outcome"),
+    [("retries_exhausted", "parked"), ("invalid_payload", "parked"), ("expired", "expired")],
+)
+def test_a_park_counts_its_reason_and_one_outcome(reason: str, outcome: str) -> None:
+    registry = CollectorRegistry()
+    _workload(registry).task("emails.send").park(reason)
+    assert _value(registry, "rabbitq_tasks_parked_total", workload="emails", task="emails.send",
+                  reason=reason) == 1
+    outcomes = {o: _value(registry, "rabbitq_tasks_total", workload="emails",
+                          task="emails.send", outcome=o) for o in OUTCOMES}
+    assert outcomes == {o: (1 if o == outcome else 0) for o in OUTCOMES}
+
+
+def test_gauges_read_state_at_scrape_time() -> None:
+    registry = CollectorRegistry()
+    state = {"running": 3}
+    Metrics(registry).workload("emails", [], 8, lambda: state["running"])
+    assert _value(registry, "rabbitq_running_handlers", workload="emails") == 3
+    state["running"] = 5
+    assert _value(registry, "rabbitq_running_handlers", workload="emails") == 5
+    assert _value(registry, "rabbitq_capacity", workload="emails") == 8
+    assert _value(registry, "rabbitq_consumer_ready", workload="emails") == 0
+
+
+def test_publish_metrics_count_confirms_and_failures() -> None:
+    registry = CollectorRegistry()
+    publishing = Metrics(registry).publishing()
+    publishing.confirmed("retry", 0.002)
+    publishing.failed("park", "returned")
+    assert _value(registry, "rabbitq_publishes_total", kind="retry", outcome="confirmed") == 1
+    assert _value(registry, "rabbitq_publishes_total", kind="park", outcome="returned") == 1
+    assert _value(registry, "rabbitq_publish_confirm_seconds_count", kind="retry") == 1
+    assert _value(registry, "rabbitq_publish_confirm_seconds_bucket", kind="retry",
+                  le="0.0025") == 1
+
+
+def test_names_follow_prometheus_conventions() -> None:
+    registry = CollectorRegistry()
+    _workload(registry)
+    Metrics(CollectorRegistry())  # a second Metrics on another registry is fine
+    names = {m.name: m.type for m in registry.collect()}
+    for name, kind in names.items():
+        assert name.startswith("rabbitq_")
+        if kind == "counter":
+            assert not name.endswith("_total")  # the client adds it to the samples
+        if kind == "histogram":
+            assert name.endswith("_seconds"), name
