@@ -23,9 +23,8 @@ import time
 from prometheus_client import CollectorRegistry, start_http_server
 
 from examples.demo_app import Flaky, Greeting, app, doomed, flaky, greet
-from rabbitq import RabbitqError
+from rabbitq import Metrics, RabbitqError
 from rabbitq.connection import DEFAULT_URL, mask_url
-from rabbitq.metrics import Metrics
 
 logger = logging.getLogger("examples.feed")
 
@@ -71,14 +70,17 @@ async def feed(rate: float, stop: asyncio.Event, seed: int | None = None) -> int
     return n
 
 
-async def main_async(rate: float, url: str) -> None:
+async def main_async(rate: float, url: str, namespace: str | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # As PID 1 in a container, a process that installs no handler ignores SIGTERM.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app.url = url
-    logger.info("publishing %.1f demo tasks a second to %s", rate, mask_url(url))
+    if namespace is not None:
+        app.namespace = namespace
+    logger.info("publishing %.1f demo tasks a second to namespace %s at %s", rate,
+                app.namespace, mask_url(url))
     try:
         n = await feed(rate, stop)
     finally:
@@ -93,6 +95,8 @@ def main() -> None:
                         help="serve the publish metrics on this port (default: none)")
     parser.add_argument("--url", default=os.environ.get("RABBITQ_URL", DEFAULT_URL),
                         help="broker URL (default: $RABBITQ_URL, then guest on localhost)")
+    parser.add_argument("--namespace", default=None,
+                        help=f"publish into this namespace (default {app.namespace!r})")
     args = parser.parse_args()
     if args.rate <= 0:
         parser.error("--rate must be positive")
@@ -103,7 +107,7 @@ def main() -> None:
         registry = CollectorRegistry()
         app.metrics = Metrics(registry)
         start_http_server(args.metrics_port, registry=registry)
-    asyncio.run(main_async(args.rate, args.url))
+    asyncio.run(main_async(args.rate, args.url, args.namespace))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,6 @@ import copy
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,10 +38,10 @@ import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from rabbitq import App
+from rabbitq import App, Metrics
 from rabbitq.envelope import HEADER_ATTEMPT, HEADER_PUBLISHED_AT
-from rabbitq.metrics import Metrics
 from rabbitq.topology import Topology
+from tests.background import free_port, process, require, stderr_of
 from tests.broker.obs_app import IDLE_WORKLOAD, WORKLOAD, Item
 from tests.helpers import wait_until
 from tests.observability import (
@@ -82,22 +79,6 @@ PARKED = {
 }
 
 
-def require(binary: str, package: str) -> str:
-    """The binary's path; skip without it (fail under CI, whose .ci/run installs it)."""
-    path = shutil.which(binary)
-    if path is None:
-        text = f"{binary} is not installed (Debian: apt-get install {package})"
-        if os.environ.get("CI"):
-            pytest.fail(text)
-        pytest.skip(text)
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -143,24 +124,6 @@ def prometheus_config(
     return config
 
 
-@contextlib.contextmanager
-def process(
-    args: list[str], logs: Path, name: str, **kwargs: Any
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A background process: SIGTERM on exit, SIGKILL if it does not stop within 15 s."""
-    with (logs / f"{name}.out").open("wb") as out, (logs / f"{name}.err").open("wb") as err:
-        proc = subprocess.Popen(args, stdout=out, stderr=err, **kwargs)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
-
 
 @contextlib.contextmanager
 def serving(registry: CollectorRegistry, port: int) -> Iterator[None]:
@@ -173,9 +136,6 @@ def serving(registry: CollectorRegistry, port: int) -> Iterator[None]:
         server.server_close()
         thread.join(timeout=10)
 
-
-def stderr_of(logs: Path, name: str) -> str:
-    return (logs / f"{name}.err").read_text(errors="replace")[-3000:]
 
 
 # -- reading the consumer's /metrics and Prometheus ------------------------------------------

@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import pytest
 import yaml
 
 from rabbitq.topology import load_topology
+from tests.background import require
 from tests.observability import (
     COMPOSE,
     DASHBOARD,
@@ -62,16 +61,6 @@ BROKER_METRICS = {
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
-
-def require(binary: str, package: str) -> str:
-    """The binary's path; skip without it (fail under CI, whose .ci/run installs it)."""
-    path = shutil.which(binary)
-    if path is None:
-        text = f"{binary} is not installed (Debian: apt-get install {package})"
-        if os.environ.get("CI"):
-            pytest.fail(text)
-        pytest.skip(text)
-    return path
 
 
 @pytest.fixture(scope="module")
