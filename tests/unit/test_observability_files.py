@@ -297,6 +297,12 @@ def test_dashboard_rates_use_grafanas_rate_interval():
                 assert window in ("$__rate_interval", "$__range"), (panel["title"], window)
 
 
+def test_every_grafana_variable_of_the_dashboard_is_expanded_for_prometheus():
+    """After `expand`, no `$variable` is left but label_replace's `$1`."""
+    for query in dashboard_queries():
+        assert "$" not in query.expr.replace('"$1"', ""), query
+
+
 @pytest.mark.parametrize("query", dashboard_queries() + rule_queries(), ids=lambda q: q.where)
 def test_queries_use_only_metrics_of_the_contract(query):
     """No typo in a metric name: each is rabbitq's (issue #5) or the broker's detailed family."""
