@@ -15,10 +15,12 @@ from typing import Any
 
 import aio_pika
 import pytest
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from rabbitq import App, NotConfirmed, TaskContext, Unroutable
-from rabbitq.publish import Outgoing
+from rabbitq.metrics import Metrics
+from rabbitq.publish import PIPELINE_CHUNK, Outgoing
 from tests.helpers import drain_queue, queue_depth, running_consumer, wait_until
 
 WORKLOAD = {"capacity": 4, "retry": {"tiers": ["50ms"], "max_attempts": 2}}
@@ -408,3 +410,269 @@ async def test_handlers_publish_child_tasks_over_the_consumer_connection(
         await wait_until(lambda: consumer.counts["succeeded"] == 4, what="parents and children")
     assert sorted(children) == ["child of 1", "child of 2"]
     assert sent == {"parent.async": 1, "parent.sync": 1, "child": 2}
+
+
+class Blob(BaseModel):
+    n: int
+    data: str
+
+
+async def test_publish_many_reports_every_message_in_order(
+    make_topology, connection, url, namespace
+):
+    """Across several write chunks, each returned message gets its own Unroutable, in order."""
+    topology = await make_topology(a=WORKLOAD)
+    app = App(namespace=namespace, url=url)
+
+    @app.task("a.item", workload="a")
+    async def a_item(item: Item) -> None:
+        pass
+
+    @app.task("b.item", workload="b")
+    async def b_item(item: Item) -> None:
+        pass
+
+    lost = [0, 5, PIPELINE_CHUNK - 1, PIPELINE_CHUNK, 2 * PIPELINE_CHUNK + 1, 599]
+    batch = [(b_item if n in lost else a_item).message(Item(n=n)) for n in range(600)]
+    publisher = await app.publisher()
+    try:
+        errors = await publisher.send_many(batch)
+        channel = publisher._underlay
+        assert channel is not None
+        # nothing is left in aiormq's bookkeeping once the batch is settled
+        await wait_until(lambda: not channel.confirmations and not channel.message_id_delivery_tag,
+                         what="the channel's confirm bookkeeping to empty")
+    finally:
+        await app.close()
+    assert [n for n, e in enumerate(errors) if e is not None] == lost
+    for n in lost:
+        error = errors[n]
+        assert isinstance(error, Unroutable) and error.message_id == batch[n].message_id
+        assert error.routing_key == "b"
+    queued = await drain_queue(connection, topology.workload("a").work_queue)
+    assert [json.loads(m.body)["n"] for m in queued] == [n for n in range(600) if n not in lost]
+
+
+async def test_publish_many_reports_nacks_per_message(make_topology, connection, url, namespace):
+    """In a batch, the messages a full reject-publish queue refuses are NotConfirmed, only them."""
+    topology = await make_topology(a=WORKLOAD)
+    full_queue = f"{namespace}.full.work"
+    channel = await connection.channel()
+    queue = await channel.declare_queue(
+        full_queue, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    await queue.bind(f"{namespace}.tasks", routing_key="full")
+    app = App(namespace=namespace, url=url)
+
+    @app.task("a.item", workload="a")
+    async def a_item(item: Item) -> None:
+        pass
+
+    @app.task("full.item", workload="full")
+    async def full_item(item: Item) -> None:
+        pass
+
+    batch = [(full_item if n % 3 == 0 else a_item).message(Item(n=n)) for n in range(300)]
+    try:
+        errors = await (await app.publisher()).send_many(batch)
+    finally:
+        await app.close()
+        await channel.queue_delete(full_queue)
+        await channel.close()
+    for n, error in enumerate(errors):
+        if n % 3 == 0:
+            assert isinstance(error, NotConfirmed) and "nacked" in error.reason, (n, error)
+            assert error.message_id == batch[n].message_id
+        else:
+            assert error is None, (n, error)
+    assert await queue_depth(connection, topology.workload("a").work_queue) == 200
+
+
+async def test_publish_many_into_a_missing_exchange_fails_every_message_at_once(
+    make_topology, url, namespace
+):
+    """The broker closes the channel (no such exchange): every message is Unroutable at once,
+    not after the confirm timeout, and the publisher works again afterwards."""
+    await make_topology(a=WORKLOAD)
+    app = App(namespace=f"{namespace}-missing", url=url)
+
+    @app.task("a.item", workload="a")
+    async def a_item(item: Item) -> None:
+        pass
+
+    publisher = await app.publisher()
+    try:
+        for _ in range(2):  # the second batch finds the publisher's channel reopened
+            started = time.monotonic()
+            errors = await publisher.send_many([a_item.message(Item(n=n)) for n in range(500)])
+            assert time.monotonic() - started < 10
+            assert all(isinstance(e, Unroutable) for e in errors), errors[:3]
+        app.namespace = namespace
+        assert await publisher.send_many([a_item.message(Item(n=1))]) == [None]
+    finally:
+        await app.close()
+
+
+async def test_publish_many_sends_bodies_larger_than_a_frame(make_topology, connection, url,
+                                                             namespace):
+    """Bodies over the negotiated frame size go out split, among small ones, intact."""
+    topology = await make_topology(a=WORKLOAD)
+    app = App(namespace=namespace, url=url)
+
+    @app.task("a.blob", workload="a")
+    async def a_blob(blob: Blob) -> None:
+        pass
+
+    sizes = [10, 300_000, 0, 131_072, 131_064, 131_063, 1_000_000] + [50] * 300
+    blobs = [Blob(n=n, data="x" * size) for n, size in enumerate(sizes)]
+    try:
+        ids = await app.publish_many([a_blob.message(b) for b in blobs])
+    finally:
+        await app.close()
+    queued = await drain_queue(connection, topology.workload("a").work_queue)
+    assert [m.message_id for m in queued] == ids
+    assert [Blob.model_validate_json(m.body) for m in queued] == blobs
+
+
+async def test_publish_many_matches_returns_to_messages_that_share_an_id(
+    make_topology, connection, url, namespace
+):
+    """aiormq finds a returned publish by message id: a batch that repeats an idempotency key
+    still reports the returned copy, not its routable namesake."""
+    topology = await make_topology(a=WORKLOAD)
+    app = App(namespace=namespace, url=url)
+
+    @app.task("a.item", workload="a")
+    async def a_item(item: Item) -> None:
+        pass
+
+    @app.task("b.item", workload="b")
+    async def b_item(item: Item) -> None:
+        pass
+
+    batch = [
+        b_item.message(Item(n=0), idempotency_key="k1"),  # returned
+        a_item.message(Item(n=1), idempotency_key="k1"),
+        a_item.message(Item(n=2), idempotency_key="k2"),
+        b_item.message(Item(n=3), idempotency_key="k2"),  # returned
+        b_item.message(Item(n=4), idempotency_key="k3"),  # returned
+        b_item.message(Item(n=5), idempotency_key="k3"),  # returned
+        *(a_item.message(Item(n=n)) for n in range(6, 300)),
+        a_item.message(Item(n=300), idempotency_key="k1"),
+    ]
+    try:
+        errors = await (await app.publisher()).send_many(batch)
+    finally:
+        await app.close()
+    assert [n for n, e in enumerate(errors) if e is not None] == [0, 3, 4, 5]
+    assert all(isinstance(errors[n], Unroutable) for n in (0, 3, 4, 5))
+    queued = await drain_queue(connection, topology.workload("a").work_queue)
+    assert [json.loads(m.body)["n"] for m in queued] == [1, 2, *range(6, 301)]
+
+
+async def test_publish_many_fails_what_is_in_flight_at_once_when_the_connection_closes(
+    make_topology, url, namespace
+):
+    """A connection lost mid-batch: every unconfirmed message is NotConfirmed at once, not
+    after the confirm timeout; the confirmed ones stay confirmed; the next batch reconnects."""
+    await make_topology(a=WORKLOAD)
+    app = App(namespace=namespace, url=url)
+
+    @app.task("a.item", workload="a")
+    async def a_item(item: Item) -> None:
+        pass
+
+    publisher = await app.publisher()
+    try:
+        await publisher.start()
+        channel = publisher._underlay
+        assert channel is not None and publisher._connection is not None
+        batch = [a_item.message(Item(n=n)) for n in range(5000)]
+        started = time.monotonic()
+        sending = asyncio.create_task(publisher.send_many(batch))
+        await wait_until(lambda: channel.delivery_tag > 0, interval=0.001,
+                         what="the first chunk to be written")
+        await publisher._connection.close()
+        errors = await sending
+        assert time.monotonic() - started < 10
+        failed = [e for e in errors if e is not None]
+        assert failed, "the connection closed after the whole batch was confirmed"
+        assert all(isinstance(e, NotConfirmed) for e in failed), failed[:3]
+        assert await publisher.send_many(batch[:10]) == [None] * 10
+    finally:
+        await app.close()
+
+
+async def test_a_cancelled_publish_many_leaves_the_publisher_usable(make_topology, url, namespace):
+    """Cancelling a batch mid-way: later batches confirm, and aiormq's bookkeeping empties."""
+    await make_topology(a=WORKLOAD)
+    app = App(namespace=namespace, url=url)
+
+    @app.task("a.item", workload="a")
+    async def a_item(item: Item) -> None:
+        pass
+
+    publisher = await app.publisher()
+    try:
+        await publisher.start()
+        channel = publisher._underlay
+        assert channel is not None
+        sending = asyncio.create_task(
+            publisher.send_many([a_item.message(Item(n=n)) for n in range(3000)])
+        )
+        await wait_until(lambda: channel.delivery_tag > 0, interval=0.001,
+                         what="the first chunk to be written")
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        assert await publisher.send_many([a_item.message(Item(n=n)) for n in range(10)]) == [
+            None
+        ] * 10
+        await wait_until(lambda: not channel.confirmations and not channel.message_id_delivery_tag,
+                         what="the channel's confirm bookkeeping to empty")
+    finally:
+        await app.close()
+
+
+async def test_publish_many_counts_every_message_like_publish_does(
+    make_topology, connection, url, namespace
+):
+    """With metrics, a batch counts each message's outcome and confirm latency, per message."""
+    await make_topology(a=WORKLOAD)
+    full_queue = f"{namespace}.full.work"
+    channel = await connection.channel()
+    queue = await channel.declare_queue(
+        full_queue, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    await queue.bind(f"{namespace}.tasks", routing_key="full")
+    registry = CollectorRegistry()
+    app = App(namespace=namespace, url=url, metrics=Metrics(registry))
+    tasks = {
+        name: app.task(f"{name}.item", workload=name)(_noop) for name in ("a", "b", "full")
+    }
+    kinds = ["a"] * 250 + ["b"] * 30 + ["full"] * 20
+    try:
+        errors = await (await app.publisher()).send_many(
+            [tasks[k].message(Item(n=n)) for n, k in enumerate(kinds)]
+        )
+    finally:
+        await app.close()
+        await channel.queue_delete(full_queue)
+        await channel.close()
+    assert [type(e).__name__ for e in errors] == (
+        ["NoneType"] * 250 + ["Unroutable"] * 30 + ["NotConfirmed"] * 20
+    )
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"kind": "task", **labels})
+
+    assert sample("rabbitq_publishes_total", outcome="confirmed") == 250
+    assert sample("rabbitq_publishes_total", outcome="returned") == 30
+    assert sample("rabbitq_publishes_total", outcome="nacked") == 20
+    assert sample("rabbitq_publish_confirm_seconds_count") == 250
+    total = sample("rabbitq_publish_confirm_seconds_sum")
+    assert total is not None and 0 < total / 250 < 10
+
+
+async def _noop(item: Item) -> None:
+    pass
