@@ -32,7 +32,7 @@ from benchmarks.names import CAPACITIES, CAPACITY, RawQueues, new_namespace, top
 from benchmarks.probe import LOOPS, uvloop_installed
 from benchmarks.probe import run as run_loop
 from benchmarks.procs import Disturbed
-from benchmarks.report import Results, table
+from benchmarks.report import SCENARIOS, Results, table
 from benchmarks.systems import RabbitqSide, RawSide, RunContext, Side
 from rabbitq.errors import RabbitqError
 from rabbitq.topology import parse_topology
@@ -63,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tasks forwarded into the long tier for the memory scenario")
     p.add_argument("--tier-early", type=int, default=10_000,
                    help="the early RSS sample of the memory scenario, in forwarded tasks")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help=f"comma-separated, from {','.join(SCENARIOS)} (default: all). latency "
+                        f"also measures the capacity-{CAPACITY} drain (its 80%% rate comes from "
+                        "there); a drain also gives its peak RSS (memory)")
     p.add_argument("--skip-memory", action="store_true",
                    help="skip the long-tier memory runs (peak RSS of the drain is still shown)")
     p.add_argument("--idle", type=float, default=1.0,
@@ -94,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not chosen <= set(CAPACITIES):
         p.error(f"--capacities must be among {CAPACITIES}")
     args.capacities = tuple(sorted(chosen))
+    wanted = {name.strip() for name in args.scenarios.split(",") if name.strip()}
+    if not wanted or not wanted <= set(SCENARIOS):
+        p.error(f"--scenarios takes names from {', '.join(SCENARIOS)}")
+    args.scenarios = tuple(name for name in SCENARIOS if name in wanted)
     if not 0 < args.tier_early < args.tier_n:
         p.error("--tier-early must be between 0 and --tier-n")
     return args
@@ -122,6 +130,7 @@ class Runner:
         self.sides: list[Side] = [RawSide(ctx), RabbitqSide(ctx)]
         self.results = Results()
         self.disturbed: list[str] = []
+        self.drain_rate: dict[str, float] = {}  # capacity 64, this repetition, by side
 
     async def measure(self, what: str, side: Side, make: Measure) -> dict[str, float]:
         """One measurement, repeated if something outside it disturbed it."""
@@ -155,14 +164,35 @@ class Runner:
 
     async def repetition(self) -> None:
         a = self.args
+        wants = a.scenarios
         self.results.new_rep()
-        self.record("publish", await self.both(
-            "publish one at a time", partial(scenarios.publish_one_at_a_time, n=a.n)))
-        self.record("publish", await self.both(
-            f"publish in batches of {a.batch}",
-            partial(scenarios.publish_batches, n=a.n, batch=a.batch)))
-        drain_rate: dict[str, float] = {}
-        for capacity in a.capacities:
+        if "publish" in wants:
+            self.record("publish", await self.both(
+                "publish one at a time", partial(scenarios.publish_one_at_a_time, n=a.n)))
+            self.record("publish", await self.both(
+                f"publish in batches of {a.batch}",
+                partial(scenarios.publish_batches, n=a.n, batch=a.batch)))
+        if "drain" in wants:
+            await self.drains(a.capacities)
+        elif "latency" in wants:
+            await self.drains((CAPACITY,))
+        if "latency" in wants:
+            await self.latencies()
+        if "retry" in wants:
+            self.record("retry", await self.both(
+                "retry path (fail once, 50ms tier)", partial(scenarios.retry, n=a.n)))
+        if "memory" in wants and not a.skip_memory:
+            self.record("memory", await self.both(
+                f"{a.tier_n:,} tasks into a long tier",
+                partial(scenarios.tiers, n=a.tier_n, early=a.tier_early)), "tiers ")
+        if "scale" in wants:
+            self.record("scale", await self.both(
+                "scale: 1 then 2 consumer processes",
+                partial(scenarios.scale, n=a.n, idle=a.idle)))
+
+    async def drains(self, capacities: tuple[int, ...]) -> None:
+        a = self.args
+        for capacity in capacities:
             figures = await self.both(f"drain capacity {capacity}",
                                       partial(scenarios.drain, capacity=capacity, n=a.n))
             for name, fig in figures.items():
@@ -173,7 +203,10 @@ class Runner:
                 self.results.add("memory", name,
                                  {f"drain_c{capacity}_peak_rss_mib": fig["peak_rss_mib"]})
                 if capacity == CAPACITY:
-                    drain_rate[name] = fig["tasks_per_s"]
+                    self.drain_rate[name] = fig["tasks_per_s"]
+
+    async def latencies(self) -> None:
+        a = self.args
         steady = await self.both(f"latency at {STEADY_RATE:.0f}/s", partial(
             scenarios.latency, rate=STEADY_RATE, seconds=a.latency_seconds))
         for values in steady.values():
@@ -181,19 +214,11 @@ class Runner:
         self.record("latency", steady, "500/s ")
         # Near saturation, each side at 80% of its own capacity-64 drain rate of this rep.
         for side in self.sides:
-            rate = NEAR_SATURATION * drain_rate[side.name]
+            rate = NEAR_SATURATION * self.drain_rate[side.name]
             near = await self.measure(
                 f"latency at 80% of drain ({rate:,.0f}/s)", side,
                 partial(scenarios.latency, rate=rate, seconds=a.latency_seconds))
             self.results.add("latency", side.name, near, "80% of drain ")
-        self.record("retry", await self.both(
-            "retry path (fail once, 50ms tier)", partial(scenarios.retry, n=a.n)))
-        if not a.skip_memory:
-            self.record("memory", await self.both(
-                f"{a.tier_n:,} tasks into a long tier",
-                partial(scenarios.tiers, n=a.tier_n, early=a.tier_early)), "tiers ")
-        self.record("scale", await self.both(
-            "scale: 1 then 2 consumer processes", partial(scenarios.scale, n=a.n, idle=a.idle)))
 
     async def run(self) -> None:
         for rep in range(1, self.args.reps + 1):
