@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from rabbitq.envelope import ParkReason
+from rabbitq.errors import NotConfirmed, Unroutable
 
 UNKNOWN_TASK = "_unknown"
 OUTCOMES = ("succeeded", "retried", "parked", "expired", "redelivered")
@@ -186,3 +187,12 @@ class PublishMetrics:
     def failed(self, kind: str, outcome: str) -> None:
         """`returned`, `nacked` or `failed` (no confirm: connection lost or timed out)."""
         self._counts[kind, outcome].inc()
+
+
+def publish_outcome(error: BaseException) -> str:
+    """The `outcome` label of a failed publish."""
+    if isinstance(error, Unroutable):
+        return "returned"
+    if isinstance(error, NotConfirmed) and error.nacked:
+        return "nacked"
+    return "failed"

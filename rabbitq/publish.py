@@ -4,7 +4,7 @@ Every publish goes out persistent and `mandatory` on a channel with publisher co
 message the broker returns (no queue bound) raises `Unroutable`, a nack or a confirm that does
 not come in time raises `NotConfirmed` (the outcome is then unknown: publishing again may
 duplicate, which at-least-once delivery allows). Batches pipeline their confirms, and are
-written a chunk at a time rather than a `basic_publish` per message (`_write_pipelined`). The
+written a chunk at a time rather than a `basic_publish` per message (`pipeline.py`). The
 publisher opens its own connection, never the consumer's, and reopens it lazily after a loss;
 it never replays a publish on its own.
 """
@@ -13,35 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
-from typing import Any, TypeGuard
+from typing import Any
 
 import aiormq
 import aiormq.abc
-import pamqp.encode
-import pamqp.frame
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from aiormq.abc import ChannelFrame
-from pamqp.body import ContentBody
 from pamqp.commands import Basic as _Basic
-from pamqp.header import ContentHeader
 
 from rabbitq.connection import connect, is_open, mask_url
 from rabbitq.envelope import CONTENT_TYPE, PERSISTENT
 from rabbitq.errors import ConnectionFailed, NotConfirmed, PublishError, RabbitqError, Unroutable
-from rabbitq.metrics import PublishMetrics
+from rabbitq.metrics import PublishMetrics, publish_outcome
+from rabbitq.pipeline import Pipeline, can_pipeline
 
 logger = logging.getLogger(__name__)
 
 CONFIRM_TIMEOUT_SECONDS = 30.0
-# A batch is written in chunks of this many messages: one write-queue put, one socket write
-# and one drain each, so a huge batch never sits in the transport buffer at once.
-PIPELINE_CHUNK = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +146,7 @@ class Publisher:
         try:
             await self._send(out)
         except (PublishError, ConnectionFailed) as exc:
-            self.metrics.failed(out.kind, _metric_outcome(exc))
+            self.metrics.failed(out.kind, publish_outcome(exc))
             raise
         except BaseException:
             self.metrics.failed(out.kind, "failed")
@@ -188,7 +179,7 @@ class Publisher:
         Each message is published persistent and mandatory, and counts as sent only once the
         broker confirmed it; a return, a nack, a closed channel or no confirm within
         `confirm_timeout` is that message's error. The batch goes out in chunks of
-        `PIPELINE_CHUNK` marshalled messages, each one write (see `_write_pipelined`).
+        `PIPELINE_CHUNK` marshalled messages, each one write (see `pipeline.py`).
         """
         batch = list(messages)
         if not batch:
@@ -200,16 +191,18 @@ class Publisher:
                 for out in batch:
                     self.metrics.failed(out.kind, "failed")
             return [ConnectionFailed(exc.url, exc.reason) for _ in batch]
-        if not _can_pipeline(channel):
+        if not can_pipeline(channel):
             return await self._send_each(batch)  # `send` counts each message
-        return await _Pipeline(self, channel, batch).run()
+        return await Pipeline(
+            channel, batch, self.confirm_timeout, self._error, self.metrics
+        ).run()
 
     def _error(self, out: Outgoing, exc: BaseException) -> SendError:
         return _send_error(out, exc, self.url, self.confirm_timeout)
 
     async def _send_each(self, batch: list[Outgoing]) -> list[SendError | None]:
         """One `send` per message, confirms pipelined: for a channel that
-        `_write_pipelined` cannot use."""
+        `pipeline.write_pipelined` cannot use."""
         results = await asyncio.gather(*(self.send(m) for m in batch), return_exceptions=True)
         out: list[SendError | None] = []
         for result in results:
@@ -237,344 +230,6 @@ def _send_error(out: Outgoing, exc: BaseException, url: str, timeout: float) -> 
     # the channel or connection closed under the publish, or AMQP cannot encode the message
     return NotConfirmed(out.message_id, f"{type(exc).__name__} while publishing to {mask_url(url)}")
 
-
-class _Pipeline:
-    """One `send_many` on an aiormq channel: marshal, write in chunks, collect the confirms."""
-
-    def __init__(self, publisher: Publisher, channel: aiormq.Channel, batch: list[Outgoing]):
-        self.publisher = publisher
-        self.channel = channel
-        self.batch = batch
-        self.loop = asyncio.get_running_loop()
-        self.deadline = self.loop.time() + publisher.confirm_timeout
-        self.errors: list[SendError | None] = [None] * len(batch)
-        self.sent: list[tuple[int, asyncio.Future[Any]]] = []
-        self.method_frames: dict[tuple[str, str], bytes] = {}
-        self.started = time.monotonic()
-        # when each confirm came, for the confirm latency metric
-        self.settled_at: dict[asyncio.Future[Any], float] | None = (
-            None if publisher.metrics is None else {}
-        )
-        # Fires when the channel or its connection closes: the confirm futures are not
-        # aiormq's (see `_write_pipelined`), so nothing else fails them then.
-        self.closing = channel.closing
-
-    async def run(self) -> list[SendError | None]:
-        """Every message's error or None, in order. Unsettled confirms are cancelled on the
-        way out (aiormq ignores a confirm that comes after)."""
-        finished = False
-        try:
-            await self._write_all()
-            unconfirmed = [f for _, f in self.sent if not f.done()]
-            if unconfirmed:
-                await self._until(_all_done(unconfirmed))
-            for i, future in self.sent:
-                out = self.batch[i]
-                if future.done():
-                    self.errors[i] = self._outcome(out, future)
-                else:  # the channel closed, or the deadline passed
-                    self.errors[i] = self.publisher._error(out, self._stopped())
-            finished = True
-        finally:
-            if self.publisher.metrics is not None:
-                self._count(self.publisher.metrics, finished)
-            self.closing.cancel()  # stops observing (a no-op if it fired)
-            for _, future in self.sent:
-                if not future.cancel() and not future.cancelled():
-                    future.exception()  # settled: seen, so asyncio never logs it as lost
-        return self.errors
-
-    async def _write_all(self) -> None:
-        """Marshal and write the batch in chunks; stop at the first chunk that fails."""
-        batch, number = self.batch, self.channel.number
-        max_body = self.channel.max_content_size
-        written: dict[str, asyncio.Future[Any]] = {}  # by message id
-        indexes: list[int] = []
-        frames: list[bytes] = []
-        chunk_ids: set[str] = set()
-        for i, out in enumerate(batch):
-            message_id = out.message_id
-            if message_id in chunk_ids or message_id in written:
-                # aiormq matches a return to its publish by message id, so an id must not
-                # be in flight twice in a batch: the later one waits for the earlier.
-                # (Concurrent publishes of one id from separate calls are aiormq's case.)
-                if message_id in chunk_ids:
-                    if not await self._flush(indexes, frames, written):
-                        return
-                    indexes, frames, chunk_ids = [], [], set()
-                if not await self._until(written[message_id]):
-                    self._fail_from(i, self._stopped())
-                    return
-            try:
-                frames.append(_marshal(out, number, max_body, self.method_frames))
-            except Exception as exc:  # a header or property AMQP cannot encode
-                self.errors[i] = self.publisher._error(out, exc)
-                continue
-            indexes.append(i)
-            chunk_ids.add(message_id)
-            if len(indexes) == PIPELINE_CHUNK:
-                if not await self._flush(indexes, frames, written):
-                    return
-                indexes, frames, chunk_ids = [], [], set()
-        await self._flush(indexes, frames, written)
-
-    async def _flush(
-        self, indexes: list[int], frames: list[bytes], written: dict[str, asyncio.Future[Any]]
-    ) -> bool:
-        """Write one chunk; False (and every message from it on failed) if that failed."""
-        if not indexes:
-            return True
-        ids = [self.batch[i].message_id for i in indexes]
-        try:
-            async with asyncio.timeout_at(self.deadline):
-                futures = await _write_pipelined(self.channel, b"".join(frames), ids)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # closed, or the socket did not drain in time
-            self._fail_from(indexes[0], exc)
-            return False
-        self.sent += zip(indexes, futures, strict=True)
-        written.update(zip(ids, futures, strict=True))
-        if self.settled_at is not None:
-            record = partial(_record_time, self.settled_at)
-            for future in futures:
-                future.add_done_callback(record)
-        return True
-
-    def _fail_from(self, first: int, exc: BaseException) -> None:
-        for i in range(first, len(self.batch)):
-            if self.errors[i] is None:
-                self.errors[i] = self.publisher._error(self.batch[i], exc)
-
-    async def _until(self, future: asyncio.Future[Any]) -> bool:
-        """Wait for `future` while the channel is open, until the deadline; whether it came."""
-        if not future.done():
-            await asyncio.wait(
-                (future, self.closing),
-                timeout=max(0.0, self.deadline - self.loop.time()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        return future.done()
-
-    def _stopped(self) -> BaseException:
-        """Why confirms stopped coming: the channel's close reason, or the deadline."""
-        if not self.closing.done():
-            return TimeoutError()
-        reason = None if self.closing.cancelled() else self.closing.exception()
-        return reason or aiormq.exceptions.ChannelClosed()
-
-    def _count(self, metrics: PublishMetrics, finished: bool) -> None:
-        """Count each message as `Publisher.send` does; if the batch was cancelled, what was
-        not confirmed by then failed."""
-        futures = dict(self.sent)
-        settled_at = self.settled_at or {}
-        now = time.monotonic()
-        for i, out in enumerate(self.batch):
-            future = futures.get(i)
-            if finished:
-                error = self.errors[i]
-            elif future is not None and future.done() and self._outcome(out, future) is None:
-                error = None
-            else:
-                error = NotConfirmed(out.message_id, "cancelled")
-            if error is None:
-                at = settled_at.get(future, now) if future is not None else now
-                metrics.confirmed(out.kind, at - self.started)
-            else:
-                metrics.failed(out.kind, _metric_outcome(error))
-
-    def _outcome(self, out: Outgoing, future: asyncio.Future[Any]) -> SendError | None:
-        if future.cancelled():
-            return NotConfirmed(out.message_id, "the publish was cancelled; outcome unknown")
-        exc = future.exception()
-        if exc is not None:
-            return self.publisher._error(out, exc)
-        if not isinstance(future.result(), _Basic.Ack):
-            return NotConfirmed(out.message_id, "the broker nacked it", nacked=True)
-        return None
-
-
-def _record_time(times: dict[asyncio.Future[Any], float], future: asyncio.Future[Any]) -> None:
-    times[future] = time.monotonic()
-
-
-def _metric_outcome(error: SendError) -> str:
-    """The `outcome` label of a failed publish, as `Publisher.send` counts it."""
-    if isinstance(error, Unroutable):
-        return "returned"
-    if isinstance(error, NotConfirmed) and error.nacked:
-        return "nacked"
-    return "failed"
-
-
-def _all_done(futures: list[asyncio.Future[Any]]) -> asyncio.Future[None]:
-    """A future that is done once all of `futures` are (one callback each, no task)."""
-    done: asyncio.Future[None] = futures[0].get_loop().create_future()
-    left = len(futures)
-
-    def settled(_: object) -> None:
-        nonlocal left
-        left -= 1
-        if not left and not done.done():
-            done.set_result(None)
-
-    for future in futures:
-        future.add_done_callback(settled)
-    return done
-
-
-def _marshal(
-    out: Outgoing, channel_number: int, max_body: int, method_frames: dict[tuple[str, str], bytes]
-) -> bytes:
-    """The frames of one mandatory publish: the bytes aiormq's `basic_publish` writes.
-
-    The Basic.Publish frame is the same for every message to one exchange and routing key,
-    so it is encoded once per batch; the content header is encoded by `_content_header`.
-    """
-    key = (out.exchange, out.routing_key)
-    method = method_frames.get(key)
-    if method is None:
-        if len(out.routing_key) > 255:
-            raise ValueError("routing key too long (max 255 bytes)")
-        publish = _Basic.Publish(exchange=out.exchange, routing_key=out.routing_key, mandatory=True)
-        method = method_frames[key] = pamqp.frame.marshal(publish, channel_number)
-    body = out.body
-    parts = [method, _content_header(out, channel_number)]
-    for offset in range(0, len(body), max_body):  # an empty body has no body frame
-        chunk = body[offset : offset + max_body]
-        parts.append(pamqp.frame.marshal(ContentBody(chunk), channel_number))
-    return b"".join(parts)
-
-
-# AMQP 0-9-1 basic property flags (pamqp's Basic.Properties.flags)
-_CONTENT_TYPE, _HEADERS, _DELIVERY_MODE, _PRIORITY = 0x8000, 0x2000, 0x1000, 0x0800
-_MESSAGE_ID, _TIMESTAMP, _TYPE = 0x0080, 0x0040, 0x0020
-# frame type 2 (header), channel, frame size; class 60 (basic), weight 0, body size, flags
-_HEADER_FRAME = struct.Struct(">BHIHHQH")
-_HEADER_FIXED = 14  # class, weight, body size, flags
-_OCTET = struct.Struct(">B")
-_FRAME_END = b"\xce"
-
-
-def _content_header(out: Outgoing, channel_number: int) -> bytes:
-    """The content header frame of a task message, byte for byte what pamqp encodes.
-
-    pamqp's `Basic.Properties` builds, validates and encodes all 14 properties generically,
-    ~13 us a task message, a quarter of a batch's client CPU once its writes were
-    pipelined. A task message sets at most the seven below, so they are encoded here
-    (~5 us), in the flag order AMQP fixes; the headers table is still pamqp's. A message
-    carrying other properties (a copy of a foreign message) goes through pamqp.
-    tests/unit/test_publish_wire.py checks that both give the same bytes.
-    """
-    if out.properties:
-        header = ContentHeader(body_size=len(out.body), properties=out.amqp_properties())
-        return pamqp.frame.marshal(header, channel_number)
-    flags = _DELIVERY_MODE
-    parts: list[bytes] = []
-    if out.content_type:
-        flags |= _CONTENT_TYPE
-        parts.append(_short_string(out.content_type))
-    if out.headers is not None:
-        flags |= _HEADERS
-        parts.append(pamqp.encode.field_table(out.headers))
-    parts.append(b"\x02")  # delivery mode: persistent
-    if out.priority is not None:
-        flags |= _PRIORITY
-        parts.append(_OCTET.pack(out.priority))
-    if out.message_id:
-        flags |= _MESSAGE_ID
-        parts.append(_short_string(out.message_id))
-    if out.timestamp is not None:
-        flags |= _TIMESTAMP
-        parts.append(pamqp.encode.timestamp(out.timestamp))
-    if out.task:
-        flags |= _TYPE
-        parts.append(_short_string(out.task))
-    properties = b"".join(parts)
-    size = _HEADER_FIXED + len(properties)
-    head = _HEADER_FRAME.pack(2, channel_number, size, 60, 0, len(out.body), flags)
-    return b"".join((head, properties, _FRAME_END))
-
-
-def _short_string(value: str) -> bytes:
-    data = value.encode()
-    if len(data) > 255:
-        raise TypeError("string exceeds maximum length of 255 bytes")
-    return _OCTET.pack(len(data)) + data
-
-
-def _can_pipeline(channel: aiormq.abc.AbstractChannel) -> TypeGuard[aiormq.Channel]:
-    """Whether `_write_pipelined` knows this channel: aiormq's own, with confirms on."""
-    return (
-        isinstance(channel, aiormq.Channel)
-        and all(hasattr(channel, name) for name in _CHANNEL_INTERNALS)
-        and bool(channel.publisher_confirms)
-    )
-
-
-# What `_write_pipelined` uses of aiormq's Channel beyond `basic_publish`.
-_CHANNEL_INTERNALS = (
-    "lock", "delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue",
-    "max_content_size", "publisher_confirms", "create_future", "closing", "loop",
-)
-
-
-async def _write_pipelined(
-    channel: aiormq.Channel, payload: bytes, message_ids: list[str]
-) -> list[asyncio.Future[Any]]:
-    """Write a chunk of marshalled publishes at once; a confirm future for each, in order.
-
-    This reaches into aiormq's Channel (7.x), and is the only place that does. Its
-    `basic_publish` costs a task, a lock, a timeout, a write-queue put, a socket write and
-    a drain wait per message, most of a batch's client CPU (docs/performance.md); here one
-    lock, one put and one write cover the chunk. The bookkeeping is aiormq's, done as
-    `basic_publish` does it: under the channel lock, delivery tags numbered in the order
-    the frames are written; a future per tag in `confirmations`, which aiormq's reader
-    resolves on an ack and fails on a nack or a return; and `message_id_delivery_tag`, by
-    which the reader finds the publish a return belongs to, dropped once it is settled.
-    Unlike `basic_publish`'s, the futures are plain ones, not registered with aiormq's
-    future store (whose bookkeeping cost ~7 us a message): the store would fail them when
-    the channel closes, so the caller watches `channel.closing` instead. `_can_pipeline`
-    falls back to `basic_publish` when these attributes are missing; the broker tests of
-    returns, nacks and closes cover their meaning.
-    """
-    loop = channel.loop
-    futures = [loop.create_future() for _ in message_ids]
-    async with channel.lock:
-        first = channel.delivery_tag + 1
-        tags = range(first, first + len(message_ids))
-        entries = list(zip(tags, message_ids, futures, strict=True))
-        confirmations, lookup = channel.confirmations, channel.message_id_delivery_tag
-        for tag, message_id, future in entries:
-            confirmations[tag] = future
-            lookup[message_id] = tag
-        channel.delivery_tag = tags[-1]
-        drain = channel.create_future()  # aiormq's: failed if the channel closes meanwhile
-        sent = False
-        try:
-            await channel.write_queue.put(
-                ChannelFrame(payload=payload, should_close=False, drain_future=drain)
-            )
-            sent = True
-            for tag, message_id, future in entries:
-                future.add_done_callback(partial(_forget, lookup, message_id, tag))
-            await drain
-        except BaseException:
-            if not sent:  # the broker never saw these: take the tags back, as aiormq does
-                channel.delivery_tag = first - 1
-                for tag, message_id, future in entries:
-                    confirmations.pop(tag, None)
-                    _forget(lookup, message_id, tag)
-                    future.cancel()
-            drain.cancel()
-            raise
-    return futures
-
-
-def _forget(lookup: dict[str, int], message_id: str, tag: int, *_: object) -> None:
-    """Drop a settled publish's return lookup, unless a later publish reused its id."""
-    if lookup.get(message_id) == tag:
-        del lookup[message_id]
 
 
 def raise_first(messages: Sequence[Outgoing], errors: Sequence[SendError | None]) -> None:

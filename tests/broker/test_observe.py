@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -69,7 +69,8 @@ async def test_metrics_logs_and_hooks_match_what_happened(
         for n in range(FLAKY):
             await flaky.publish(Item(n=n))
         await doomed.publish(Item(n=0))
-        await ok.publish(Item(n=99), deadline=timedelta(milliseconds=1))
+        # a deadline already past: on loopback a task can arrive within a millisecond
+        await ok.publish(Item(n=99), deadline=datetime.now(UTC) - timedelta(seconds=1))
         channel = await connection.channel()
         exchange = await channel.get_exchange(workload.task_exchange, ensure=False)
         waited = int((time.time() - WAITED_SECONDS) * 1000)

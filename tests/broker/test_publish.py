@@ -20,7 +20,8 @@ from pydantic import BaseModel
 
 from rabbitq import App, NotConfirmed, TaskContext, Unroutable
 from rabbitq.metrics import Metrics
-from rabbitq.publish import PIPELINE_CHUNK, Outgoing
+from rabbitq.pipeline import PIPELINE_CHUNK
+from rabbitq.publish import Outgoing
 from tests.helpers import drain_queue, queue_depth, running_consumer, wait_until
 
 WORKLOAD = {"capacity": 4, "retry": {"tiers": ["50ms"], "max_attempts": 2}}

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from rabbitq.publish import Outgoing, _marshal
+from rabbitq.pipeline import marshal
+from rabbitq.publish import Outgoing
 
 DEFAULT_MAX_BODY = 131_072 - 8  # frame_max minus a body frame's overhead
 
@@ -30,7 +31,7 @@ def reference(out: Outgoing, channel_number: int, max_body: int) -> bytes:
 
 
 def ours(out: Outgoing, channel_number: int, max_body: int) -> bytes:
-    return _marshal(out, channel_number, max_body, {})
+    return marshal(out, channel_number, max_body, {})
 
 
 short_text = st.text(max_size=60)
