@@ -15,9 +15,10 @@ from typing import Any
 
 SIDES = ("raw", "rabbitq")
 SCENARIOS = ("publish", "drain", "latency", "retry", "memory", "scale")
-# Where a smaller number is better; `offered` is an input, not an outcome.
+# Where a smaller number is better; `offered` is an input, and machine and broker CPU (scale)
+# are context, not outcomes.
 _LOWER_BETTER = ("_ms", "rss", "cpu_us", "growth")
-_NEUTRAL = ("offered",)
+_NEUTRAL = ("offered", "busy", "cores")
 
 Figures = dict[str, dict[str, dict[str, float]]]  # scenario -> metric -> side -> value
 

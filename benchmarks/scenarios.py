@@ -13,6 +13,7 @@ import asyncio
 from typing import Any
 
 from benchmarks import broker
+from benchmarks.cpu import CpuSampler
 from benchmarks.names import CAPACITY, drain_workload
 from benchmarks.procs import Disturbed, Worker
 from benchmarks.systems import Side
@@ -27,17 +28,21 @@ def _timeout(count: int) -> float:
 
 
 async def _gated(side: Side, workers: list[Worker], workload: str, count: int,
-                 expect_total: int) -> list[dict[str, Any]]:
-    """Fill, start, go; the workers' results once all are done."""
+                 expect_total: int, cpu: CpuSampler | None = None) -> list[dict[str, Any]]:
+    """Fill, start, go; the workers' results once all are done (`cpu` samples meanwhile)."""
     await broker.purge(side.ctx.url, side.queues(workload))
     try:
         await asyncio.gather(*(w.start() for w in workers))
         await broker.fill(side.ctx.url, side.target(workload), workload, count)
         await asyncio.gather(*(w.ready() for w in workers))
+        if cpu is not None:
+            cpu.start()
         for worker in workers:
             worker.go()
         results = await asyncio.gather(*(w.result(_timeout(count)) for w in workers))
     finally:
+        if cpu is not None:
+            await cpu.stop()
         for worker in workers:
             await worker.stop()
     handled = sum(r["handled"] for r in results)
@@ -99,8 +104,13 @@ async def scale(side: Side, n: int, idle: float) -> dict[str, float]:
         workers = [side.worker("drain", "scale", CAPACITY, expect=0, idle=idle,
                                label=f"{side.name} scale {i + 1}/{processes}")
                    for i in range(processes)]
-        results = await _gated(side, workers, "scale", n, n)
+        cpu = CpuSampler()
+        results = await _gated(side, workers, "scale", n, n, cpu)
         out[f"{processes}_process_tasks_per_s"] = _rate(results)
+        # from go to the last ack: is the machine the limit?
+        window = cpu.window(min(r["go_at"] for r in results), max(r["last_at"] for r in results))
+        for key, value in window.items():
+            out[f"{processes}_process_{key}"] = value
     out["two_over_one"] = out["2_process_tasks_per_s"] / out["1_process_tasks_per_s"]
     return out
 

@@ -2,9 +2,15 @@
 
 Nothing is registered at import and nothing goes to prometheus-client's global registry:
 `Metrics(registry)` registers everything once, and the consumer and the publisher take the
-label children they need up front, so the hot path pays one `inc()` or `observe()` (about a
-microsecond) per outcome, never a label lookup. Gauges that mirror state (running handlers)
-are read when scraped, at no cost per task.
+label children they need up front, so the hot path never looks up a label.
+
+The per-task counters and histograms are rabbitq's own (`Count`, `Buckets`): an increment is
+an addition and an observation a bisect, a quarter of a microsecond, where prometheus-client's
+take a lock per value (about a microsecond each, 5% of a drain's CPU at three a task). One
+collector turns them into Prometheus families when scraped. They are updated on the
+consumer's event loop only; a scrape from another thread may see a sum and a count one
+observation apart, never a torn value. Gauges that mirror state (running handlers) are read
+when scraped, at no cost per task.
 
 Label values are bounded: workload names come from the topology, task names from the app's
 registry (`_unknown` for poison that names no registered task), reasons and outcomes from
@@ -13,9 +19,11 @@ fixed sets. Never an id.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from rabbitq.envelope import ParkReason
 from rabbitq.errors import NotConfirmed, Unroutable
@@ -50,24 +58,24 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.tasks = Counter(
+        self.tasks = CountFamily(
             "rabbitq_tasks", "Settled deliveries by outcome: succeeded, retried, parked, "
             "expired (deadline passed before it ran; also in the parking lot) or redelivered "
             "(came back unsettled and was requeued with its count raised).",
-            ["workload", "task", "outcome"], registry=registry,
+            ("workload", "task", "outcome"),
         )
-        self.parked = Counter(
+        self.parked = CountFamily(
             "rabbitq_tasks_parked", "Tasks moved to the parking lot, by reason.",
-            ["workload", "task", "reason"], registry=registry,
+            ("workload", "task", "reason"),
         )
-        self.duration = Histogram(
+        self.duration = BucketsFamily(
             "rabbitq_task_duration_seconds", "Handler run time, whatever the outcome.",
-            ["workload", "task"], buckets=DURATION_BUCKETS, registry=registry,
+            ("workload", "task"), DURATION_BUCKETS,
         )
-        self.queue_latency = Histogram(
+        self.queue_latency = BucketsFamily(
             "rabbitq_task_queue_latency_seconds", "Handler start minus the time the task could "
             "first run: its publish time, or the end of its retry delay.",
-            ["workload", "task"], buckets=LATENCY_BUCKETS, registry=registry,
+            ("workload", "task"), LATENCY_BUCKETS,
         )
         self.running = Gauge(
             "rabbitq_running_handlers", "Handlers running now.", ["workload"], registry=registry,
@@ -92,14 +100,18 @@ class Metrics:
             "at a time): no heartbeats or acks went out meanwhile.", ["workload"],
             registry=registry,
         )
-        self.publishes = Counter(
+        self.publishes = CountFamily(
             "rabbitq_publishes", "Publishes by kind (task, retry, park, redeliver) and outcome "
-            "(confirmed, returned, nacked, failed).", ["kind", "outcome"], registry=registry,
+            "(confirmed, returned, nacked, failed).", ("kind", "outcome"),
         )
-        self.confirm = Histogram(
+        self.confirm = BucketsFamily(
             "rabbitq_publish_confirm_seconds", "From publish to the broker's confirm.",
-            ["kind"], buckets=CONFIRM_BUCKETS, registry=registry,
+            ("kind",), CONFIRM_BUCKETS,
         )
+        registry.register(_Families(
+            (self.tasks, self.parked, self.duration, self.queue_latency, self.publishes,
+             self.confirm)
+        ))
 
     def workload(
         self, name: str, tasks: Iterable[str], capacity: int, running: Callable[[], float]
@@ -128,7 +140,7 @@ class TaskMetrics:
         self.queue_latency = metrics.queue_latency.labels(workload, task)
         # every reason up front: a series born at its first park would hide that park from
         # rate() and increase()
-        self._parked_by_reason = {
+        self._parked_by_reason: dict[str, Count] = {
             str(r): metrics.parked.labels(workload, task, str(r)) for r in ParkReason
         }
 
@@ -196,3 +208,96 @@ def publish_outcome(error: BaseException) -> str:
     if isinstance(error, NotConfirmed) and error.nacked:
         return "nacked"
     return "failed"
+
+
+class Count:
+    """A counter child: `inc()` is one addition."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class Buckets:
+    """A histogram child: `observe()` is a bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # a value equal to a bound belongs to that bound's bucket (le = less or equal)
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class CountFamily:
+    """A labelled counter whose children are `Count`s."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.children: dict[tuple[str, ...], Count] = {}
+
+    def labels(self, *values: str) -> Count:
+        return self.children.setdefault(values, Count())
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self.children.items()):
+            family.add_metric(values, child.value)
+        return family
+
+
+class BucketsFamily:
+    """A labelled histogram whose children are `Buckets`."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: tuple[str, ...],
+        bounds: tuple[float, ...],
+    ) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.bounds = bounds
+        # as prometheus-client writes `le` (the same series whichever made it)
+        self.les = [repr(float(b)) for b in bounds] + ["+Inf"]
+        self.children: dict[tuple[str, ...], Buckets] = {}
+
+    def labels(self, *values: str) -> Buckets:
+        return self.children.setdefault(values, Buckets(self.bounds))
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self.children.items()):
+            cumulative, buckets = 0, []
+            for le, count in zip(self.les, list(child.counts), strict=True):
+                cumulative += count
+                buckets.append((le, float(cumulative)))
+            family.add_metric(values, buckets, child.sum)
+        return family
+
+
+class _Families:
+    """The collector that shows rabbitq's own families to a registry when it is scraped."""
+
+    def __init__(self, families: tuple[CountFamily | BucketsFamily, ...]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.family()
+
+    def describe(self) -> Iterator[Metric]:
+        # names only, so the registry refuses a second Metrics on it
+        for family in self.families:
+            if isinstance(family, CountFamily):
+                yield CounterMetricFamily(family.name, family.documentation,
+                                          labels=family.labelnames)
+            else:
+                yield HistogramMetricFamily(family.name, family.documentation,
+                                            labels=family.labelnames)

@@ -122,3 +122,43 @@ def test_every_park_reason_and_publish_outcome_series_exists_at_zero() -> None:
         for outcome in PUBLISH_OUTCOMES:
             assert _value(publishing_registry, "rabbitq_publishes_total", kind=kind,
                           outcome=outcome) == 0
+
+
+def test_own_histograms_and_counters_expose_what_prometheus_client_would() -> None:
+    """rabbitq's lock-free children give the samples prometheus-client's would, bucket edges
+    (a value equal to a bound is in that bound's bucket) and +Inf included."""
+    from prometheus_client import Counter, Histogram
+
+    from rabbitq.metrics import LATENCY_BUCKETS
+
+    values = [0.0, 0.001, 0.0011, 0.5, 1.0, 59.9, 60.0, 3600.0, 4000.0, 0.25]
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    task = Metrics(ours).workload("emails", ["emails.send"], 8, lambda: 0).task("emails.send")
+    reference = Histogram("rabbitq_task_queue_latency_seconds", "x", ["workload", "task"],
+                          buckets=LATENCY_BUCKETS, registry=theirs).labels("emails", "emails.send")
+    counter = Counter("rabbitq_tasks", "x", ["workload", "task", "outcome"], registry=theirs)
+    for value in values:
+        task.queue_latency.observe(value)
+        reference.observe(value)
+        task.succeeded.inc()
+        counter.labels("emails", "emails.send", "succeeded").inc()
+
+    def samples(registry: CollectorRegistry, prefix: str) -> dict[tuple[str, str], float]:
+        return {
+            (s.name, s.labels.get("le", "")): s.value
+            for m in registry.collect() for s in m.samples
+            if s.name.startswith(prefix) and not s.name.endswith("_created")
+            and s.labels.get("task") == "emails.send"
+            and s.labels.get("outcome", "succeeded") == "succeeded"
+        }
+
+    assert samples(ours, "rabbitq_task_queue_latency") == samples(
+        theirs, "rabbitq_task_queue_latency")
+    assert samples(ours, "rabbitq_tasks_total") == samples(theirs, "rabbitq_tasks_total")
+
+
+def test_a_second_metrics_on_one_registry_is_refused() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry)
+    with pytest.raises(ValueError, match="Duplicated"):
+        Metrics(registry)
