@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from rabbitq import App, NotConfirmed, TaskContext, Unroutable
+from rabbitq import App, NotConfirmed, Task, TaskContext, Unroutable
 from rabbitq.metrics import Metrics
 from rabbitq.pipeline import PIPELINE_CHUNK
 from rabbitq.publish import Outgoing
@@ -31,6 +31,16 @@ class Item(BaseModel):
     n: int
 
 
+async def _nothing(item: Item) -> None:
+    pass
+
+
+def item_tasks(app: App) -> tuple[Task[Item, None], Task[Item, None]]:
+    """`a.item` for workload a (the tests declare it) and `b.item` for b (never declared)."""
+    return (app.task("a.item", workload="a")(_nothing),
+            app.task("b.item", workload="b")(_nothing))
+
+
 async def test_publish_to_an_unbound_workload_raises_unroutable(
     make_topology, connection, url, namespace
 ):
@@ -38,13 +48,7 @@ async def test_publish_to_an_unbound_workload_raises_unroutable(
     topology = await make_topology(a=WORKLOAD)
     app = App(namespace=namespace, url=url)
 
-    @app.task("b.item", workload="b")
-    async def b_item(item: Item) -> None:
-        pass
-
-    @app.task("a.item", workload="a")
-    async def a_item(item: Item) -> None:
-        pass
+    a_item, b_item = item_tasks(app)
 
     try:
         with pytest.raises(Unroutable) as caught:
@@ -68,9 +72,7 @@ async def test_publish_to_a_namespace_without_exchange_raises_unroutable(
     missing_namespace = f"{namespace}-missing"
     app = App(namespace=missing_namespace, url=url)
 
-    @app.task("a.item", workload="a")
-    async def a_item(item: Item) -> None:
-        pass
+    a_item, _ = item_tasks(app)
 
     try:
         for _ in range(2):  # the second publish finds the publisher's channel reopened
@@ -88,9 +90,7 @@ async def test_publish_returns_after_the_confirm(make_topology, connection, url,
     work_queue = topology.workload("a").work_queue
     app = App(namespace=namespace, url=url)
 
-    @app.task("a.item", workload="a")
-    async def a_item(item: Item) -> None:
-        pass
+    a_item, _ = item_tasks(app)
 
     try:
         for expected in (1, 2, 3):
@@ -113,9 +113,7 @@ async def test_publish_raises_not_confirmed_when_the_broker_nacks(
     await queue.bind(f"{namespace}.tasks", routing_key="a")
     app = App(namespace=namespace, url=url)
 
-    @app.task("a.item", workload="a")
-    async def a_item(item: Item) -> None:
-        pass
+    a_item, _ = item_tasks(app)
 
     try:
         with pytest.raises(NotConfirmed) as caught:
@@ -133,9 +131,7 @@ async def test_publish_many_queues_the_whole_batch(make_topology, connection, ur
     topology = await make_topology(a=WORKLOAD)
     app = App(namespace=namespace, url=url)
 
-    @app.task("a.item", workload="a")
-    async def a_item(item: Item) -> None:
-        pass
+    a_item, _ = item_tasks(app)
 
     try:
         ids = await app.publish_many([a_item.message(Item(n=n)) for n in range(100)])
@@ -154,13 +150,7 @@ async def test_publish_many_raises_the_first_return_and_queues_the_rest(
     topology = await make_topology(a=WORKLOAD)
     app = App(namespace=namespace, url=url)
 
-    @app.task("a.item", workload="a")
-    async def a_item(item: Item) -> None:
-        pass
-
-    @app.task("b.item", workload="b")
-    async def b_item(item: Item) -> None:
-        pass
+    a_item, b_item = item_tasks(app)
 
     batch = [a_item.message(Item(n=n)) for n in range(10)]
     batch[3] = b_item.message(Item(n=3), idempotency_key="lost-3")
@@ -425,13 +415,7 @@ async def test_publish_many_reports_every_message_in_order(
     topology = await make_topology(a=WORKLOAD)
     app = App(namespace=namespace, url=url)
 
-    @app.task("a.item", workload="a")
-    async def a_item(item: Item) -> None:
-        pass
-
-    @app.task("b.item", workload="b")
-    async def b_item(item: Item) -> None:
-        pass
+    a_item, b_item = item_tasks(app)
 
     lost = [0, 5, PIPELINE_CHUNK - 1, PIPELINE_CHUNK, 2 * PIPELINE_CHUNK + 1, 599]
     batch = [(b_item if n in lost else a_item).message(Item(n=n)) for n in range(600)]
@@ -465,9 +449,7 @@ async def test_publish_many_reports_nacks_per_message(make_topology, connection,
     await queue.bind(f"{namespace}.tasks", routing_key="full")
     app = App(namespace=namespace, url=url)
 
-    @app.task("a.item", workload="a")
-    async def a_item(item: Item) -> None:
-        pass
+    a_item, _ = item_tasks(app)
 
     @app.task("full.item", workload="full")
     async def full_item(item: Item) -> None:
@@ -497,9 +479,7 @@ async def test_publish_many_into_a_missing_exchange_fails_every_message_at_once(
     await make_topology(a=WORKLOAD)
     app = App(namespace=f"{namespace}-missing", url=url)
 
-    @app.task("a.item", workload="a")
-    async def a_item(item: Item) -> None:
-        pass
+    a_item, _ = item_tasks(app)
 
     publisher = await app.publisher()
     try:
@@ -543,13 +523,7 @@ async def test_publish_many_matches_returns_to_messages_that_share_an_id(
     topology = await make_topology(a=WORKLOAD)
     app = App(namespace=namespace, url=url)
 
-    @app.task("a.item", workload="a")
-    async def a_item(item: Item) -> None:
-        pass
-
-    @app.task("b.item", workload="b")
-    async def b_item(item: Item) -> None:
-        pass
+    a_item, b_item = item_tasks(app)
 
     batch = [
         b_item.message(Item(n=0), idempotency_key="k1"),  # returned
@@ -579,9 +553,7 @@ async def test_publish_many_fails_what_is_in_flight_at_once_when_the_connection_
     await make_topology(a=WORKLOAD)
     app = App(namespace=namespace, url=url)
 
-    @app.task("a.item", workload="a")
-    async def a_item(item: Item) -> None:
-        pass
+    a_item, _ = item_tasks(app)
 
     publisher = await app.publisher()
     try:
@@ -609,9 +581,7 @@ async def test_a_cancelled_publish_many_leaves_the_publisher_usable(make_topolog
     await make_topology(a=WORKLOAD)
     app = App(namespace=namespace, url=url)
 
-    @app.task("a.item", workload="a")
-    async def a_item(item: Item) -> None:
-        pass
+    a_item, _ = item_tasks(app)
 
     publisher = await app.publisher()
     try:
