@@ -25,44 +25,45 @@ def _machine_ticks() -> tuple[int, int]:
     return total - idle, total
 
 
-def _broker_pids() -> list[int]:
-    pids = []
+def broker_pid() -> int | None:
+    """The local RabbitMQ's Erlang VM, if it runs on this machine (it may be restarted)."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "comm").read_text().strip().startswith("beam"):
-                    pids.append(int(entry.name))
+                if (entry / "comm").read_text().strip() == "beam.smp":
+                    return int(entry.name)
             except OSError:
                 continue
-    return pids
+    return None
 
 
-def _process_ticks(pids: list[int]) -> int:
-    ticks = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks
+def broker_cpu_seconds(pid: int | None) -> float | None:
+    """User and system CPU seconds the broker used so far; None if it is not local."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
 
 @dataclass
 class CpuSampler:
     """Samples machine and broker CPU every SAMPLE_SECONDS until stopped."""
 
-    samples: list[tuple[float, int, int, int]] = field(default_factory=list)
+    samples: list[tuple[float, int, int, float]] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._pids = _broker_pids()
+        self._pid = broker_pid()
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         while True:
             busy, total = _machine_ticks()
-            self.samples.append((time.monotonic(), busy, total, _process_ticks(self._pids)))
+            broker = broker_cpu_seconds(self._pid) or 0.0
+            self.samples.append((time.monotonic(), busy, total, broker))
             await asyncio.sleep(SAMPLE_SECONDS)
 
     async def stop(self) -> None:
@@ -78,5 +79,5 @@ class CpuSampler:
         (t0, busy0, total0, beam0), (t1, busy1, total1, beam1) = inside[0], inside[-1]
         return {
             "machine_busy_pct": (busy1 - busy0) / max(1, total1 - total0) * 100,
-            "broker_cores": (beam1 - beam0) / TICKS / (t1 - t0),
+            "broker_cores": (beam1 - beam0) / (t1 - t0),
         }

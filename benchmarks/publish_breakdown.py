@@ -52,6 +52,7 @@ from prometheus_client import CollectorRegistry
 
 import rabbitq.app
 from benchmarks import broker
+from benchmarks.cpu import broker_cpu_seconds, broker_pid
 from benchmarks.names import RawQueues, new_namespace, topology_toml
 from benchmarks.probe import LOOPS
 from benchmarks.probe import run as run_loop
@@ -70,7 +71,6 @@ from rabbitq.publish import raise_first
 from rabbitq.topology import Topology, parse_topology
 
 WORKLOAD = "publish"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ATTEMPTS = 5
 
 
@@ -118,28 +118,6 @@ class Clock:
         end = broker_cpu_seconds(self._broker)
         if self._broker0 is not None and end is not None:
             self.broker_cpu = end - self._broker0
-
-
-def broker_pid() -> int | None:
-    """The local RabbitMQ's Erlang VM, if it runs on this machine (it may be restarted)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == "beam.smp":
-                    return int(entry.name)
-            except OSError:
-                continue
-    return None
-
-
-def broker_cpu_seconds(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
 def rabbitq_properties(i: int) -> dict[str, Any]:

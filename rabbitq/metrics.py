@@ -293,11 +293,5 @@ class _Families:
             yield family.family()
 
     def describe(self) -> Iterator[Metric]:
-        # names only, so the registry refuses a second Metrics on it
-        for family in self.families:
-            if isinstance(family, CountFamily):
-                yield CounterMetricFamily(family.name, family.documentation,
-                                          labels=family.labelnames)
-            else:
-                yield HistogramMetricFamily(family.name, family.documentation,
-                                            labels=family.labelnames)
+        # the names, so the registry refuses a second Metrics on it
+        return self.collect()

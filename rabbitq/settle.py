@@ -32,6 +32,7 @@ from typing import Any
 
 import pamqp.encode
 from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 
 from rabbitq.ack import Acker
 from rabbitq.app import App
@@ -85,6 +86,12 @@ def _travelling(headers: dict[str, Any]) -> dict[str, Any]:
     if size > MAX_HEADER_BYTES:
         return keep_own_headers(headers, f"{size} bytes of headers, over {MAX_HEADER_BYTES}")
     return headers
+
+
+def _timestamp(props: Basic.Properties) -> float | None:
+    """The AMQP `timestamp` property in seconds since the epoch, if set (pamqp gives UTC)."""
+    stamp = props.timestamp
+    return stamp.replace(tzinfo=UTC).timestamp() if isinstance(stamp, datetime) else None
 
 
 class Settler:
@@ -189,10 +196,8 @@ class Settler:
         ready_ms = envelope.ready_ms
         if ready_ms is not None:
             metrics.queue_latency.observe(max(0.0, now - ready_ms / 1000))
-        elif isinstance(props.timestamp, datetime):  # a publisher that only set `timestamp`
-            metrics.queue_latency.observe(
-                max(0.0, now - props.timestamp.replace(tzinfo=UTC).timestamp())
-            )
+        elif (published := _timestamp(props)) is not None:  # a publisher without our header
+            metrics.queue_latency.observe(max(0.0, now - published))
         started = time.monotonic()
         try:
             await definition.run(payload, ctx, self.executor)
@@ -284,10 +289,7 @@ class Settler:
                 failed_at=now,
                 host=self.host,
                 workload=self.workload.name,
-                published_at=(
-                    props.timestamp.replace(tzinfo=UTC).timestamp()
-                    if isinstance(props.timestamp, datetime) else None
-                ),
+                published_at=_timestamp(props),
             ),
             "park",
             # the broker reports the head message's timestamp: with the park time there, the

@@ -58,7 +58,7 @@ from rabbitq import declare
 from rabbitq.envelope import HEADER_ATTEMPT, HEADER_DEADLINE
 from rabbitq.publish import Outgoing
 from rabbitq.topology import Topology, Workload, parse_topology
-from tests.helpers import wait_until
+from tests.helpers import queue_depth, wait_until
 from tests.ledger import (
     TASK,
     TASK_SYNC,
@@ -73,7 +73,6 @@ from tests.ledger import (
     broker_stopped,
     check,
     close_all_connections,
-    depth,
     memory_alarm,
     restore_broker,
 )
@@ -438,7 +437,7 @@ class Soak:
             return False
         try:
             names = [self.workload.work_queue, *(t.queue for t in self.workload.tiers)]
-            return all([await depth(connection, name) == 0 for name in names])
+            return all([await queue_depth(connection, name) == 0 for name in names])
         except Exception:
             return False
         finally:

@@ -51,6 +51,7 @@ from rabbitq.connection import is_open
 from rabbitq.envelope import HEADER_PARK_ERROR_TYPE, HEADER_PARK_REASON
 from rabbitq.publish import Outgoing, Publisher
 from rabbitq.topology import Workload
+from tests.helpers import queue_depth
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -373,16 +374,6 @@ async def read_parking(
         await channel.close()
 
 
-async def depth(connection: AbstractConnection, queue_name: str) -> int:
-    """Ready messages in a queue."""
-    channel = await connection.channel()
-    try:
-        queue = await channel.declare_queue(queue_name, passive=True)
-        return queue.declaration_result.message_count or 0
-    finally:
-        await channel.close()
-
-
 async def check(
     ledger: Ledger, url: str, workload: Workload, *, drain_parking: bool = True
 ) -> LedgerReport:
@@ -394,7 +385,7 @@ async def check(
     try:
         leftover: dict[str, int] = {}
         for name in [workload.work_queue, *(t.queue for t in workload.tiers)]:
-            found = await depth(connection, name)
+            found = await queue_depth(connection, name)
             if found:
                 leftover[name] = found
         parked = await read_parking(connection, workload.parking_queue, drain=drain_parking)
@@ -520,7 +511,7 @@ class QueueProbe:
             if self._connection is None or not is_open(self._connection):
                 await self.close()
                 self._connection = await aio_pika.connect(self.url, timeout=3)
-            return await depth(self._connection, self.queue_name) < limit
+            return await queue_depth(self._connection, self.queue_name) < limit
         except Exception:
             await self.close()
             return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -10,11 +11,13 @@ import textwrap
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractConnection
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
@@ -31,14 +34,33 @@ class Item(BaseModel):
     n: int
 
 
-async def _nothing(item: Item) -> None:
+async def _noop(item: Item) -> None:
     pass
 
 
 def item_tasks(app: App) -> tuple[Task[Item, None], Task[Item, None]]:
     """`a.item` for workload a (the tests declare it) and `b.item` for b (never declared)."""
-    return (app.task("a.item", workload="a")(_nothing),
-            app.task("b.item", workload="b")(_nothing))
+    return (app.task("a.item", workload="a")(_noop),
+            app.task("b.item", workload="b")(_noop))
+
+
+@contextlib.asynccontextmanager
+async def refusing_queue(
+    connection: AbstractConnection, namespace: str, routing_key: str
+) -> AsyncIterator[None]:
+    """A queue bound to the task exchange for `routing_key` that the broker refuses every
+    message into (max length 0, reject-publish: a nack); deleted on exit."""
+    name = f"{namespace}.{routing_key}.refusing"
+    channel = await connection.channel()
+    try:
+        queue = await channel.declare_queue(
+            name, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        await queue.bind(f"{namespace}.tasks", routing_key=routing_key)
+        yield
+    finally:
+        await channel.queue_delete(name)
+        await channel.close()
 
 
 async def test_publish_to_an_unbound_workload_raises_unroutable(
@@ -105,25 +127,16 @@ async def test_publish_raises_not_confirmed_when_the_broker_nacks(
 ):
     """A publish the broker nacks (a full reject-publish queue) raises NotConfirmed."""
     await make_topology(a=WORKLOAD)
-    full_queue = f"{namespace}.a.full"
-    channel = await connection.channel()
-    queue = await channel.declare_queue(
-        full_queue, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
-    )
-    await queue.bind(f"{namespace}.tasks", routing_key="a")
     app = App(namespace=namespace, url=url)
-
     a_item, _ = item_tasks(app)
-
-    try:
-        with pytest.raises(NotConfirmed) as caught:
-            await a_item.publish(Item(n=1), idempotency_key="nacked-1")
-        assert caught.value.message_id == "nacked-1"
-        assert "nacked" in caught.value.reason
-    finally:
-        await app.close()
-        await channel.queue_delete(full_queue)
-        await channel.close()
+    async with refusing_queue(connection, namespace, "a"):
+        try:
+            with pytest.raises(NotConfirmed) as caught:
+                await a_item.publish(Item(n=1), idempotency_key="nacked-1")
+        finally:
+            await app.close()
+    assert caught.value.message_id == "nacked-1"
+    assert "nacked" in caught.value.reason
 
 
 async def test_publish_many_queues_the_whole_batch(make_topology, connection, url, namespace):
@@ -441,27 +454,15 @@ async def test_publish_many_reports_every_message_in_order(
 async def test_publish_many_reports_nacks_per_message(make_topology, connection, url, namespace):
     """In a batch, the messages a full reject-publish queue refuses are NotConfirmed, only them."""
     topology = await make_topology(a=WORKLOAD)
-    full_queue = f"{namespace}.full.work"
-    channel = await connection.channel()
-    queue = await channel.declare_queue(
-        full_queue, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
-    )
-    await queue.bind(f"{namespace}.tasks", routing_key="full")
     app = App(namespace=namespace, url=url)
-
     a_item, _ = item_tasks(app)
-
-    @app.task("full.item", workload="full")
-    async def full_item(item: Item) -> None:
-        pass
-
+    full_item = app.task("full.item", workload="full")(_noop)
     batch = [(full_item if n % 3 == 0 else a_item).message(Item(n=n)) for n in range(300)]
-    try:
-        errors = await (await app.publisher()).send_many(batch)
-    finally:
-        await app.close()
-        await channel.queue_delete(full_queue)
-        await channel.close()
+    async with refusing_queue(connection, namespace, "full"):
+        try:
+            errors = await (await app.publisher()).send_many(batch)
+        finally:
+            await app.close()
     for n, error in enumerate(errors):
         if n % 3 == 0:
             assert isinstance(error, NotConfirmed) and "nacked" in error.reason, (n, error)
@@ -610,26 +611,19 @@ async def test_publish_many_counts_every_message_like_publish_does(
 ):
     """With metrics, a batch counts each message's outcome and confirm latency, per message."""
     await make_topology(a=WORKLOAD)
-    full_queue = f"{namespace}.full.work"
-    channel = await connection.channel()
-    queue = await channel.declare_queue(
-        full_queue, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
-    )
-    await queue.bind(f"{namespace}.tasks", routing_key="full")
     registry = CollectorRegistry()
     app = App(namespace=namespace, url=url, metrics=Metrics(registry))
     tasks = {
         name: app.task(f"{name}.item", workload=name)(_noop) for name in ("a", "b", "full")
     }
     kinds = ["a"] * 250 + ["b"] * 30 + ["full"] * 20
-    try:
-        errors = await (await app.publisher()).send_many(
-            [tasks[k].message(Item(n=n)) for n, k in enumerate(kinds)]
-        )
-    finally:
-        await app.close()
-        await channel.queue_delete(full_queue)
-        await channel.close()
+    async with refusing_queue(connection, namespace, "full"):
+        try:
+            errors = await (await app.publisher()).send_many(
+                [tasks[k].message(Item(n=n)) for n, k in enumerate(kinds)]
+            )
+        finally:
+            await app.close()
     assert [type(e).__name__ for e in errors] == (
         ["NoneType"] * 250 + ["Unroutable"] * 30 + ["NotConfirmed"] * 20
     )
@@ -643,7 +637,3 @@ async def test_publish_many_counts_every_message_like_publish_does(
     assert sample("rabbitq_publish_confirm_seconds_count") == 250
     total = sample("rabbitq_publish_confirm_seconds_sum")
     assert total is not None and 0 < total / 250 < 10
-
-
-async def _noop(item: Item) -> None:
-    pass
