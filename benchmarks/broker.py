@@ -18,8 +18,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from benchmarks.names import RawQueue
 from benchmarks.wire import body, task_properties
-from rabbitq import declare
-from rabbitq.topology import Topology
+from rabbitq import _declare as declare
+from rabbitq._topology import Topology
 
 CONNECT_TIMEOUT_SECONDS = 10.0
 # Set-up publishing keeps this many confirms in flight: as fast as the broker syncs, and

@@ -1,6 +1,6 @@
 """Every queue name and workload the benchmark uses, derived from one run namespace.
 
-rabbitq's own names come from `rabbitq.topology` (this module only writes the topology text it
+rabbitq's own names come from `rabbitq._topology` (this module only writes the topology text it
 parses); the raw baseline's queues are named here and nowhere else, under the same namespace so
 that one prefix finds everything a run made.
 """

@@ -31,8 +31,8 @@ from benchmarks.probe import LOOPS
 from benchmarks.procs import Disturbed
 from benchmarks.run import BROKER_DOWN_SECONDS, DEFAULT_URL, delete_namespace, loops
 from benchmarks.systems import RabbitqSide, RawSide, RunContext, Side
-from rabbitq.errors import RabbitqError
-from rabbitq.topology import parse_topology
+from rabbitq._errors import RabbitqError
+from rabbitq._topology import parse_topology
 
 # A raw py-spy line: "frame;frame;...;leaf count", each frame "function (file:line)".
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*)(?::\d+)?\)$")

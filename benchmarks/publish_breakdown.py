@@ -50,7 +50,7 @@ import aiormq
 from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry
 
-import rabbitq.app
+import rabbitq._app
 from benchmarks import broker
 from benchmarks.cpu import broker_cpu_seconds, broker_pid
 from benchmarks.names import RawQueues, new_namespace, topology_toml
@@ -64,11 +64,11 @@ from benchmarks.run import (
     delete_namespace,
 )
 from benchmarks.wire import CONTENT_TYPE, HEADER_ATTEMPT, PERSISTENT, body
-from rabbitq.envelope import HEADER_PUBLISHED_AT
-from rabbitq.errors import RabbitqError
-from rabbitq.metrics import Metrics
-from rabbitq.publish import raise_first
-from rabbitq.topology import Topology, parse_topology
+from rabbitq._errors import RabbitqError
+from rabbitq._metrics import Metrics
+from rabbitq._publish import raise_first
+from rabbitq._topology import Topology, parse_topology
+from rabbitq._wire import HEADER_PUBLISHED_AT
 
 WORKLOAD = "publish"
 ATTEMPTS = 5
@@ -207,11 +207,11 @@ async def aiormq_nowait(ctx: Ctx, profiler: cProfile.Profile | None) -> Clock:
 async def _rabbitq(ctx: Ctx, profiler: cProfile.Profile | None, metrics: bool,
                    each: bool = False, publisher: type[Any] | None = None) -> Clock:
     if publisher is not None:  # App.publisher() builds the module's Publisher
-        shipped, rabbitq.app.Publisher = rabbitq.app.Publisher, publisher
+        shipped, rabbitq._app.Publisher = rabbitq._app.Publisher, publisher
         try:
             return await _rabbitq(ctx, profiler, metrics, each)
         finally:
-            rabbitq.app.Publisher = shipped
+            rabbitq._app.Publisher = shipped
     app, tasks = build_app()
     app.namespace, app.url = ctx.namespace, ctx.url
     if metrics:  # a registry of its own: the default one would refuse a second Metrics
@@ -252,7 +252,7 @@ VARIANTS: dict[str, Variant] = {
     "rabbitq": rabbitq_,
     "rabbitq+metrics": rabbitq_metrics,
 }
-# With --baseline-publish: rabbitq with the Publisher of another rabbitq/publish.py.
+# With --baseline-publish: rabbitq with the Publisher of another rabbitq/_publish.py.
 BASELINE = {"rabbitq@baseline": False, "rabbitq+metrics@baseline": True}  # name -> metrics
 DESTINATION = {"raw": "raw"}  # every other variant ends in rabbitq's work queue
 
@@ -311,7 +311,7 @@ def show(results: list[dict[str, dict[str, float]]], names: list[str]) -> str:
 
 
 def load_publisher(path: Path) -> type[Any]:
-    """The Publisher class of another version of rabbitq/publish.py (say, main's)."""
+    """The Publisher class of another version of rabbitq/_publish.py (say, main's)."""
     spec = importlib.util.spec_from_file_location("publish_baseline", path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"cannot load {path}")
@@ -367,8 +367,8 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", choices=[*VARIANTS, *BASELINE],
                    help="measure only these variants (repeatable)")
     p.add_argument("--baseline-publish", type=Path, metavar="FILE",
-                   help="also measure rabbitq with the Publisher of this rabbitq/publish.py, "
-                        "e.g. `git show main:rabbitq/publish.py > /tmp/main_publish.py`")
+                   help="also measure rabbitq with the Publisher of this rabbitq/_publish.py, "
+                        "e.g. `git show main:rabbitq/_publish.py > /tmp/main_publish.py`")
     p.add_argument("--cprofile", metavar="PATH",
                    help="profile the timed sections with cProfile; stats to PATH")
     p.add_argument("--top", type=int, default=35, help="functions shown from the profile")

@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 import rabbitq
 from benchmarks.probe import Probe, run, worker_arguments
 from benchmarks.rq_app import build_app
-from rabbitq import logs
-from rabbitq.metrics import Metrics
+from rabbitq import _logs as logs
+from rabbitq._metrics import Metrics
 
 SETTLE_POLL_SECONDS = 0.001
 SETTLE_SECONDS = 60.0

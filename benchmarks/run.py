@@ -34,8 +34,8 @@ from benchmarks.probe import run as run_loop
 from benchmarks.procs import Disturbed
 from benchmarks.report import SCENARIOS, Results, table
 from benchmarks.systems import RabbitqSide, RawSide, RunContext, Side
-from rabbitq.errors import RabbitqError
-from rabbitq.topology import parse_topology
+from rabbitq._errors import RabbitqError
+from rabbitq._topology import parse_topology
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 # Someone else's fault-injection test may stop the broker for a while.

@@ -24,7 +24,7 @@ from benchmarks.pacing import paced
 from benchmarks.procs import Worker
 from benchmarks.rq_app import Job, build_app
 from benchmarks.wire import PERSISTENT, body
-from rabbitq.topology import Topology
+from rabbitq._topology import Topology
 
 
 @dataclass(frozen=True, slots=True)

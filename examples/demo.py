@@ -18,11 +18,11 @@ from pathlib import Path
 import aio_pika
 
 from examples.demo_app import Flaky, Greeting, app, doomed, flaky, greet
-from rabbitq import declare
-from rabbitq.connection import DEFAULT_URL, connect, mask_url
-from rabbitq.envelope import HEADER_PARK_ATTEMPTS, HEADER_PARK_ERROR, HEADER_PARK_REASON
-from rabbitq.errors import ConnectionFailed
-from rabbitq.topology import load_topology
+from rabbitq import _declare as declare
+from rabbitq._connection import DEFAULT_URL, connect, mask_url
+from rabbitq._errors import ConnectionFailed
+from rabbitq._topology import load_topology
+from rabbitq._wire import HEADER_PARK_ATTEMPTS, HEADER_PARK_ERROR, HEADER_PARK_REASON
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = os.environ.get("RABBITQ_URL", DEFAULT_URL)

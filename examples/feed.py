@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from examples.demo_app import Flaky, Greeting, app, doomed, flaky, greet
 from rabbitq import Metrics, RabbitqError
-from rabbitq.connection import DEFAULT_URL, mask_url
+from rabbitq._connection import DEFAULT_URL, mask_url
 
 logger = logging.getLogger("examples.feed")
 

@@ -3,9 +3,9 @@
 The public API is what `__all__` lists.
 """
 
-from rabbitq.app import App, Task
-from rabbitq.consume import Consumer
-from rabbitq.errors import (
+from rabbitq._app import App, Task
+from rabbitq._consume import Consumer
+from rabbitq._errors import (
     ConfigError,
     ConnectionFailed,
     InvalidPayload,
@@ -21,9 +21,9 @@ from rabbitq.errors import (
     UnknownTask,
     Unroutable,
 )
-from rabbitq.handlers import Failure, TaskContext
-from rabbitq.metrics import Metrics
-from rabbitq.topology import Topology, Workload, load_topology, parse_topology
+from rabbitq._handlers import Failure, TaskContext
+from rabbitq._metrics import Metrics
+from rabbitq._topology import Topology, Workload, load_topology, parse_topology
 
 __all__ = [
     "App",

@@ -1,3 +1,3 @@
-from rabbitq.cli import main
+from rabbitq._cli import main
 
 main()

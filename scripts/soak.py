@@ -54,10 +54,10 @@ from pathlib import Path
 
 import aio_pika
 
-from rabbitq import declare
-from rabbitq.envelope import HEADER_ATTEMPT, HEADER_DEADLINE
-from rabbitq.publish import Outgoing
-from rabbitq.topology import Topology, Workload, parse_topology
+from rabbitq import _declare as declare
+from rabbitq._publish import Outgoing
+from rabbitq._topology import Topology, Workload, parse_topology
+from rabbitq._wire import HEADER_ATTEMPT, HEADER_DEADLINE
 from tests.helpers import queue_depth, wait_until
 from tests.ledger import (
     TASK,

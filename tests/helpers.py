@@ -13,7 +13,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from rabbitq import App, Consumer
-from rabbitq.topology import Workload
+from rabbitq._topology import Workload
 
 
 async def wait_until(

@@ -47,10 +47,10 @@ from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 from rabbitq import App, ConnectionFailed, PublishError
-from rabbitq.connection import is_open
-from rabbitq.envelope import HEADER_PARK_ERROR_TYPE, HEADER_PARK_REASON
-from rabbitq.publish import Outgoing, Publisher
-from rabbitq.topology import Workload
+from rabbitq._connection import is_open
+from rabbitq._publish import Outgoing, Publisher
+from rabbitq._topology import Workload
+from rabbitq._wire import HEADER_PARK_ERROR_TYPE, HEADER_PARK_REASON
 from tests.helpers import queue_depth
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from rabbitq import declare
-from rabbitq.topology import Topology, parse_topology
+from rabbitq import _declare as declare
+from rabbitq._topology import Topology, parse_topology
 from tests.conftest import broker_url
 
 _broker_checked: list[str] = []

@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 from rabbitq import App, Consumer, TopologyMissing
-from rabbitq.envelope import HEADER_ATTEMPT
+from rabbitq._wire import HEADER_ATTEMPT
 from tests.helpers import drain_queue, queue_depth, wait_until
 
 

@@ -14,7 +14,7 @@ import pytest
 from pydantic import BaseModel
 
 from rabbitq import App
-from rabbitq.envelope import (
+from rabbitq._wire import (
     HEADER_ATTEMPT,
     HEADER_PARK_ATTEMPTS,
     HEADER_PARK_ERROR,

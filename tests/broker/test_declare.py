@@ -13,8 +13,9 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
-from rabbitq import App, Consumer, TopologyDrift, TopologyMissing, declare
-from rabbitq.topology import Topology
+from rabbitq import App, Consumer, TopologyDrift, TopologyMissing
+from rabbitq import _declare as declare
+from rabbitq._topology import Topology
 from tests.helpers import queue_depth
 
 ROOT = Path(__file__).resolve().parents[2]

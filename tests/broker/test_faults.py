@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from rabbitq import ConnectionFailed, NotConfirmed
-from rabbitq.topology import Topology, Workload
+from rabbitq._topology import Topology, Workload
 from tests.helpers import wait_until
 from tests.ledger import (
     TASK,

@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from rabbitq import App, TaskContext
-from rabbitq.envelope import HEADER_ATTEMPT, HEADER_PUBLISHED_AT
-from rabbitq.handlers import Failure
-from rabbitq.metrics import Metrics
+from rabbitq._handlers import Failure
+from rabbitq._metrics import Metrics
+from rabbitq._wire import HEADER_ATTEMPT, HEADER_PUBLISHED_AT
 from tests.helpers import plain_message, running_consumer, wait_until
 
 
@@ -62,7 +62,7 @@ async def test_metrics_logs_and_hooks_match_what_happened(
         raise RuntimeError("the reporter is down")
 
     registry = CollectorRegistry()
-    caplog.set_level(logging.DEBUG, logger="rabbitq.consume")
+    caplog.set_level(logging.DEBUG, logger="rabbitq.settle")
     async with running_consumer(app, workload, url, metrics=Metrics(registry)) as consumer:
         for n in range(SUCCEEDING):
             await ok.publish(Item(n=n))

@@ -46,7 +46,8 @@ from pamqp import commands, decode, encode
 from pydantic import BaseModel, ValidationError, field_validator
 
 from rabbitq import App, Consumer, Park, TaskContext
-from rabbitq.envelope import (
+from rabbitq._topology import Topology
+from rabbitq._wire import (
     HEADER_ATTEMPT,
     HEADER_DEADLINE,
     HEADER_DELIVERY_COUNT,
@@ -62,7 +63,6 @@ from rabbitq.envelope import (
     MAX_ATTEMPT,
     ParkReason,
 )
-from rabbitq.topology import Topology
 from tests.helpers import running_consumer
 
 # The topology ------------------------------------------------------------------------------------

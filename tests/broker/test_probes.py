@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rabbitq import App
-from rabbitq.envelope import HEADER_ATTEMPT
+from rabbitq._wire import HEADER_ATTEMPT
 from tests.broker.apps import WORKLOAD, Note
 from tests.helpers import drain_queue, free_port, http_get, plain_message, wait_until
 from tests.ledger import rabbitmqctl

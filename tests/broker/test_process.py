@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 from rabbitq import App, TaskContext
-from rabbitq.topology import Workload
+from rabbitq._topology import Workload
 from tests.broker.apps import WORKLOAD, Slow, read_marks
 from tests.helpers import drain_queue, queue_depth, running_consumer, wait_until
 

@@ -39,8 +39,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from rabbitq import App, Metrics
-from rabbitq.envelope import HEADER_ATTEMPT, HEADER_PUBLISHED_AT
-from rabbitq.topology import Topology
+from rabbitq._topology import Topology
+from rabbitq._wire import HEADER_ATTEMPT, HEADER_PUBLISHED_AT
 from tests.background import free_port, process, require, stderr_of
 from tests.broker.obs_app import IDLE_WORKLOAD, WORKLOAD, Item
 from tests.helpers import wait_until

@@ -22,9 +22,9 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from rabbitq import App, NotConfirmed, Task, TaskContext, Unroutable
-from rabbitq.metrics import Metrics
-from rabbitq.pipeline import PIPELINE_CHUNK
-from rabbitq.publish import Outgoing
+from rabbitq._metrics import Metrics
+from rabbitq._pipeline import PIPELINE_CHUNK
+from rabbitq._publish import Outgoing
 from tests.helpers import drain_queue, queue_depth, running_consumer, wait_until
 
 WORKLOAD = {"capacity": 4, "retry": {"tiers": ["50ms"], "max_attempts": 2}}
@@ -297,7 +297,7 @@ async def test_publish_sync_from_a_plain_thread(make_topology, url, namespace):
 
 
 def _wire_message(message_id: str, n: int, headers: dict[str, Any]) -> aio_pika.Message:
-    """A task message built only from the wire format in rabbitq/envelope.py's docstring."""
+    """A task message built only from the wire format in rabbitq/_wire.py's docstring."""
     return aio_pika.Message(
         json.dumps({"n": n}).encode(),
         content_type="application/json",
@@ -344,7 +344,7 @@ async def test_a_task_published_by_plain_aio_pika_runs(make_topology, connection
 
 
 async def test_publish_sends_the_documented_wire_format(make_topology, connection, url, namespace):
-    """What `publish` sends is exactly what rabbitq/envelope.py's docstring describes."""
+    """What `publish` sends is exactly what rabbitq/_wire.py's docstring describes."""
     topology = await make_topology(w={**WORKLOAD, "max_priority": 5})
     app = App(namespace=namespace, url=url)
 

@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 from rabbitq import App, Park, Retry, TaskContext
-from rabbitq.envelope import (
+from rabbitq._wire import (
     HEADER_ATTEMPT,
     HEADER_FIRST_FAILURE,
     HEADER_LAST_FAILURE,
@@ -186,7 +186,7 @@ async def test_handler_raising_retry_uses_the_tier_chosen_by_its_delay(
             raise Retry(delay_seconds=delay_seconds)
         done.set()
 
-    caplog.set_level(logging.INFO, logger="rabbitq.consume")
+    caplog.set_level(logging.INFO, logger="rabbitq.settle")
     async with running_consumer(app, workload, url) as consumer:
         await later.publish(Item(n=1))
         await asyncio.wait_for(done.wait(), timeout=10)
@@ -195,7 +195,7 @@ async def test_handler_raising_retry_uses_the_tier_chosen_by_its_delay(
 
     assert starts[1] - starts[0] >= tier_seconds
     # Which tier, not just how long: the consumer names it when it forwards the copy.
-    retries = [r for r in caplog.records if r.name == "rabbitq.consume" and "retrying" in r.msg]
+    retries = [r for r in caplog.records if r.name == "rabbitq.settle" and "retrying" in r.msg]
     assert [r.args[-1] for r in retries] == [tier_label]
 
 

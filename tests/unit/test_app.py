@@ -11,8 +11,8 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from rabbitq import App, Task
-from rabbitq.envelope import HEADER_ATTEMPT, HEADER_DEADLINE, HEADER_PUBLISHED_AT
-from rabbitq.errors import ConfigError, UnknownTask
+from rabbitq._errors import ConfigError, UnknownTask
+from rabbitq._wire import HEADER_ATTEMPT, HEADER_DEADLINE, HEADER_PUBLISHED_AT
 
 
 class Email(BaseModel):

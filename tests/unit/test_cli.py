@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-import rabbitq.cli
-from rabbitq.cli import cli
+import rabbitq._cli
+from rabbitq._cli import cli
 
 TOPOLOGY = """
 namespace = "shop"
@@ -153,7 +153,7 @@ def test_topology_dir_without_files_is_one_error_line(tmp_path: Path) -> None:
 def quiet_consume(monkeypatch: pytest.MonkeyPatch) -> None:
     # `consume` configures root logging and imports the --app from the working directory;
     # keep both from leaking into other tests.
-    monkeypatch.setattr(rabbitq.cli, "_setup_logging", lambda *args, **kwargs: None)
+    monkeypatch.setattr(rabbitq._cli, "_setup_logging", lambda *args, **kwargs: None)
     monkeypatch.setattr(sys, "path", list(sys.path))
 
 

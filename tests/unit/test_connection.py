@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rabbitq.connection import mask_url, scrub
+from rabbitq._connection import mask_url, scrub
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from rabbitq.envelope import (
+from rabbitq._wire import (
     HEADER_ATTEMPT,
     HEADER_DEADLINE,
     HEADER_FIRST_FAILURE,

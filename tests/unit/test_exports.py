@@ -8,7 +8,7 @@ import rabbitq
 
 
 def _public_names() -> set[str]:
-    # Importing rabbitq puts its submodules (rabbitq.app, rabbitq.errors, ...) in its namespace
+    # Importing rabbitq puts its submodules (rabbitq._app, rabbitq._errors, ...) in its namespace
     # too; those are reached as modules, not re-exported names.
     return {
         name

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from rabbitq import logs
+from rabbitq import _logs as logs
 
 URL = "amqp://worker:S3cret%2Fpw@broker:5672/"
 PASSWORDS = ("S3cret%2Fpw", "S3cret/pw")
@@ -21,7 +21,7 @@ FACTS = {
 
 def _record(msg: str = "task parked", exc: BaseException | None = None,
             **extra: object) -> logging.LogRecord:
-    record = logging.LogRecord("rabbitq.consume", logging.ERROR, __file__, 1, msg, (), None)
+    record = logging.LogRecord("rabbitq.settle", logging.ERROR, __file__, 1, msg, (), None)
     if exc is not None:
         record.exc_info = (type(exc), exc, exc.__traceback__)
     record.__dict__.update(extra)
@@ -34,14 +34,14 @@ def test_text_line_carries_the_outcome_fields_in_order() -> None:
         "task parked workload=emails task=emails.send message_id=m-1 attempt=2 outcome=parked "
         'reason=retries_exhausted duration_seconds=0.250000 error="ValueError: smtp said no"'
     )
-    assert " ERROR rabbitq.consume: " in line
+    assert " ERROR rabbitq.settle: " in line
 
 
 def test_json_line_is_one_object_with_the_fields() -> None:
     line = logs.JsonFormatter().format(_record(**FACTS))
     assert "\n" not in line
     data = json.loads(line)
-    assert data["level"] == "error" and data["logger"] == "rabbitq.consume"
+    assert data["level"] == "error" and data["logger"] == "rabbitq.settle"
     assert data["message"] == "task parked"
     assert {k: data[k] for k in FACTS} == FACTS
     assert data["time"].endswith("+00:00")

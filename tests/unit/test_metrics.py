@@ -6,7 +6,7 @@ import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry
 
-from rabbitq.metrics import OUTCOMES, UNKNOWN_TASK, Metrics, WorkloadMetrics
+from rabbitq._metrics import OUTCOMES, UNKNOWN_TASK, Metrics, WorkloadMetrics
 
 
 def _workload(registry: CollectorRegistry, running: float = 0) -> WorkloadMetrics:
@@ -108,8 +108,8 @@ def test_names_follow_prometheus_conventions() -> None:
 
 def test_every_park_reason_and_publish_outcome_series_exists_at_zero() -> None:
     """A series born at its first increment hides that increment from rate() and increase()."""
-    from rabbitq.envelope import ParkReason
-    from rabbitq.metrics import PUBLISH_KINDS, PUBLISH_OUTCOMES
+    from rabbitq._metrics import PUBLISH_KINDS, PUBLISH_OUTCOMES
+    from rabbitq._wire import ParkReason
 
     registry = CollectorRegistry()
     _workload(registry)
@@ -129,7 +129,7 @@ def test_own_histograms_and_counters_expose_what_prometheus_client_would() -> No
     (a value equal to a bound is in that bound's bucket) and +Inf included."""
     from prometheus_client import Counter, Histogram
 
-    from rabbitq.metrics import LATENCY_BUCKETS
+    from rabbitq._metrics import LATENCY_BUCKETS
 
     values = [0.0, 0.001, 0.0011, 0.5, 1.0, 59.9, 60.0, 3600.0, 4000.0, 0.25]
     ours, theirs = CollectorRegistry(), CollectorRegistry()

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from rabbitq.topology import load_topology
+from rabbitq._topology import load_topology
 from tests.background import require
 from tests.observability import (
     COMPOSE,

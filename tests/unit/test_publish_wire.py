@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from rabbitq.pipeline import marshal
-from rabbitq.publish import Outgoing
+from rabbitq._pipeline import marshal
+from rabbitq._publish import Outgoing
 
 DEFAULT_MAX_BODY = 131_072 - 8  # frame_max minus a body frame's overhead
 

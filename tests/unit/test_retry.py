@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rabbitq.envelope import ParkReason
-from rabbitq.errors import Park, Retry
-from rabbitq.retry import (
+from rabbitq._errors import Park, Retry
+from rabbitq._outcome import (
     Decision,
     ParkNow,
     Recount,
@@ -16,7 +15,8 @@ from rabbitq.retry import (
     decide,
     tier_for_delay,
 )
-from rabbitq.topology import RetrySpec
+from rabbitq._topology import RetrySpec
+from rabbitq._wire import ParkReason
 
 NOW = 1_000_000.0
 TIERS = [1.0, 10.0, 60.0]

@@ -9,8 +9,8 @@ import socket
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from rabbitq import serve
-from rabbitq.errors import ConfigError
+from rabbitq import _serve as serve
+from rabbitq._errors import ConfigError
 
 
 def _registry() -> CollectorRegistry:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rabbitq.errors import TopologyInvalid
-from rabbitq.topology import (
+from rabbitq._errors import TopologyInvalid
+from rabbitq._topology import (
     DEFAULT_NAMESPACE,
     QUORUM_DELIVERY_LIMIT,
     Topology,

@@ -24,13 +24,13 @@ import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic as _Basic
 
-from rabbitq.connection import connect, is_open, mask_url
-from rabbitq.envelope import CONTENT_TYPE, PERSISTENT
-from rabbitq.errors import ConnectionFailed, NotConfirmed, PublishError, RabbitqError, Unroutable
-from rabbitq.metrics import PublishMetrics, publish_outcome
-from rabbitq.pipeline import Pipeline, can_pipeline
+from rabbitq._connection import connect, is_open, mask_url
+from rabbitq._errors import ConnectionFailed, NotConfirmed, PublishError, RabbitqError, Unroutable
+from rabbitq._metrics import PublishMetrics, publish_outcome
+from rabbitq._pipeline import Pipeline, can_pipeline
+from rabbitq._wire import CONTENT_TYPE, PERSISTENT
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("rabbitq.publish")
 
 CONFIRM_TIMEOUT_SECONDS = 30.0
 

@@ -34,10 +34,16 @@ import pamqp.encode
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from rabbitq.ack import Acker
-from rabbitq.app import App
-from rabbitq.connection import scrub
-from rabbitq.envelope import (
+from rabbitq._ack import Acker
+from rabbitq._app import App
+from rabbitq._connection import scrub
+from rabbitq._errors import ConnectionFailed, PublishError, Unroutable
+from rabbitq._handlers import Failure, TaskContext, TaskDef
+from rabbitq._metrics import WorkloadMetrics
+from rabbitq._outcome import ParkNow, Recount, RetryIn, crash_guard, decide
+from rabbitq._publish import Outgoing, Publisher
+from rabbitq._topology import Workload
+from rabbitq._wire import (
     Envelope,
     ParkReason,
     Poison,
@@ -49,14 +55,8 @@ from rabbitq.envelope import (
     retry_headers,
     sanitize_header_value,
 )
-from rabbitq.errors import ConnectionFailed, PublishError, Unroutable
-from rabbitq.handlers import Failure, TaskContext, TaskDef
-from rabbitq.metrics import WorkloadMetrics
-from rabbitq.publish import Outgoing, Publisher
-from rabbitq.retry import ParkNow, Recount, RetryIn, crash_guard, decide
-from rabbitq.topology import Workload
 
-logger = logging.getLogger("rabbitq.consume")
+logger = logging.getLogger("rabbitq.settle")
 
 # The whole header table travels in one frame (frame_max is 128 KiB by default): what came in
 # fitted, but a parked copy adds up to ~5 KiB of its own headers.

@@ -22,9 +22,9 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from rabbitq.errors import ConfigError
+from rabbitq._errors import ConfigError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("rabbitq.serve")
 
 HEAD_LIMIT_BYTES = 8192
 READ_TIMEOUT_SECONDS = 5.0

@@ -23,17 +23,17 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 from prometheus_client import CollectorRegistry
 
-from rabbitq.ack import Acker
-from rabbitq.app import App
-from rabbitq.connection import connect
-from rabbitq.declare import check_exists
-from rabbitq.errors import ConfigError, ConnectionFailed
-from rabbitq.metrics import Metrics
-from rabbitq.publish import Publisher
-from rabbitq.settle import Settler
-from rabbitq.topology import Workload
+from rabbitq._ack import Acker
+from rabbitq._app import App
+from rabbitq._connection import connect
+from rabbitq._declare import check_exists
+from rabbitq._errors import ConfigError, ConnectionFailed
+from rabbitq._metrics import Metrics
+from rabbitq._publish import Publisher
+from rabbitq._settle import Settler
+from rabbitq._topology import Workload
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("rabbitq.consume")
 
 RECONNECT_MIN_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 10.0

@@ -27,11 +27,11 @@ from pamqp.body import ContentBody
 from pamqp.commands import Basic as _Basic
 from pamqp.header import ContentHeader
 
-from rabbitq.errors import NotConfirmed
-from rabbitq.metrics import PublishMetrics, publish_outcome
+from rabbitq._errors import NotConfirmed
+from rabbitq._metrics import PublishMetrics, publish_outcome
 
 if TYPE_CHECKING:
-    from rabbitq.publish import Outgoing, SendError
+    from rabbitq._publish import Outgoing, SendError
 
 # A batch is written in chunks of this many messages: one write-queue put, one socket write
 # and one drain each, so a huge batch never sits in the transport buffer at once.

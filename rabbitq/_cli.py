@@ -22,10 +22,10 @@ from typing import Any, TypeVar
 
 import typer
 
-from rabbitq.app import App
-from rabbitq.connection import DEFAULT_URL, connect, scrub
-from rabbitq.errors import ConfigError, RabbitqError
-from rabbitq.topology import Topology, load_topology
+from rabbitq._app import App
+from rabbitq._connection import DEFAULT_URL, connect, scrub
+from rabbitq._errors import ConfigError, RabbitqError
+from rabbitq._topology import Topology, load_topology
 
 T = TypeVar("T")
 
@@ -104,7 +104,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def _setup_logging(
     level: str, libraries: int = logging.WARNING, fmt: str = "text", url: str = ""
 ) -> None:
-    from rabbitq import logs
+    from rabbitq import _logs as logs
 
     for option, value, allowed in (("--log-level", level.lower(), LOG_LEVELS),
                                    ("--log-format", fmt, logs.FORMATS)):
@@ -166,7 +166,7 @@ def topology_plan(
 
     Example: rabbitq topology plan
     """
-    from rabbitq import declare
+    from rabbitq import _declare as declare
 
     _setup_logging("warning", libraries=logging.CRITICAL)
     with _errors(url, as_json, debug):
@@ -199,7 +199,7 @@ def topology_apply(
 
     Example: rabbitq topology apply --topology topology/
     """
-    from rabbitq import declare
+    from rabbitq import _declare as declare
 
     _setup_logging("warning", libraries=logging.CRITICAL)
     with _errors(url, as_json, debug):
@@ -257,9 +257,9 @@ def consume(
     """
     from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
-    from rabbitq import serve
-    from rabbitq.consume import Consumer
-    from rabbitq.metrics import Metrics
+    from rabbitq import _serve as serve
+    from rabbitq._consume import Consumer
+    from rabbitq._metrics import Metrics
 
     _setup_logging(log_level, fmt=log_format, url=url)
     with _errors(url, debug=debug):

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
-from rabbitq.envelope import ParkReason
-from rabbitq.errors import NotConfirmed, Unroutable
+from rabbitq._errors import NotConfirmed, Unroutable
+from rabbitq._wire import ParkReason
 
 UNKNOWN_TASK = "_unknown"
 OUTCOMES = ("succeeded", "retried", "parked", "expired", "redelivered")

@@ -17,7 +17,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from rabbitq.connection import scrub
+from rabbitq._connection import scrub
 
 FORMATS = ("text", "json")
 # In this order on a text line.

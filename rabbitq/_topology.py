@@ -37,7 +37,7 @@ from pydantic import (
     model_validator,
 )
 
-from rabbitq.errors import TopologyInvalid
+from rabbitq._errors import TopologyInvalid
 
 QueueName = NewType("QueueName", str)
 ExchangeName = NewType("ExchangeName", str)

@@ -21,10 +21,10 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from rabbitq.errors import TopologyDrift, TopologyMissing
-from rabbitq.topology import Exchange, Queue, Topology, Workload
+from rabbitq._errors import TopologyDrift, TopologyMissing
+from rabbitq._topology import Exchange, Queue, Topology, Workload
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("rabbitq.declare")
 
 Action = Literal["create", "unchanged", "drift"]
 

@@ -28,13 +28,13 @@ from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
 from pydantic import BaseModel
 
-from rabbitq.connection import DEFAULT_URL
-from rabbitq.envelope import new_task_headers
-from rabbitq.errors import ConfigError, UnknownTask
-from rabbitq.handlers import FailureHook, TaskDef
-from rabbitq.metrics import Metrics
-from rabbitq.publish import Outgoing, Publisher, raise_first
-from rabbitq.topology import NAME_PATTERN, RoutingKey, task_exchange
+from rabbitq._connection import DEFAULT_URL
+from rabbitq._errors import ConfigError, UnknownTask
+from rabbitq._handlers import FailureHook, TaskDef
+from rabbitq._metrics import Metrics
+from rabbitq._publish import Outgoing, Publisher, raise_first
+from rabbitq._topology import NAME_PATTERN, RoutingKey, task_exchange
+from rabbitq._wire import new_task_headers
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rabbitq.envelope import ParkReason
-from rabbitq.errors import Park, Retry
-from rabbitq.topology import RetrySpec
+from rabbitq._errors import Park, Retry
+from rabbitq._topology import RetrySpec
+from rabbitq._wire import ParkReason
 
 
 @dataclass(frozen=True, slots=True)

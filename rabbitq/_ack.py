@@ -21,7 +21,7 @@ from collections import deque
 import aiormq
 from aiormq.abc import AbstractChannel
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("rabbitq.ack")
 
 # At most this many deliveries per ack frame; fewer frames cut the broker's CPU per delivery.
 ACK_BATCH = 32

@@ -14,9 +14,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
-from rabbitq.errors import ConnectionFailed
+from rabbitq._errors import ConnectionFailed
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("rabbitq.connection")
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 CONNECT_TIMEOUT_SECONDS = 10.0
