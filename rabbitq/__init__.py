@@ -1,6 +1,6 @@
 """rabbitq: a task system on RabbitMQ that never loses a task.
 
-The public API is what `__all__` lists.
+The public API is what `__all__` lists; the modules behind it are private.
 """
 
 from rabbitq._app import App, Task
@@ -8,22 +8,26 @@ from rabbitq._consume import Consumer
 from rabbitq._errors import (
     ConfigError,
     ConnectionFailed,
-    InvalidPayload,
     NotConfirmed,
     Park,
+    ParkReason,
+    Poison,
     PublishError,
     RabbitqError,
     Retry,
+    TaskError,
     TopologyDrift,
     TopologyError,
     TopologyInvalid,
     TopologyMissing,
-    UnknownTask,
     Unroutable,
 )
 from rabbitq._handlers import Failure, TaskContext
 from rabbitq._metrics import Metrics
 from rabbitq._topology import Topology, Workload, load_topology, parse_topology
+from rabbitq._wire import Outgoing
+
+__version__ = "0.1.0"
 
 __all__ = [
     "App",
@@ -31,23 +35,26 @@ __all__ = [
     "ConnectionFailed",
     "Consumer",
     "Failure",
-    "InvalidPayload",
     "Metrics",
     "NotConfirmed",
+    "Outgoing",
     "Park",
+    "ParkReason",
+    "Poison",
     "PublishError",
     "RabbitqError",
     "Retry",
     "Task",
     "TaskContext",
+    "TaskError",
     "Topology",
     "TopologyDrift",
     "TopologyError",
     "TopologyInvalid",
     "TopologyMissing",
-    "UnknownTask",
     "Unroutable",
     "Workload",
+    "__version__",
     "load_topology",
     "parse_topology",
 ]

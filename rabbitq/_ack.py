@@ -19,7 +19,7 @@ import logging
 from collections import deque
 
 import aiormq
-from aiormq.abc import AbstractChannel
+from aiormq.abc import AbstractChannel, DeliveredMessage
 
 logger = logging.getLogger("rabbitq.ack")
 
@@ -45,15 +45,26 @@ class Acker:
         self._low = 1  # every tag below this has finished
         self._finished: set[int] = set()  # finished tags above _low
         self._to_ack: list[int] = []
-        self._running = 0
         self._frames: deque[tuple[int, bool, bool]] = deque()  # (tag, multiple, requeue)
         self._sender: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.dead = False
 
-    def delivered(self) -> None:
-        """A delivery arrived and is about to run."""
-        self._running += 1
+    def settle(self, message: DeliveredMessage, requeue: bool = False) -> bool:
+        """Ack (or nack with requeue) a delivery of this channel; False if the channel is gone
+        (the broker has requeued the delivery already)."""
+        if self.dead or message.channel.is_closed:
+            logger.info(
+                "message %s not %s: its channel is closed; the broker redelivers it",
+                message.header.properties.message_id, "returned" if requeue else "acked",
+            )
+            return False
+        assert message.delivery_tag is not None
+        if requeue:
+            self.nack(message.delivery_tag)
+        else:
+            self.ack(message.delivery_tag)
+        return True
 
     def ack(self, tag: int) -> None:
         """The delivery's outcome is safe: ack it now or within ACK_DELAY_SECONDS."""
@@ -95,7 +106,6 @@ class Acker:
             await asyncio.shield(self._sender)
 
     def _finish(self, tag: int) -> None:
-        self._running -= 1
         self._finished.add(tag)
         while self._low in self._finished:
             self._finished.discard(self._low)

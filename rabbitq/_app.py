@@ -29,12 +29,12 @@ from typing import Any, Generic, TypedDict, TypeVar, Unpack
 from pydantic import BaseModel
 
 from rabbitq._connection import DEFAULT_URL
-from rabbitq._errors import ConfigError, UnknownTask
+from rabbitq._errors import ConfigError
 from rabbitq._handlers import FailureHook, TaskDef
 from rabbitq._metrics import Metrics
-from rabbitq._publish import Outgoing, Publisher, raise_first
+from rabbitq._publish import Publisher, raise_first
 from rabbitq._topology import NAME_PATTERN, RoutingKey, task_exchange
-from rabbitq._wire import new_task_headers
+from rabbitq._wire import Outgoing, new_task_headers
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
@@ -171,6 +171,8 @@ class App:
         self.tasks: dict[str, TaskDef[Any, Any]] = {}
         self.failure_hooks: list[FailureHook] = []
         self._publisher: Publisher | None = None
+        # a consumer's namespace, while the app publishes over that consumer's connection
+        self._consumer_namespace: str | None = None
         self._owns_publisher = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: _LoopThread | None = None
@@ -209,17 +211,13 @@ class App:
         self.failure_hooks.append(hook)
         return hook
 
-    def get(self, name: str) -> TaskDef[Any, Any]:
-        try:
-            return self.tasks[name]
-        except KeyError:
-            raise UnknownTask(name) from None
-
     def workloads(self) -> set[str]:
         return {t.workload for t in self.tasks.values()}
 
     def require_namespace(self) -> str:
         if self.namespace is None:
+            if self._consumer_namespace is not None:
+                return self._consumer_namespace
             raise ConfigError(
                 "the App has no namespace; pass App(namespace=...) to publish outside a consumer"
             )
@@ -227,8 +225,10 @@ class App:
 
     # Publishing connection -------------------------------------------------------------------
 
-    async def bind_publisher(self, publisher: Publisher) -> None:
-        """Publish through `publisher` (a consumer's), from its loop and from worker threads."""
+    async def bind_publisher(self, publisher: Publisher, namespace: str) -> None:
+        """Publish through `publisher` (a consumer's, in `namespace`), from its loop and from
+        worker threads."""
+        self._consumer_namespace = namespace
         if self._publisher is publisher:
             return
         await self.close()
@@ -238,7 +238,7 @@ class App:
     def unbind_publisher(self, publisher: Publisher) -> None:
         """Stop using a consumer's publisher (it is closing); the app opens its own again."""
         if self._publisher is publisher:
-            self._publisher, self._loop = None, None
+            self._publisher, self._loop, self._consumer_namespace = None, None, None
 
     async def publisher(self) -> Publisher:
         """The publisher of this app, connecting on first use."""

@@ -16,6 +16,7 @@ import socket
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import aiormq
@@ -27,7 +28,7 @@ from rabbitq._ack import Acker
 from rabbitq._app import App
 from rabbitq._connection import connect
 from rabbitq._declare import check_exists
-from rabbitq._errors import ConfigError, ConnectionFailed
+from rabbitq._errors import ConfigError, ConnectionFailed, SessionLost
 from rabbitq._metrics import Metrics
 from rabbitq._publish import Publisher
 from rabbitq._settle import Settler
@@ -42,8 +43,6 @@ LOOP_WATCH_SECONDS = 0.25
 # A blocked loop sends no heartbeats; the broker drops the connection after about two missed
 # intervals. Long before that, a pause this long is worth a warning.
 LOOP_BLOCKED_SECONDS = 1.0
-class SessionLost(Exception):
-    """The connection or channel went away; reconnect."""
 
 
 class Consumer:
@@ -70,9 +69,7 @@ class Consumer:
         burst: bool = False,
         metrics: Metrics | None = None,
     ) -> None:
-        if app.namespace is None:
-            app.namespace = workload.namespace
-        elif app.namespace != workload.namespace:
+        if app.namespace not in (None, workload.namespace):
             raise ConfigError(
                 f"the app publishes to namespace {app.namespace!r} but the topology's is "
                 f"{workload.namespace!r}; use one namespace"
@@ -83,6 +80,9 @@ class Consumer:
         self.grace_seconds = grace_seconds
         self.burst = burst
         self.reconnects = 0
+        #: settled deliveries by outcome (`parked:<reason>` for the parking lot), and
+        #: `loop_blocked`
+        self.counts: Counter[str] = Counter()
         self.loop_blocked_seconds = 0.0
         self.connected = False
         self.ready = asyncio.Event()
@@ -108,13 +108,8 @@ class Consumer:
         )
         self._settler = Settler(
             app, workload, self.publisher, self._metrics, self._executor, self._lose,
-            socket.gethostname(), url,
+            socket.gethostname(), url, self.counts,
         )
-
-    @property
-    def counts(self) -> Counter[str]:
-        """Settled deliveries by outcome (`parked:<reason>` for the parking lot)."""
-        return self._settler.counts
 
     @property
     def running(self) -> int:
@@ -215,11 +210,12 @@ class Consumer:
             # where it would age toward consumer_timeout or jump ahead of a higher priority.
             await channel.set_qos(prefetch_count=self.workload.capacity)
             await self.publisher.start()
-            await self.app.bind_publisher(self.publisher)
+            await self.app.bind_publisher(self.publisher, self.workload.namespace)
             underlay = await channel.get_underlay_channel()
-            acker = self._settler.acker = Acker(underlay, self.workload.capacity)
+            # this channel's deliveries are settled by this channel's acker, and no other
+            acker = Acker(underlay, self.workload.capacity)
             consume_ok = await underlay.basic_consume(
-                self.workload.work_queue, self._on_delivery, no_ack=False
+                self.workload.work_queue, partial(self._on_delivery, acker), no_ack=False
             )
             logger.info(
                 "workload %s: consuming %s with capacity %d (tiers: %s)",
@@ -316,25 +312,21 @@ class Consumer:
 
     # One delivery ----------------------------------------------------------------------------
 
-    async def _on_delivery(self, message: DeliveredMessage) -> None:
+    async def _on_delivery(self, acker: Acker, message: DeliveredMessage) -> None:
         # passing the loop skips a get_running_loop() per delivery (Python 3.11)
         task = asyncio.current_task(self._loop)
         assert task is not None
         self._running.add(task)
-        settler = self._settler
-        acker = settler.acker
-        if acker is not None and acker.channel is message.channel:
-            acker.delivered()
         try:
-            await settler.handle(message)
+            await self._settler.handle(message, acker)
         except asyncio.CancelledError:
             # Stopping after the grace period, or the channel died: give the delivery back if
             # its channel still lives; otherwise the broker already requeued it.
-            settler.settle(message, requeue=True)
+            acker.settle(message, requeue=True)
             raise
         except Exception:
             logger.exception("unexpected error handling message; returning it to the queue")
-            settler.settle(message, requeue=True)
+            acker.settle(message, requeue=True)
             self._lose("unexpected error in the consume path")
         finally:
             self._running.discard(task)

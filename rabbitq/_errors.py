@@ -1,4 +1,4 @@
-"""Every error rabbitq raises, and the two signals a handler may raise.
+"""Every error rabbitq raises, the two signals a handler may raise, and why tasks are parked.
 
 The tree::
 
@@ -8,16 +8,18 @@ The tree::
     │   ├── TopologyDrift          a queue exists with other arguments than declared
     │   └── TopologyMissing        an exchange or queue the consumer needs does not exist
     ├── ConnectionFailed           the broker cannot be reached
+    ├── SessionLost                a consumer's connection went away (it reconnects)
     ├── PublishError
     │   ├── NotConfirmed           the broker nacked, or the confirm did not come in time
     │   └── Unroutable             the message was returned: no queue is bound for it
     ├── TaskError
-    │   ├── UnknownTask            no handler is registered under the task name
-    │   └── InvalidPayload         the payload does not validate against the task's model
+    │   └── Poison                 a message that cannot be run; parked at once with a reason
     └── ConfigError                an App, task or option is used wrongly
 
     Retry(delay_seconds=...)       a handler asks to be retried after at least this delay
     Park(reason=...)               a handler asks to be parked at once, without retrying
+
+    ParkReason                     why a task is in the parking lot (`Failure.reason`)
 
 Messages are one sentence, lower-case first, no final period; each exception carries its
 facts as attributes so the CLI can render them without parsing strings. This module imports
@@ -26,7 +28,24 @@ nothing from the broker side.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
+
+
+class ParkReason(StrEnum):
+    """Why a task is in the parking lot (the `rabbitq-park-reason` header). Bounded: usable as a
+    metric label."""
+
+    TOO_LARGE = "too_large"
+    BAD_ENVELOPE = "bad_envelope"
+    UNKNOWN_TASK = "unknown_task"
+    UNDECODABLE = "undecodable"
+    INVALID_PAYLOAD = "invalid_payload"
+    EXPIRED = "expired"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    PARKED_BY_HANDLER = "parked_by_handler"
+    UNROUTABLE_RETRY = "unroutable_retry"
+    CRASH_LOOP = "crash_loop"
 
 
 class RabbitqError(Exception):
@@ -102,6 +121,10 @@ class ConnectionFailed(RabbitqError):
         super().__init__(f"cannot connect to {url}: {reason}")
 
 
+class SessionLost(RabbitqError):
+    """A consumer's connection or channel went away under it; it reconnects."""
+
+
 class PublishError(RabbitqError):
     """A publish was not confirmed by the broker; the message may or may not be queued."""
 
@@ -133,21 +156,14 @@ class TaskError(RabbitqError):
     """A task message cannot be matched to a handler or payload."""
 
 
-class UnknownTask(TaskError):
-    """No handler is registered under this task name."""
+class Poison(TaskError):
+    """The message cannot be run at all (too big, not a task, bad payload, unknown, expired):
+    it is parked at once with `reason`; failure hooks see it as the error."""
 
-    def __init__(self, task: str) -> None:
-        self.task = task
-        super().__init__(f"no task is registered under the name {task!r}")
-
-
-class InvalidPayload(TaskError):
-    """A payload does not validate against its task's model."""
-
-    def __init__(self, task: str, detail: str) -> None:
-        self.task = task
+    def __init__(self, reason: ParkReason, detail: str) -> None:
+        self.reason = reason
         self.detail = detail
-        super().__init__(f"payload for task {task!r} is invalid: {detail}")
+        super().__init__(f"{reason}: {detail}")
 
 
 class Retry(Exception):
@@ -170,3 +186,7 @@ class Park(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+#: what a publish that failed raises (or, in a batch, reports per message)
+SendError = PublishError | ConnectionFailed

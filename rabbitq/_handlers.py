@@ -17,8 +17,8 @@ from typing import Any, Generic, TypeVar, get_type_hints
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from rabbitq._errors import ConfigError
-from rabbitq._wire import ParkReason, Poison, error_text
+from rabbitq._errors import ConfigError, ParkReason, Poison
+from rabbitq._wire import error_text
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")

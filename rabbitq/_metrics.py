@@ -25,8 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
-from rabbitq._errors import NotConfirmed, Unroutable
-from rabbitq._wire import ParkReason
+from rabbitq._errors import NotConfirmed, ParkReason, Unroutable
 
 UNKNOWN_TASK = "_unknown"
 OUTCOMES = ("succeeded", "retried", "parked", "expired", "redelivered")
@@ -192,22 +191,18 @@ class PublishMetrics:
         }
         self._confirm = {k: metrics.confirm.labels(k) for k in PUBLISH_KINDS}
 
-    def confirmed(self, kind: str, seconds: float) -> None:
-        self._counts[kind, "confirmed"].inc()
-        self._confirm[kind].observe(seconds)
-
-    def failed(self, kind: str, outcome: str) -> None:
-        """`returned`, `nacked` or `failed` (no confirm: connection lost or timed out)."""
-        self._counts[kind, outcome].inc()
-
-
-def publish_outcome(error: BaseException) -> str:
-    """The `outcome` label of a failed publish."""
-    if isinstance(error, Unroutable):
-        return "returned"
-    if isinstance(error, NotConfirmed) and error.nacked:
-        return "nacked"
-    return "failed"
+    def count(self, kind: str, error: BaseException | None, seconds: float) -> None:
+        """One publish: confirmed after `seconds`, or `returned`, `nacked` or `failed` (no
+        confirm: connection lost, timed out or cancelled)."""
+        if error is None:
+            self._counts[kind, "confirmed"].inc()
+            self._confirm[kind].observe(seconds)
+        elif isinstance(error, Unroutable):
+            self._counts[kind, "returned"].inc()
+        elif isinstance(error, NotConfirmed) and error.nacked:
+            self._counts[kind, "nacked"].inc()
+        else:
+            self._counts[kind, "failed"].inc()
 
 
 class Count:

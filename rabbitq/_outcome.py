@@ -1,38 +1,43 @@
-"""What happens to a task whose handler raised: which retry tier, or the parking lot.
+"""What happens to a delivery: run it, or what its outcome is once it ran or could not run.
 
-Pure: `decide` takes the attempt, the error, the policy and the clock reading it is handed, and
-returns a decision; `consume` carries it out (forward with confirm, then ack).
+Pure: `decide` takes what the delivery carries (its envelope, or the `Poison` that stopped it
+being read), whether the broker redelivered it, whether its task is registered, the handler's
+result once it ran, the workload's policy and the clock reading it is handed, and returns one
+outcome. `_settle` carries the outcome out (send the copy, confirm, then ack).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rabbitq._errors import Park, Retry
-from rabbitq._topology import RetrySpec
-from rabbitq._wire import ParkReason
+from rabbitq._errors import Park, ParkReason, Poison, Retry
+from rabbitq._topology import RetrySpec, WorkloadSpec
+from rabbitq._wire import Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Run the handler."""
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    """The handler returned: ack."""
 
 
 @dataclass(frozen=True, slots=True)
 class RetryIn:
-    """Forward the task to tier `tier_index`; it comes back after that tier's delay."""
+    """Send the task to tier `tier_index`; it comes back after that tier's delay."""
 
     tier_index: int
 
 
 @dataclass(frozen=True, slots=True)
 class ParkNow:
-    """Retrying is over: park the task with `reason`."""
+    """Park the task with `reason`; `detail` says why when no handler error does."""
 
     reason: ParkReason
-
-
-Decision = RetryIn | ParkNow
-
-
-@dataclass(frozen=True, slots=True)
-class Run:
-    """Run the handler."""
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +47,53 @@ class Recount:
     redeliveries: int
 
 
-Guard = Run | Recount | ParkNow
+@dataclass(frozen=True, slots=True)
+class Ran:
+    """The handler ran: it raised `error`, or returned (None)."""
+
+    error: BaseException | None = None
+
+
+Outcome = Run | Succeeded | RetryIn | ParkNow | Recount
+
+
+def decide(
+    carried: Envelope | Poison,
+    spec: WorkloadSpec,
+    now: float,
+    *,
+    redelivered: bool = False,
+    registered: bool = True,
+    ran: Ran | None = None,
+) -> Outcome:
+    """The outcome of a delivery: before its handler ran (`ran` None), or after.
+
+    Before: poison is parked; a task that keeps killing its consumer is recounted or parked as
+    `crash_loop` (see `crash_guard`); an unregistered task is parked; one past its deadline is
+    parked as `expired`; otherwise it runs. After: success is acked; a failure is retried or
+    parked by `retry_or_park`.
+    """
+    if isinstance(carried, Poison):
+        return ParkNow(carried.reason, carried.detail)
+    if ran is not None:
+        if ran.error is None:
+            return Succeeded()
+        return retry_or_park(carried.attempt, ran.error, spec.retry, now, carried.deadline)
+    guard = crash_guard(
+        redelivered, carried.redeliveries, carried.delivery_count, spec.max_redeliveries
+    )
+    if guard is not None:
+        return guard
+    if not registered:
+        return ParkNow(ParkReason.UNKNOWN_TASK, f"no task is registered as {carried.task!r}")
+    if carried.deadline is not None and now > carried.deadline:
+        return ParkNow(ParkReason.EXPIRED, "its deadline passed before it could run")
+    return Run()
 
 
 def crash_guard(
     redelivered: bool, redeliveries: int, delivery_count: int | None, limit: int
-) -> Guard:
+) -> Recount | ParkNow | None:
     """Stop a task that keeps killing its consumer before it takes every consumer down.
 
     A delivery that comes back unsettled (`redelivered`) was running when its consumer died,
@@ -55,14 +101,19 @@ def crash_guard(
     (`x-delivery-count`); a classic queue does not, so rabbitq counts them in its own header:
     it republishes the redelivered task with the count raised, confirmed, and acks the
     delivery before running anything. Past `limit` such returns, the task is parked as
-    `crash_loop` without running again.
+    `crash_loop` without running again. None: run it.
     """
+    cut_off = ParkNow(
+        ParkReason.CRASH_LOOP,
+        f"cut off {limit} times while running (its consumer died or lost its connection); "
+        "not run again",
+    )
     if delivery_count is not None:
-        return ParkNow(ParkReason.CRASH_LOOP) if delivery_count >= limit else Run()
+        return cut_off if delivery_count >= limit else None
     if not redelivered:
-        return Run()
+        return None
     if redeliveries + 1 >= limit:
-        return ParkNow(ParkReason.CRASH_LOOP)
+        return cut_off
     return Recount(redeliveries + 1)
 
 
@@ -74,14 +125,10 @@ def tier_for_delay(tiers: list[float], delay_seconds: float) -> int:
     return len(tiers) - 1
 
 
-def decide(
-    attempt: int,
-    error: BaseException,
-    policy: RetrySpec,
-    now: float,
-    deadline: float | None,
-) -> Decision:
-    """Decide the fate of a task whose attempt number `attempt` (1-based) raised `error`.
+def retry_or_park(
+    attempt: int, error: BaseException, policy: RetrySpec, now: float, deadline: float | None
+) -> RetryIn | ParkNow:
+    """The fate of a task whose attempt number `attempt` (1-based) raised `error`.
 
     Attempt n goes to tier n (the last tier repeats when there are more attempts than tiers);
     `Retry(delay_seconds=...)` picks the tier by delay instead. A task is parked when the

@@ -2,36 +2,27 @@
 
 aiormq's `basic_publish` costs a task, a lock, a timeout, a write-queue put, a socket write and
 a drain wait per message, most of a batch's client CPU (docs/performance.md). Here a batch is
-marshalled by rabbitq (the publish frame once per exchange and routing key, a task's content
-header by hand) and written `PIPELINE_CHUNK` messages at a time, one lock, one put and one
-write each, with aiormq's own confirm bookkeeping. `write_pipelined` is the one function that
-reaches into aiormq's Channel internals (7.x); `can_pipeline` falls back to `basic_publish`
-when they are missing. The guarantees are `Publisher.send`'s, per message.
+encoded by `_wire.frames` and written `PIPELINE_CHUNK` messages at a time, one lock, one put
+and one write each, with aiormq's own confirm bookkeeping. `write_pipelined` is the one
+function that reaches into aiormq's Channel internals (7.x); `can_pipeline` falls back to
+`basic_publish` when they are missing. The guarantees are `Publisher.send`'s, per message.
 """
 
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import Any, TypeGuard
 
 import aiormq
 import aiormq.abc
-import pamqp.encode
-import pamqp.frame
 from aiormq.abc import ChannelFrame
-from pamqp.body import ContentBody
-from pamqp.commands import Basic as _Basic
-from pamqp.header import ContentHeader
+from pamqp.commands import Basic
 
-from rabbitq._errors import NotConfirmed
-from rabbitq._metrics import PublishMetrics, publish_outcome
-
-if TYPE_CHECKING:
-    from rabbitq._publish import Outgoing, SendError
+from rabbitq._errors import NotConfirmed, SendError
+from rabbitq._wire import Outgoing, frames
 
 # A batch is written in chunks of this many messages: one write-queue put, one socket write
 # and one drain each, so a huge batch never sits in the transport buffer at once.
@@ -46,7 +37,8 @@ class Pipeline:
         batch: the messages, in order.
         confirm_timeout: seconds for the whole batch to be confirmed.
         error_of: what a failure means to the caller of one message.
-        metrics: where each message is counted, as `Publisher.send` counts it.
+        settled: called once per message with its error (None: confirmed) and the seconds from
+            the start of the batch to its confirm; also when the batch is cancelled.
     """
 
     def __init__(
@@ -55,12 +47,12 @@ class Pipeline:
         batch: list[Outgoing],
         confirm_timeout: float,
         error_of: Callable[[Outgoing, BaseException], SendError],
-        metrics: PublishMetrics | None,
+        settled: Callable[[Outgoing, SendError | None, float], None] | None,
     ) -> None:
         self.channel = channel
         self.batch = batch
         self.error_of = error_of
-        self.metrics = metrics
+        self.settled = settled
         self.loop = asyncio.get_running_loop()
         self.deadline = self.loop.time() + confirm_timeout
         self.errors: list[SendError | None] = [None] * len(batch)
@@ -69,7 +61,7 @@ class Pipeline:
         self.started = time.monotonic()
         # when each confirm came, for the confirm latency metric
         self.settled_at: dict[asyncio.Future[Any], float] | None = (
-            None if metrics is None else {}
+            None if settled is None else {}
         )
         # Fires when the channel or its connection closes: the confirm futures are not
         # aiormq's (see `write_pipelined`), so nothing else fails them then.
@@ -92,8 +84,8 @@ class Pipeline:
                     self.errors[i] = self.error_of(out, self._stopped())
             finished = True
         finally:
-            if self.metrics is not None:
-                self._count(self.metrics, finished)
+            if self.settled is not None:
+                self._report(self.settled, finished)
             self.closing.cancel()  # stops observing (a no-op if it fired)
             for _, future in self.sent:
                 if not future.cancel() and not future.cancelled():
@@ -106,7 +98,7 @@ class Pipeline:
         max_body = self.channel.max_content_size
         written: dict[str, asyncio.Future[Any]] = {}  # by message id
         indexes: list[int] = []
-        frames: list[bytes] = []
+        chunk: list[bytes] = []
         chunk_ids: set[str] = set()
         for i, out in enumerate(batch):
             message_id = out.message_id
@@ -115,27 +107,27 @@ class Pipeline:
                 # be in flight twice in a batch: the later one waits for the earlier.
                 # (Concurrent publishes of one id from separate calls are aiormq's case.)
                 if message_id in chunk_ids:
-                    if not await self._flush(indexes, frames, written):
+                    if not await self._flush(indexes, chunk, written):
                         return
-                    indexes, frames, chunk_ids = [], [], set()
+                    indexes, chunk, chunk_ids = [], [], set()
                 if not await self._until(written[message_id]):
                     self._fail_from(i, self._stopped())
                     return
             try:
-                frames.append(marshal(out, number, max_body, self.method_frames))
+                chunk.append(frames(out, number, max_body, self.method_frames))
             except Exception as exc:  # a header or property AMQP cannot encode
                 self.errors[i] = self.error_of(out, exc)
                 continue
             indexes.append(i)
             chunk_ids.add(message_id)
             if len(indexes) == PIPELINE_CHUNK:
-                if not await self._flush(indexes, frames, written):
+                if not await self._flush(indexes, chunk, written):
                     return
-                indexes, frames, chunk_ids = [], [], set()
-        await self._flush(indexes, frames, written)
+                indexes, chunk, chunk_ids = [], [], set()
+        await self._flush(indexes, chunk, written)
 
     async def _flush(
-        self, indexes: list[int], frames: list[bytes], written: dict[str, asyncio.Future[Any]]
+        self, indexes: list[int], chunk: list[bytes], written: dict[str, asyncio.Future[Any]]
     ) -> bool:
         """Write one chunk; False (and every message from it on failed) if that failed."""
         if not indexes:
@@ -143,7 +135,7 @@ class Pipeline:
         ids = [self.batch[i].message_id for i in indexes]
         try:
             async with asyncio.timeout_at(self.deadline):
-                futures = await write_pipelined(self.channel, b"".join(frames), ids)
+                futures = await write_pipelined(self.channel, b"".join(chunk), ids)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # closed, or the socket did not drain in time
@@ -179,9 +171,11 @@ class Pipeline:
         reason = None if self.closing.cancelled() else self.closing.exception()
         return reason or aiormq.exceptions.ChannelClosed()
 
-    def _count(self, metrics: PublishMetrics, finished: bool) -> None:
-        """Count each message as `Publisher.send` does; if the batch was cancelled, what was
-        not confirmed by then failed."""
+    def _report(
+        self, settled: Callable[[Outgoing, SendError | None, float], None], finished: bool
+    ) -> None:
+        """Each message's outcome; if the batch was cancelled, what was not confirmed by then
+        failed."""
         futures = dict(self.sent)
         settled_at = self.settled_at or {}
         now = time.monotonic()
@@ -193,11 +187,8 @@ class Pipeline:
                 error = None
             else:
                 error = NotConfirmed(out.message_id, "cancelled")
-            if error is None:
-                at = settled_at.get(future, now) if future is not None else now
-                metrics.confirmed(out.kind, at - self.started)
-            else:
-                metrics.failed(out.kind, publish_outcome(error))
+            at = settled_at.get(future, now) if future is not None else now
+            settled(out, error, at - self.started)
 
     def _outcome(self, out: Outgoing, future: asyncio.Future[Any]) -> SendError | None:
         if future.cancelled():
@@ -205,7 +196,7 @@ class Pipeline:
         exc = future.exception()
         if exc is not None:
             return self.error_of(out, exc)
-        if not isinstance(future.result(), _Basic.Ack):
+        if not isinstance(future.result(), Basic.Ack):
             return NotConfirmed(out.message_id, "the broker nacked it", nacked=True)
         return None
 
@@ -228,86 +219,6 @@ def _all_done(futures: list[asyncio.Future[Any]]) -> asyncio.Future[None]:
     for future in futures:
         future.add_done_callback(settled)
     return done
-
-
-def marshal(
-    out: Outgoing, channel_number: int, max_body: int, method_frames: dict[tuple[str, str], bytes]
-) -> bytes:
-    """The frames of one mandatory publish: the bytes aiormq's `basic_publish` writes.
-
-    The Basic.Publish frame is the same for every message to one exchange and routing key,
-    so it is encoded once per batch; the content header is encoded by `_content_header`.
-    """
-    key = (out.exchange, out.routing_key)
-    method = method_frames.get(key)
-    if method is None:
-        if len(out.routing_key) > 255:
-            raise ValueError("routing key too long (max 255 bytes)")
-        publish = _Basic.Publish(exchange=out.exchange, routing_key=out.routing_key, mandatory=True)
-        method = method_frames[key] = pamqp.frame.marshal(publish, channel_number)
-    body = out.body
-    parts = [method, _content_header(out, channel_number)]
-    for offset in range(0, len(body), max_body):  # an empty body has no body frame
-        chunk = body[offset : offset + max_body]
-        parts.append(pamqp.frame.marshal(ContentBody(chunk), channel_number))
-    return b"".join(parts)
-
-
-# AMQP 0-9-1 basic property flags (pamqp's Basic.Properties.flags)
-_CONTENT_TYPE, _HEADERS, _DELIVERY_MODE, _PRIORITY = 0x8000, 0x2000, 0x1000, 0x0800
-_MESSAGE_ID, _TIMESTAMP, _TYPE = 0x0080, 0x0040, 0x0020
-# frame type 2 (header), channel, frame size; class 60 (basic), weight 0, body size, flags
-_HEADER_FRAME = struct.Struct(">BHIHHQH")
-_HEADER_FIXED = 14  # class, weight, body size, flags
-_OCTET = struct.Struct(">B")
-_FRAME_END = b"\xce"
-
-
-def _content_header(out: Outgoing, channel_number: int) -> bytes:
-    """The content header frame of a task message, byte for byte what pamqp encodes.
-
-    pamqp's `Basic.Properties` builds, validates and encodes all 14 properties generically,
-    ~13 us a task message, a quarter of a batch's client CPU once its writes were
-    pipelined. A task message sets at most the seven below, so they are encoded here
-    (~5 us), in the flag order AMQP fixes; the headers table is still pamqp's. A message
-    carrying other properties (a copy of a foreign message) goes through pamqp.
-    tests/unit/test_publish_wire.py checks that both give the same bytes.
-    """
-    if out.properties:
-        header = ContentHeader(body_size=len(out.body), properties=out.amqp_properties())
-        return pamqp.frame.marshal(header, channel_number)
-    flags = _DELIVERY_MODE
-    parts: list[bytes] = []
-    if out.content_type:
-        flags |= _CONTENT_TYPE
-        parts.append(_short_string(out.content_type))
-    if out.headers is not None:
-        flags |= _HEADERS
-        parts.append(pamqp.encode.field_table(out.headers))
-    parts.append(b"\x02")  # delivery mode: persistent
-    if out.priority is not None:
-        flags |= _PRIORITY
-        parts.append(_OCTET.pack(out.priority))
-    if out.message_id:
-        flags |= _MESSAGE_ID
-        parts.append(_short_string(out.message_id))
-    if out.timestamp is not None:
-        flags |= _TIMESTAMP
-        parts.append(pamqp.encode.timestamp(out.timestamp))
-    if out.task:
-        flags |= _TYPE
-        parts.append(_short_string(out.task))
-    properties = b"".join(parts)
-    size = _HEADER_FIXED + len(properties)
-    head = _HEADER_FRAME.pack(2, channel_number, size, 60, 0, len(out.body), flags)
-    return b"".join((head, properties, _FRAME_END))
-
-
-def _short_string(value: str) -> bytes:
-    data = value.encode()
-    if len(data) > 255:
-        raise TypeError("string exceeds maximum length of 255 bytes")
-    return _OCTET.pack(len(data)) + data
 
 
 def can_pipeline(channel: aiormq.abc.AbstractChannel) -> TypeGuard[aiormq.Channel]:

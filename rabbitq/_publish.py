@@ -4,7 +4,7 @@ Every publish goes out persistent and `mandatory` on a channel with publisher co
 message the broker returns (no queue bound) raises `Unroutable`, a nack or a confirm that does
 not come in time raises `NotConfirmed` (the outcome is then unknown: publishing again may
 duplicate, which at-least-once delivery allows). Batches pipeline their confirms, and are
-written a chunk at a time rather than a `basic_publish` per message (`pipeline.py`). The
+written a chunk at a time rather than a `basic_publish` per message (`_pipeline.py`). The
 publisher opens its own connection, never the consumer's, and reopens it lazily after a loss;
 it never replays a publish on its own.
 """
@@ -15,53 +15,28 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
 import aiormq
 import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from pamqp.commands import Basic as _Basic
+from pamqp.commands import Basic
 
 from rabbitq._connection import connect, is_open, mask_url
-from rabbitq._errors import ConnectionFailed, NotConfirmed, PublishError, RabbitqError, Unroutable
-from rabbitq._metrics import PublishMetrics, publish_outcome
+from rabbitq._errors import (
+    ConnectionFailed,
+    NotConfirmed,
+    PublishError,
+    RabbitqError,
+    SendError,
+    Unroutable,
+)
+from rabbitq._metrics import PublishMetrics
 from rabbitq._pipeline import Pipeline, can_pipeline
-from rabbitq._wire import CONTENT_TYPE, PERSISTENT
+from rabbitq._wire import Outgoing
 
 logger = logging.getLogger("rabbitq.publish")
 
 CONFIRM_TIMEOUT_SECONDS = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One message to publish: where it goes and what it is."""
-
-    exchange: str
-    routing_key: str
-    body: bytes
-    message_id: str
-    headers: dict[str, Any]
-    task: str | None = None
-    priority: int | None = None
-    timestamp: datetime | None = None
-    content_type: str | None = CONTENT_TYPE
-    properties: dict[str, Any] | None = None  # other AMQP properties kept from an original
-    kind: str = "task"  # for metrics: task, retry, park or redeliver
-
-    def amqp_properties(self) -> _Basic.Properties:
-        return _Basic.Properties(
-            headers=self.headers,
-            content_type=self.content_type,
-            delivery_mode=PERSISTENT,
-            priority=self.priority,
-            message_id=self.message_id,
-            timestamp=self.timestamp,
-            message_type=self.task,
-            **(self.properties or {}),
-        )
 
 
 class Publisher:
@@ -145,13 +120,14 @@ class Publisher:
         started = time.monotonic()
         try:
             await self._send(out)
-        except (PublishError, ConnectionFailed) as exc:
-            self.metrics.failed(out.kind, publish_outcome(exc))
+        except BaseException as exc:
+            self._count(out, exc, 0.0)
             raise
-        except BaseException:
-            self.metrics.failed(out.kind, "failed")
-            raise
-        self.metrics.confirmed(out.kind, time.monotonic() - started)
+        self._count(out, None, time.monotonic() - started)
+
+    def _count(self, out: Outgoing, error: BaseException | None, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.count(out.kind, error, seconds)
 
     async def _send(self, out: Outgoing) -> None:
         try:
@@ -170,7 +146,7 @@ class Publisher:
             raise
         except Exception as exc:  # returned, nacked, timed out, closed under the publish
             raise self._error(out, exc) from None
-        if not isinstance(confirm, _Basic.Ack):
+        if not isinstance(confirm, Basic.Ack):
             raise NotConfirmed(out.message_id, "the broker nacked it", nacked=True)
 
     async def send_many(self, messages: Iterable[Outgoing]) -> list[SendError | None]:
@@ -187,22 +163,20 @@ class Publisher:
         try:
             channel = await self._ready()
         except ConnectionFailed as exc:
-            if self.metrics is not None:
-                for out in batch:
-                    self.metrics.failed(out.kind, "failed")
+            for out in batch:
+                self._count(out, exc, 0.0)
             return [ConnectionFailed(exc.url, exc.reason) for _ in batch]
         if not can_pipeline(channel):
             return await self._send_each(batch)  # `send` counts each message
-        return await Pipeline(
-            channel, batch, self.confirm_timeout, self._error, self.metrics
-        ).run()
+        counted = None if self.metrics is None else self._count
+        return await Pipeline(channel, batch, self.confirm_timeout, self._error, counted).run()
 
     def _error(self, out: Outgoing, exc: BaseException) -> SendError:
         return _send_error(out, exc, self.url, self.confirm_timeout)
 
     async def _send_each(self, batch: list[Outgoing]) -> list[SendError | None]:
-        """One `send` per message, confirms pipelined: for a channel that
-        `pipeline.write_pipelined` cannot use."""
+        """One `send` per message, confirms pipelined: for a channel that `write_pipelined`
+        cannot use."""
         results = await asyncio.gather(*(self.send(m) for m in batch), return_exceptions=True)
         out: list[SendError | None] = []
         for result in results:
@@ -211,9 +185,6 @@ class Publisher:
             elif isinstance(result, BaseException):
                 raise result
         return out
-
-
-SendError = PublishError | ConnectionFailed
 
 
 def _send_error(out: Outgoing, exc: BaseException, url: str, timeout: float) -> SendError:

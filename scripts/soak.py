@@ -54,8 +54,8 @@ from pathlib import Path
 
 import aio_pika
 
+from rabbitq import Outgoing
 from rabbitq import _declare as declare
-from rabbitq._publish import Outgoing
 from rabbitq._topology import Topology, Workload, parse_topology
 from rabbitq._wire import HEADER_ATTEMPT, HEADER_DEADLINE
 from tests.helpers import queue_depth, wait_until

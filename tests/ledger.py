@@ -48,9 +48,9 @@ from pydantic import BaseModel
 
 from rabbitq import App, ConnectionFailed, PublishError
 from rabbitq._connection import is_open
-from rabbitq._publish import Outgoing, Publisher
+from rabbitq._publish import Publisher
 from rabbitq._topology import Workload
-from rabbitq._wire import HEADER_PARK_ERROR_TYPE, HEADER_PARK_REASON
+from rabbitq._wire import HEADER_PARK_ERROR_TYPE, HEADER_PARK_REASON, Outgoing
 from tests.helpers import queue_depth
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,10 +21,9 @@ from aio_pika.abc import AbstractConnection
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from rabbitq import App, NotConfirmed, Task, TaskContext, Unroutable
+from rabbitq import App, NotConfirmed, Outgoing, Task, TaskContext, Unroutable
 from rabbitq._metrics import Metrics
 from rabbitq._pipeline import PIPELINE_CHUNK
-from rabbitq._publish import Outgoing
 from tests.helpers import drain_queue, queue_depth, running_consumer, wait_until
 
 WORKLOAD = {"capacity": 4, "retry": {"tiers": ["50ms"], "max_attempts": 2}}

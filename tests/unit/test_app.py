@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from rabbitq import App, Task
-from rabbitq._errors import ConfigError, UnknownTask
+from rabbitq._errors import ConfigError
 from rabbitq._wire import HEADER_ATTEMPT, HEADER_DEADLINE, HEADER_PUBLISHED_AT
 
 
@@ -41,7 +41,7 @@ def test_task_registers_the_handler_under_its_name() -> None:
     app, send = _app()
     assert isinstance(send, Task)
     assert (send.app, send.name, send.workload) == (app, "emails.send", "emails")
-    assert app.get("emails.send") is send.definition
+    assert app.tasks["emails.send"] is send.definition
     assert app.workloads() == {"emails"}
 
 
@@ -64,7 +64,7 @@ def test_duplicate_task_name_is_a_config_error() -> None:
         @app.task("emails.send", workload="other")
         async def again(msg: Email) -> None: ...
 
-    assert app.get("emails.send").workload == "emails"
+    assert app.tasks["emails.send"].workload == "emails"
 
 
 @pytest.mark.parametrize("workload", ["", "Emails", "emails.send", "-emails", "e" * 64, "a b"])
@@ -73,13 +73,6 @@ def test_bad_workload_name_is_a_config_error(workload: str) -> None:
     with pytest.raises(ConfigError, match=rf"^workload {workload!r} must match"):
         App(namespace="shop").task("emails.send", workload=workload)
 
-
-def test_unknown_task_lookup_raises_unknown_task() -> None:
-    """app.get of an unregistered name raises UnknownTask with the name."""
-    app, _ = _app()
-    with pytest.raises(UnknownTask) as exc_info:
-        app.get("emails.sned")
-    assert exc_info.value.task == "emails.sned"
 
 
 # message() ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from rabbitq._errors import ParkReason, Poison
 from rabbitq._wire import (
     HEADER_ATTEMPT,
     HEADER_DEADLINE,
@@ -26,8 +27,6 @@ from rabbitq._wire import (
     MAX_ERROR_CHARS,
     MAX_TRACEBACK_CHARS,
     Envelope,
-    ParkReason,
-    Poison,
     decode,
     error_text,
     keep_own_headers,

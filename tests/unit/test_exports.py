@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import types
+from pathlib import Path
 
 import rabbitq
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _public_names() -> set[str]:
@@ -13,7 +17,8 @@ def _public_names() -> set[str]:
     return {
         name
         for name, value in vars(rabbitq).items()
-        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+        if (not name.startswith("_") or name == "__version__")
+        and not isinstance(value, types.ModuleType)
     }
 
 
@@ -30,5 +35,19 @@ def test_all_lists_every_public_name() -> None:
 def test_every_exported_member_belongs_to_rabbitq() -> None:
     """Each name in `__all__` is defined in a rabbitq module (no re-exported third-party API)."""
     for name in rabbitq.__all__:
+        if name == "__version__":
+            continue
         member = getattr(rabbitq, name)
         assert member.__module__.startswith("rabbitq."), (name, member.__module__)
+
+
+def test_the_api_section_of_readme_lists_exactly_all() -> None:
+    """README's "Public API" section names every exported name, and no other."""
+    section = README.read_text().split("## Public API", 1)[1].split("\n## ", 1)[0]
+    assert set(re.findall(r"`rabbitq\.([A-Za-z]\w*|__version__)`", section)) == set(rabbitq.__all__)
+
+
+def test_version_is_the_installed_distributions() -> None:
+    from importlib.metadata import version
+
+    assert rabbitq.__version__ == version("rabbitq")

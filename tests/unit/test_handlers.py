@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from rabbitq._errors import ConfigError
+from rabbitq._errors import ConfigError, ParkReason, Poison
 from rabbitq._handlers import TASK_NAME_MAX, TaskContext, TaskDef
-from rabbitq._wire import ParkReason, Poison
 
 EXECUTOR_PREFIX = "rabbitq-unit-test"
 

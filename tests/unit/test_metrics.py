@@ -6,6 +6,7 @@ import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry
 
+from rabbitq._errors import NotConfirmed, Unroutable
 from rabbitq._metrics import OUTCOMES, UNKNOWN_TASK, Metrics, WorkloadMetrics
 
 
@@ -84,10 +85,16 @@ def test_gauges_read_state_at_scrape_time() -> None:
 def test_publish_metrics_count_confirms_and_failures() -> None:
     registry = CollectorRegistry()
     publishing = Metrics(registry).publishing()
-    publishing.confirmed("retry", 0.002)
-    publishing.failed("park", "returned")
+    publishing.count("retry", None, 0.002)
+    publishing.count("park", Unroutable("m-1", "shop.parking", "emails"), 0.0)
+    publishing.count("park", NotConfirmed("m-2", "no", nacked=True), 0.0)
+    publishing.count("park", NotConfirmed("m-3", "timeout"), 0.0)
+    publishing.count("task", TimeoutError(), 0.0)
     assert _value(registry, "rabbitq_publishes_total", kind="retry", outcome="confirmed") == 1
     assert _value(registry, "rabbitq_publishes_total", kind="park", outcome="returned") == 1
+    assert _value(registry, "rabbitq_publishes_total", kind="park", outcome="nacked") == 1
+    assert _value(registry, "rabbitq_publishes_total", kind="park", outcome="failed") == 1
+    assert _value(registry, "rabbitq_publishes_total", kind="task", outcome="failed") == 1
     assert _value(registry, "rabbitq_publish_confirm_seconds_count", kind="retry") == 1
     assert _value(registry, "rabbitq_publish_confirm_seconds_bucket", kind="retry",
                   le="0.0025") == 1
@@ -108,8 +115,8 @@ def test_names_follow_prometheus_conventions() -> None:
 
 def test_every_park_reason_and_publish_outcome_series_exists_at_zero() -> None:
     """A series born at its first increment hides that increment from rate() and increase()."""
+    from rabbitq._errors import ParkReason
     from rabbitq._metrics import PUBLISH_KINDS, PUBLISH_OUTCOMES
-    from rabbitq._wire import ParkReason
 
     registry = CollectorRegistry()
     _workload(registry)

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from rabbitq._pipeline import marshal
-from rabbitq._publish import Outgoing
+from rabbitq._wire import Outgoing, frames
 
 DEFAULT_MAX_BODY = 131_072 - 8  # frame_max minus a body frame's overhead
 
@@ -31,7 +30,7 @@ def reference(out: Outgoing, channel_number: int, max_body: int) -> bytes:
 
 
 def ours(out: Outgoing, channel_number: int, max_body: int) -> bytes:
-    return marshal(out, channel_number, max_body, {})
+    return frames(out, channel_number, max_body, {})
 
 
 short_text = st.text(max_size=60)

@@ -1,22 +1,27 @@
-"""The retry decision table: which tier a failed task goes to, or why it is parked."""
+"""The outcome table: run a delivery or not, and once it ran, ack, retry in which tier, or park."""
 
 from __future__ import annotations
 
 import pytest
 
-from rabbitq._errors import Park, Retry
+from rabbitq._errors import Park, ParkReason, Poison, Retry
 from rabbitq._outcome import (
-    Decision,
+    Outcome,
     ParkNow,
+    Ran,
     Recount,
     RetryIn,
     Run,
+    Succeeded,
     crash_guard,
     decide,
+    retry_or_park,
     tier_for_delay,
 )
-from rabbitq._topology import RetrySpec
-from rabbitq._wire import ParkReason
+from rabbitq._topology import RetrySpec, WorkloadSpec
+from rabbitq._wire import Envelope
+
+Decision = RetryIn | ParkNow
 
 NOW = 1_000_000.0
 TIERS = [1.0, 10.0, 60.0]
@@ -39,19 +44,19 @@ def test_attempt_n_goes_to_tier_n_minus_1_until_attempts_run_out(
     attempt: int, expected: Decision
 ) -> None:
     """Attempt n goes to tier n-1, the last tier repeats, and max_attempts parks as exhausted."""
-    assert decide(attempt, RuntimeError("boom"), POLICY, NOW, None) == expected
+    assert retry_or_park(attempt, RuntimeError("boom"), POLICY, NOW, None) == expected
 
 
 @pytest.mark.parametrize("attempt", [1, 3, 6, 7])
 def test_park_signal_parks_at_once_on_any_attempt(attempt: int) -> None:
     """A handler raising Park is parked as parked_by_handler, even on attempt 1."""
-    decision = decide(attempt, Park("bad address"), POLICY, NOW, None)
+    decision = retry_or_park(attempt, Park("bad address"), POLICY, NOW, None)
     assert decision == ParkNow(ParkReason.PARKED_BY_HANDLER)
 
 
 def test_park_signal_wins_over_an_expired_deadline() -> None:
     """Park is reported as parked_by_handler even when the deadline would also park the task."""
-    decision = decide(1, Park("bad address"), POLICY, NOW, deadline=NOW - 1)
+    decision = retry_or_park(1, Park("bad address"), POLICY, NOW, deadline=NOW - 1)
     assert decision == ParkNow(ParkReason.PARKED_BY_HANDLER)
 
 
@@ -74,7 +79,7 @@ def test_retry_signal_picks_the_shortest_tier_at_least_as_long_as_the_delay(
     attempt: int, delay_seconds: float, expected: Decision
 ) -> None:
     """Retry(delay_seconds) goes to the shortest tier >= delay, else the longest tier."""
-    assert decide(attempt, Retry(delay_seconds=delay_seconds), POLICY, NOW, None) == expected
+    assert retry_or_park(attempt, Retry(delay_seconds=delay_seconds), POLICY, NOW, None) == expected
 
 
 @pytest.mark.parametrize(
@@ -97,7 +102,7 @@ def test_deadline_that_passes_before_the_tier_returns_parks_as_expired(
     attempt: int, error: BaseException, deadline: float | None, expected: Decision
 ) -> None:
     """A task whose deadline passes before its tier's delay is over is parked as expired."""
-    assert decide(attempt, error, POLICY, NOW, deadline) == expected
+    assert retry_or_park(attempt, error, POLICY, NOW, deadline) == expected
 
 
 @pytest.mark.parametrize(
@@ -112,7 +117,7 @@ def test_max_attempts_one_parks_on_the_first_failure(
     policy: RetrySpec, error: BaseException
 ) -> None:
     """With max_attempts=1 the first failure parks the task as retries_exhausted."""
-    assert decide(1, error, policy, NOW, None) == ParkNow(ParkReason.RETRIES_EXHAUSTED)
+    assert retry_or_park(1, error, policy, NOW, None) == ParkNow(ParkReason.RETRIES_EXHAUSTED)
 
 
 @pytest.mark.parametrize(
@@ -160,4 +165,82 @@ def test_crash_guard_counts_unsettled_returns(
     redelivered: bool, redeliveries: int, delivery_count: int | None, limit: int, expected: object
 ) -> None:
     """A task cut off `limit` times is parked as crash_loop; classic queues recount first."""
-    assert crash_guard(redelivered, redeliveries, delivery_count, limit) == expected
+    guard = crash_guard(redelivered, redeliveries, delivery_count, limit)
+    if isinstance(expected, ParkNow):
+        assert isinstance(guard, ParkNow) and guard.reason is expected.reason
+    else:
+        assert guard == (None if isinstance(expected, Run) else expected)
+
+
+# decide: the whole table ---------------------------------------------------------------------
+
+SPEC = WorkloadSpec.model_validate(
+    {"retry": {"tiers": ["1s", "10s"], "max_attempts": 3}, "max_redeliveries": 3}
+)
+
+
+def _env(attempt: int = 1, **changes: object) -> Envelope:
+    fields: dict[str, object] = {
+        "task": "emails.send", "message_id": "m-1", "attempt": attempt, "deadline": None,
+        "first_failure_ms": None, "last_failure_ms": None,
+    }
+    fields.update(changes)
+    return Envelope(**fields)  # type: ignore[arg-type]  # the table sets each field's type
+
+
+POISON = Poison(ParkReason.UNDECODABLE, "body is not JSON")
+
+
+@pytest.mark.parametrize(
+    ("carried", "kwargs", "expected"),
+    [
+        # before the handler runs
+        pytest.param(_env(), {}, Run(), id="a-fresh-task-runs"),
+        pytest.param(POISON, {}, ParkNow(ParkReason.UNDECODABLE, "body is not JSON"),
+                     id="poison-parks-with-its-reason-and-detail"),
+        pytest.param(Poison(ParkReason.TOO_LARGE, "big"), {"redelivered": True},
+                     ParkNow(ParkReason.TOO_LARGE, "big"), id="poison-parks-even-redelivered"),
+        pytest.param(_env(), {"registered": False},
+                     ParkNow(ParkReason.UNKNOWN_TASK, "no task is registered as 'emails.send'"),
+                     id="unregistered-task-parks"),
+        pytest.param(_env(deadline=NOW - 1), {},
+                     ParkNow(ParkReason.EXPIRED, "its deadline passed before it could run"),
+                     id="past-deadline-parks-as-expired-unrun"),
+        pytest.param(_env(deadline=NOW + 1), {}, Run(), id="deadline-ahead-runs"),
+        pytest.param(_env(), {"redelivered": True}, Recount(1),
+                     id="classic-redelivery-is-recounted-first"),
+        pytest.param(_env(redeliveries=1), {"redelivered": True}, Recount(2),
+                     id="classic-second-redelivery-recounted"),
+        pytest.param(_env(redeliveries=2), {"redelivered": True}, ParkNow(
+            ParkReason.CRASH_LOOP, "cut off 3 times while running (its consumer died or lost "
+            "its connection); not run again"), id="classic-crash-loop-parks"),
+        pytest.param(_env(redeliveries=2), {}, Run(), id="recounted-copy-runs"),
+        pytest.param(_env(delivery_count=2), {"redelivered": True}, Run(),
+                     id="quorum-below-limit-runs"),
+        pytest.param(_env(delivery_count=3), {"redelivered": True, "registered": False},
+                     ParkNow(ParkReason.CRASH_LOOP, "cut off 3 times while running (its "
+                             "consumer died or lost its connection); not run again"),
+                     id="crash-loop-checked-before-the-task-name"),
+        # after it ran
+        pytest.param(_env(), {"ran": Ran()}, Succeeded(), id="returned-succeeds"),
+        pytest.param(_env(deadline=NOW - 1), {"ran": Ran()}, Succeeded(),
+                     id="returned-after-deadline-still-succeeds"),
+        pytest.param(_env(1), {"ran": Ran(ValueError())}, RetryIn(0), id="attempt-1-tier-1"),
+        pytest.param(_env(2), {"ran": Ran(ValueError())}, RetryIn(1), id="attempt-2-tier-2"),
+        pytest.param(_env(3), {"ran": Ran(ValueError())},
+                     ParkNow(ParkReason.RETRIES_EXHAUSTED), id="last-attempt-parks"),
+        pytest.param(_env(1), {"ran": Ran(Retry(delay_seconds=5))}, RetryIn(1),
+                     id="retry-signal-picks-tier-by-delay"),
+        pytest.param(_env(1), {"ran": Ran(Park("no"))}, ParkNow(ParkReason.PARKED_BY_HANDLER),
+                     id="park-signal-parks"),
+        pytest.param(_env(1, deadline=NOW + 0.5), {"ran": Ran(ValueError())},
+                     ParkNow(ParkReason.EXPIRED), id="deadline-before-tier-returns-parks"),
+        pytest.param(_env(1), {"ran": Ran(ValueError()), "redelivered": True}, RetryIn(0),
+                     id="after-running-the-crash-guard-is-not-asked-again"),
+    ],
+)
+def test_decide_gives_the_outcome_of_every_kind_of_delivery(
+    carried: Envelope | Poison, kwargs: dict[str, object], expected: Outcome
+) -> None:
+    """One pure function answers for a delivery before and after its handler ran."""
+    assert decide(carried, SPEC, NOW, **kwargs) == expected  # type: ignore[arg-type]
