@@ -88,7 +88,8 @@ class Task(Generic[P, R]):
 
         Args:
             payload: the task's model (or a dict validated into it).
-            priority: 0 (default) to the workload's max_priority; higher runs first.
+            priority: 0 (default) to 255, higher runs first; the broker queues anything above
+                the workload's max_priority as that maximum.
             deadline: an aware datetime, or a timedelta from now, after which the task is not
                 run but parked as expired.
             idempotency_key: becomes the message_id, so consumers can deduplicate.

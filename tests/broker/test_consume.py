@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+import rabbitq
 from rabbitq import App
 from rabbitq._wire import (
     HEADER_ATTEMPT,
@@ -278,3 +279,42 @@ async def test_running_sync_handlers_reach_but_never_exceed_capacity(
     assert state["finished"] == TASKS
     assert state["peak"] == CAPACITY
     assert await queue_depth(connection, workload.work_queue) == 0
+
+
+async def test_a_foreign_producers_message_is_held_to_the_documented_wire_format(
+    make_topology, connection, url, namespace
+):
+    """What README's wire-format table says of `content_type` and `priority`, for a message from
+    a producer that is not rabbitq: JSON (with or without parameters) or no content_type runs; a
+    priority above the workload's maximum runs (the broker queues it at the maximum); any other
+    content_type is parked as bad_envelope, naming it."""
+    topology = await make_topology(jobs={"capacity": 4, "max_priority": 4})
+    workload = topology.workload("jobs")
+    app = App(namespace=namespace, url=url)
+    ran: dict[str, int] = {}
+
+    @app.task("jobs.record", workload="jobs")
+    async def record(item: Item, ctx: rabbitq.TaskContext) -> None:
+        ran[ctx.message_id] = ctx.priority
+
+    runs = {
+        "no-type": {},
+        "json-charset": {"content_type": "application/json; charset=utf-8"},
+        "over-max-priority": {"content_type": "application/json", "priority": 200},
+    }
+    async with running_consumer(app, workload, url) as consumer:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(workload.task_exchange, ensure=False)
+        for message_id, props in [*runs.items(), ("text", {"content_type": "text/plain"})]:
+            message = plain_message(b'{"n": 1}', message_id=message_id, type="jobs.record",
+                                    headers={HEADER_ATTEMPT: 1}, **props)
+            await exchange.publish(message, routing_key=workload.routing_key)
+        await wait_until(lambda: len(ran) == 3 and consumer.counts["parked:bad_envelope"] == 1,
+                         what="three run, one parked")
+        await channel.close()
+    assert ran == {"no-type": 0, "json-charset": 0, "over-max-priority": 200}
+    [parked] = await drain_queue(connection, workload.parking_queue)
+    assert parked.message_id == "text"
+    assert (parked.headers or {})[HEADER_PARK_ERROR] == (
+        "content_type is 'text/plain'; a task body is application/json"
+    )
