@@ -25,6 +25,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,43 +57,26 @@ logger = logging.getLogger("rabbitq.settle")
 TRACEBACK_LINES = 12
 
 
+@dataclass(slots=True)
 class Settler:
     """Runs deliveries of one workload and settles each one's outcome.
 
-    Args:
-        app: the tasks, and the failure hooks.
-        workload: the workload.
-        publisher: confirms the copies sent to tiers, the work queue and the parking lot.
-        metrics: the workload's metrics.
-        executor: where sync handlers run.
-        lose: called when the session must end (a copy was not confirmed).
-        host: this machine, written on parked copies.
-        url: the broker URL, whose password is scrubbed from error texts that travel or are
-            logged (a handler's library may quote a URL).
-        counts: where settled deliveries are counted by outcome.
+    `publisher` confirms the copies sent to tiers, the work queue and the parking lot; sync
+    handlers run in `executor`; `lose` ends the session (a copy was not confirmed); `host` is
+    written on parked copies; the password of `url` is scrubbed from error texts that travel
+    or are logged (a handler's library may quote a URL); `counts` counts settled deliveries by
+    outcome.
     """
 
-    def __init__(
-        self,
-        app: App,
-        workload: Workload,
-        publisher: Publisher,
-        metrics: WorkloadMetrics,
-        executor: Executor,
-        lose: Callable[[str], None],
-        host: str,
-        url: str,
-        counts: Counter[str],
-    ) -> None:
-        self.app = app
-        self.workload = workload
-        self.publisher = publisher
-        self.metrics = metrics
-        self.executor = executor
-        self.lose = lose
-        self.host = host
-        self.url = url
-        self.counts = counts
+    app: App
+    workload: Workload
+    publisher: Publisher
+    metrics: WorkloadMetrics
+    executor: Executor
+    lose: Callable[[str], None]
+    host: str
+    url: str
+    counts: Counter[str]
 
     async def handle(self, message: DeliveredMessage, acker: Acker) -> None:
         props = message.header.properties
@@ -115,7 +99,10 @@ class Settler:
         else:
             definition = self.app.tasks.get(envelope.task)
             outcome = decide(
-                envelope, spec, time.time(), redelivered=redelivered,
+                envelope,
+                spec,
+                time.time(),
+                redelivered=redelivered,
                 registered=definition is not None,
             )
         if isinstance(outcome, Run):
@@ -130,7 +117,10 @@ class Settler:
         await self._carry_out(message, acker, envelope, outcome, error, duration)
 
     async def _run(
-        self, message: DeliveredMessage, envelope: Envelope, definition: TaskDef[Any, Any],
+        self,
+        message: DeliveredMessage,
+        envelope: Envelope,
+        definition: TaskDef[Any, Any],
         payload: Any,
     ) -> tuple[Exception | None, float]:
         """Run the handler; what it raised (None if it returned) and how long it took."""
@@ -185,20 +175,21 @@ class Settler:
         if not isinstance(outcome, Succeeded | Run):
             try:
                 await self.publisher.send(self._copy(message, envelope, outcome, error))
-            except Unroutable as unroutable:
-                if isinstance(outcome, RetryIn) and error is not None:
-                    detail = f"{error_text(error)}; then the retry copy was unroutable"
-                    unroutable_retry = ParkNow(
-                        ParkReason.UNROUTABLE_RETRY, self._clean(f"{detail}: {unroutable}")
-                    )
-                    await self._carry_out(
-                        message, acker, envelope, unroutable_retry, error, duration
-                    )
-                else:
-                    self._not_forwarded(message, acker, unroutable)
-                return
             except (PublishError, ConnectionFailed) as exc:
-                self._not_forwarded(message, acker, exc)
+                if isinstance(exc, Unroutable) and isinstance(outcome, RetryIn) and error:
+                    why = f"{error_text(error)}; then the retry copy was unroutable: {exc}"
+                    park = ParkNow(ParkReason.UNROUTABLE_RETRY, self._clean(why))
+                    await self._carry_out(message, acker, envelope, park, error, duration)
+                    return
+                # not confirmed: keep the original (requeue) and reconnect
+                logger.error(
+                    "message %s could not be moved (%s); returning it to the queue and "
+                    "reconnecting",
+                    message.header.properties.message_id,
+                    exc,
+                )
+                acker.settle(message, requeue=True)
+                self.lose(f"a forward was not confirmed: {exc}")
                 return
         if acker.settle(message):
             self._record(message, envelope, outcome, error, duration)
@@ -229,7 +220,7 @@ class Settler:
         headers = park_headers(
             props.headers,
             reason=outcome.reason,
-            error_type="Poison" if isinstance(error, Poison) else type(error).__name__,
+            error_type=_error_type(error),
             error_message=outcome.detail or self._clean(str(error)),
             traceback=self._traceback(error),
             attempts=envelope.attempt if envelope is not None else 0,
@@ -242,18 +233,14 @@ class Settler:
         # the broker reports the head message's timestamp: with the park time there, the age
         # of the oldest parked task is one PromQL expression
         return copy(
-            props, body, workload.parking_exchange, workload.routing_key, headers, "park",
+            props,
+            body,
+            workload.parking_exchange,
+            workload.routing_key,
+            headers,
+            "park",
             timestamp=datetime.fromtimestamp(now, UTC),
         )
-
-    def _not_forwarded(self, message: DeliveredMessage, acker: Acker, error: Exception) -> None:
-        """The copy was not confirmed: keep the original (requeue) and back off."""
-        logger.error(
-            "message %s could not be moved (%s); returning it to the queue and reconnecting",
-            message.header.properties.message_id, error,
-        )
-        acker.settle(message, requeue=True)
-        self.lose(f"a forward was not confirmed: {error}")
 
     def _record(
         self,
@@ -269,7 +256,8 @@ class Settler:
         task = envelope.task if envelope is not None else None
         metrics = self.metrics.task(task)
         facts: dict[str, Any] = {
-            "workload": self.workload.name, "task": task or props.message_type,
+            "workload": self.workload.name,
+            "task": task or props.message_type,
             "message_id": props.message_id,
             "attempt": envelope.attempt if envelope is not None else 0,
             "duration_seconds": None if duration is None else round(duration, 6),
@@ -279,44 +267,38 @@ class Settler:
             metrics.succeeded.inc()
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("task succeeded", extra={**facts, "outcome": "succeeded"})
-            return
-        if isinstance(outcome, Recount):
+        elif isinstance(outcome, Recount):
             self.counts["redelivered"] += 1
             metrics.redelivered.inc()
             logger.warning(
                 "task came back unsettled (redelivery %d of at most %d): its consumer died or "
-                "lost its connection while it ran; requeued", outcome.redeliveries,
+                "lost its connection while it ran; requeued",
+                outcome.redeliveries,
                 self.workload.spec.max_redeliveries - 1,
                 extra={**facts, "outcome": "redelivered"},
             )
-            return
-        assert error is not None
-        if isinstance(outcome, RetryIn):
+        elif isinstance(outcome, RetryIn) and error is not None:
             self.counts["retried"] += 1
             metrics.retried.inc()
-            label = self.workload.tiers[outcome.tier_index].label
-            logger.info("task failed; retrying in %s", label, extra={
-                **facts, "outcome": "retried", "tier": label,
-                "error": self._clean(error_text(error)),
-            })
-            self._report(task, facts, "retried", None, error)
-            return
-        assert isinstance(outcome, ParkNow)
-        reason = outcome.reason
-        self.counts[f"parked:{reason}"] += 1
-        metrics.park(reason)
-        expired = reason is ParkReason.EXPIRED
-        error_type = "Poison" if isinstance(error, Poison) else type(error).__name__
-        logger.log(
-            logging.WARNING if expired else logging.ERROR,
-            "task %s", "expired; parked" if expired else "parked",
-            extra={
-                **facts, "outcome": "expired" if expired else "parked", "reason": str(reason),
-                "error": f"{error_type}: {outcome.detail or self._clean(str(error))}"[:500],
+            tier = self.workload.tiers[outcome.tier_index].label
+            text = self._clean(error_text(error))
+            facts |= {"outcome": "retried", "tier": tier, "error": text}
+            logger.info("task failed; retrying in %s", tier, extra=facts)
+            self._report(task, facts, None, error)
+        elif isinstance(outcome, ParkNow) and error is not None:
+            self.counts[f"parked:{outcome.reason}"] += 1
+            metrics.park(outcome.reason)
+            expired = outcome.reason is ParkReason.EXPIRED
+            detail = outcome.detail or self._clean(str(error))
+            facts |= {
+                "outcome": "expired" if expired else "parked",
+                "reason": str(outcome.reason),
+                "error": f"{_error_type(error)}: {detail}"[:500],
                 "traceback": self._traceback(error),
-            },
-        )
-        self._report(task, facts, "expired" if expired else "parked", str(reason), error)
+            }
+            level = logging.WARNING if expired else logging.ERROR
+            logger.log(level, "task expired; parked" if expired else "task parked", extra=facts)
+            self._report(task, facts, str(outcome.reason), error)
 
     def _traceback(self, error: BaseException) -> str:
         """The handler's traceback, last lines first to go; none for poison."""
@@ -328,14 +310,18 @@ class Settler:
         return scrub(text, self.url) if self.url else text
 
     def _report(
-        self, task: str | None, facts: dict[str, Any], outcome: str, reason: str | None,
-        error: BaseException,
+        self, task: str | None, facts: dict[str, Any], reason: str | None, error: BaseException
     ) -> None:
         if not self.app.failure_hooks:
             return
         failure = Failure(
-            workload=self.workload.name, task=task, message_id=facts["message_id"],
-            attempt=facts["attempt"], outcome=outcome, reason=reason, error=error,
+            workload=self.workload.name,
+            task=task,
+            message_id=facts["message_id"],
+            attempt=facts["attempt"],
+            outcome=facts["outcome"],
+            reason=reason,
+            error=error,
             duration_seconds=facts["duration_seconds"],
         )
         for hook in self.app.failure_hooks:
@@ -343,3 +329,7 @@ class Settler:
                 hook(failure)
             except Exception:
                 logger.exception("a failure hook raised; the task's outcome stands")
+
+
+def _error_type(error: BaseException) -> str:
+    return "Poison" if isinstance(error, Poison) else type(error).__name__
