@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import aio_pika
 import aiormq
@@ -182,6 +183,7 @@ async def aiormq_props(ctx: Ctx, profiler: cProfile.Profile | None, *,
     async with broker.connection(ctx.url, "bench breakdown") as conn:
         channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
         underlay = await channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)  # `wait` is the concrete channel's
         exchange, kind = ctx.task_exchange, task_name(WORKLOAD)
 
         async def one(i: int) -> None:
@@ -207,11 +209,8 @@ async def aiormq_nowait(ctx: Ctx, profiler: cProfile.Profile | None) -> Clock:
 async def _rabbitq(ctx: Ctx, profiler: cProfile.Profile | None, metrics: bool,
                    each: bool = False, publisher: type[Any] | None = None) -> Clock:
     if publisher is not None:  # App.publisher() builds the module's Publisher
-        shipped, rabbitq._app.Publisher = rabbitq._app.Publisher, publisher
-        try:
+        with mock.patch.object(rabbitq._app, "Publisher", publisher):
             return await _rabbitq(ctx, profiler, metrics, each)
-        finally:
-            rabbitq._app.Publisher = shipped
     app, tasks = build_app()
     app.namespace, app.url = ctx.namespace, ctx.url
     if metrics:  # a registry of its own: the default one would refuse a second Metrics

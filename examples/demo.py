@@ -102,8 +102,8 @@ def main() -> None:
     print(f"   {len(parked)} parked in {parking_queue}:")
     for message in parked:
         headers = message.headers or {}
-        print(f"     {message.type} {message.message_id}: reason={headers[HEADER_PARK_REASON]} "
-              f"attempts={headers[HEADER_PARK_ATTEMPTS]} error={headers[HEADER_PARK_ERROR]!r}")
+        print(f"     {message.type} {message.message_id}: reason={headers[HEADER_PARK_REASON]!s} "
+              f"attempts={headers[HEADER_PARK_ATTEMPTS]!s} error={headers[HEADER_PARK_ERROR]!r}")
     if len(parked) != 1:
         print("error: expected exactly one parked task from this run", file=sys.stderr)
         raise SystemExit(1)

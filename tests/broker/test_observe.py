@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from aio_pika.abc import AbstractConnection
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
@@ -34,7 +36,11 @@ WAITED_SECONDS = 120.0
 
 
 async def test_metrics_logs_and_hooks_match_what_happened(
-    make_topology, connection, url, namespace, caplog: pytest.LogCaptureFixture
+    make_topology: Callable[..., Any],
+    connection: AbstractConnection,
+    url: str,
+    namespace: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     topology = await make_topology(obs={"capacity": 4, "retry": {"tiers": ["50ms"],
                                                                   "max_attempts": 2}})
@@ -129,7 +135,8 @@ async def test_metrics_logs_and_hooks_match_what_happened(
     assert value("rabbitq_consumer_ready") == 0  # stopped
 
     # one line per outcome, with its facts; the traceback once, on the park of a failed run
-    lines = [r for r in caplog.records if getattr(r, "outcome", None)]
+    # the outcome fields are `extra` attributes, which LogRecord's type does not declare
+    lines: list[Any] = [r for r in caplog.records if getattr(r, "outcome", None)]
     by_outcome: dict[str, list[Any]] = {}
     for record in lines:
         by_outcome.setdefault(record.outcome, []).append(record)

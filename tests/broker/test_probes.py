@@ -13,10 +13,13 @@ import os
 import signal
 import sys
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
+from aio_pika.abc import AbstractConnection
 from prometheus_client.parser import text_string_to_metric_families
 
 from rabbitq import App
@@ -47,7 +50,7 @@ def _total(body: bytes, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def secret_user() -> tuple[str, str]:
+def secret_user() -> Iterator[tuple[str, str]]:
     """A broker user whose password has characters a URL must escape."""
     user = f"rq-probe-{uuid.uuid4().hex[:8]}"
     password = f"Pw/{uuid.uuid4().hex[:12]}:x"
@@ -58,7 +61,13 @@ def secret_user() -> tuple[str, str]:
 
 
 async def test_probes_metrics_and_logs_of_a_consumer_process(
-    make_topology, topology_dir, connection, url, namespace, secret_user, tmp_path
+    make_topology: Callable[..., Any],
+    topology_dir: Callable[..., Path],
+    connection: AbstractConnection,
+    url: str,
+    namespace: str,
+    secret_user: tuple[str, str],
+    tmp_path: Path,
 ) -> None:
     user, password = secret_user
     forms = (password, quote(password, safe=""))
@@ -161,7 +170,11 @@ async def _noop(payload: Note) -> None:
 @pytest.mark.parametrize("command", [["topology", "plan"], ["consume", WORKLOAD, "--app",
                                                               "tests.broker.apps:app"]])
 async def test_a_wrong_password_is_one_error_line_without_it(
-    make_topology, topology_dir, namespace, secret_user, command
+    make_topology: Callable[..., Any],
+    topology_dir: Callable[..., Path],
+    namespace: str,
+    secret_user: tuple[str, str],
+    command: list[str],
 ) -> None:
     user, _ = secret_user
     wrong = "Wr0ng/pass:word"

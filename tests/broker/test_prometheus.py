@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from rabbitq import App, Metrics
-from rabbitq._topology import Topology
+from rabbitq._topology import Topology, Workload
 from rabbitq._wire import HEADER_ATTEMPT, HEADER_PUBLISHED_AT
 from tests.background import free_port, process, require, stderr_of
 from tests.broker.obs_app import IDLE_WORKLOAD, WORKLOAD, Item
@@ -54,7 +54,8 @@ from tests.observability import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-SPEC = {"capacity": 8, "retry": {"tiers": ["50ms"], "max_attempts": 2}}
+CAPACITY = 8
+SPEC = {"capacity": CAPACITY, "retry": {"tiers": ["50ms"], "max_attempts": 2}}
 IDLE_SPEC = {"retry": {"tiers": ["50ms"], "max_attempts": 2}}
 BROKER_METRICS_PORT = 15692
 
@@ -344,9 +345,10 @@ async def test_every_dashboard_and_alert_expression_returns_data_from_a_real_run
 
 
 async def run_and_check(
-    base, app, tasks, connection, topology, work, idle, consumer, consumer_port, rabbitmqctl,
-    amqp_port,
-):
+    base: str, app: App, tasks: dict[str, Any], connection: aio_pika.abc.AbstractConnection,
+    topology: Topology, work: Workload, idle: Workload, consumer: subprocess.Popen[bytes],
+    consumer_port: int, rabbitmqctl: str, amqp_port: int,
+) -> None:
     async def consumer_ready() -> bool:
         assert consumer.poll() is None, "the consumer exited"
         return (await get(f"http://127.0.0.1:{consumer_port}/readyz"))[0] == 200
@@ -459,7 +461,7 @@ async def assert_values(base: str, work: Any, idle: Any) -> None:
         # no failed publish (those series exist only once one happens)
         'sum(rabbitq_publishes_total{outcome!="confirmed"}) or vector(0)': ((), {(): 0}),
         "sum(rabbitq_reconnects_total)": ((), {(): CLOSES}),
-        "sum(rabbitq_capacity)": ((), {(): SPEC["capacity"]}),
+        "sum(rabbitq_capacity)": ((), {(): CAPACITY}),
         "sum(rabbitq_connected)": ((), {(): 1}),
         f'rabbitmq_detailed_queue_messages{{queue="{work.parking_queue}"}}':
             ((), {(): DOOMED + UNKNOWN + INVALID}),

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import aiormq
 import pytest
 from aio_pika.abc import AbstractConnection
 from prometheus_client import CollectorRegistry
@@ -435,7 +436,7 @@ async def test_publish_many_reports_every_message_in_order(
     try:
         errors = await publisher.send_many(batch)
         channel = publisher._underlay
-        assert channel is not None
+        assert isinstance(channel, aiormq.Channel)
         # nothing is left in aiormq's bookkeeping once the batch is settled
         await wait_until(lambda: not channel.confirmations and not channel.message_id_delivery_tag,
                          what="the channel's confirm bookkeeping to empty")
@@ -559,7 +560,7 @@ async def test_publish_many_fails_what_is_in_flight_at_once_when_the_connection_
     try:
         await publisher.start()
         channel = publisher._underlay
-        assert channel is not None and publisher._connection is not None
+        assert isinstance(channel, aiormq.Channel) and publisher._connection is not None
         batch = [a_item.message(Item(n=n)) for n in range(5000)]
         started = time.monotonic()
         sending = asyncio.create_task(publisher.send_many(batch))
@@ -587,7 +588,7 @@ async def test_a_cancelled_publish_many_leaves_the_publisher_usable(make_topolog
     try:
         await publisher.start()
         channel = publisher._underlay
-        assert channel is not None
+        assert isinstance(channel, aiormq.Channel)
         sending = asyncio.create_task(
             publisher.send_many([a_item.message(Item(n=n)) for n in range(3000)])
         )

@@ -19,7 +19,7 @@ FACTS = {
 }
 
 
-def _record(msg: str = "task parked", exc: BaseException | None = None,
+def _record(msg: str = "task parked", exc: BaseException | None = None, /,
             **extra: object) -> logging.LogRecord:
     record = logging.LogRecord("rabbitq.settle", logging.ERROR, __file__, 1, msg, (), None)
     if exc is not None:
@@ -60,7 +60,7 @@ def test_a_parked_task_traceback_is_written_once(formatter: logging.Formatter) -
     [
         _record(f"could not connect to {URL}"),
         _record("lost", error=f"ConnectionError: {URL} refused"),
-        _record("unexpected", exc=RuntimeError("password is S3cret/pw")),
+        _record("unexpected", RuntimeError("password is S3cret/pw")),
         _record("parked", traceback="ValueError: S3cret%2Fpw"),
     ],
     ids=["message", "field", "exception", "traceback"],
@@ -83,7 +83,8 @@ def test_setup_writes_json_lines_to_the_stream_and_quiets_libraries() -> None:
         logging.getLogger("rabbitq.test").info("hello %s", URL)
         logging.getLogger("aiormq").info("narration")
     finally:
-        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1
     assert json.loads(lines[0])["message"] == "hello amqp://worker:***@broker:5672/"

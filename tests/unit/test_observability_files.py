@@ -346,7 +346,7 @@ def test_promtool_accepts_the_config_and_the_rules():
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_promtool_parses_every_dashboard_expression(tmp_path: Path):
+def test_promtool_parses_every_dashboard_expression(tmp_path: Path) -> None:
     """The dashboard's queries, variables expanded as Grafana would, are valid PromQL."""
     promtool = require("promtool", "prometheus")
     recording = [
