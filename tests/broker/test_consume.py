@@ -297,7 +297,7 @@ async def test_a_foreign_producers_message_is_held_to_the_documented_wire_format
     async def record(item: Item, ctx: rabbitq.TaskContext) -> None:
         ran[ctx.message_id] = ctx.priority
 
-    runs = {
+    runs: dict[str, dict[str, Any]] = {
         "no-type": {},
         "json-charset": {"content_type": "application/json; charset=utf-8"},
         "over-max-priority": {"content_type": "application/json", "priority": 200},

@@ -46,6 +46,7 @@ from pamqp import commands, decode, encode
 from pydantic import BaseModel, ValidationError, field_validator
 
 from rabbitq import App, Consumer, Park, TaskContext
+from rabbitq._errors import ParkReason
 from rabbitq._topology import Topology
 from rabbitq._wire import (
     HEADER_ATTEMPT,
@@ -61,7 +62,6 @@ from rabbitq._wire import (
     HEADER_PARKED_AT,
     HEADER_REDELIVERIES,
     MAX_ATTEMPT,
-    ParkReason,
 )
 from tests.helpers import running_consumer
 
