@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -107,8 +106,8 @@ class Consumer:
             url, name=f"consumer-publisher {workload.name}", metrics=self.metrics.publishing()
         )
         self._settler = Settler(
-            app, workload, self.publisher, self._metrics, self._executor, self._lose,
-            socket.gethostname(), url, self.counts,
+            app, workload, self.publisher, self._metrics, self._executor, self._lose, url,
+            self.counts,
         )
 
     @property
@@ -237,10 +236,7 @@ class Consumer:
             self._set_connected(False)
 
     def _set_ready(self, ready: bool) -> None:
-        if ready:
-            self.ready.set()
-        else:
-            self.ready.clear()
+        (self.ready.set if ready else self.ready.clear)()
         self._metrics.ready.set(ready)
 
     def _set_connected(self, connected: bool) -> None:
@@ -249,20 +245,16 @@ class Consumer:
 
     async def _wait(self, connection: AbstractConnection) -> bool:
         """Until stopped, lost or (burst) drained; True if stopped or drained."""
-        waiters: list[asyncio.Future[Any]] = [
-            asyncio.ensure_future(self._stop.wait()),
-            asyncio.ensure_future(self._lost.wait()),
-        ]
-        if self.burst:
-            waiters.append(asyncio.ensure_future(self._drained(connection)))
+        drained = asyncio.ensure_future(self._drained(connection) if self.burst else _never())
+        waiters = {asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(
+            self._lost.wait()), drained}
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()
-        return self._stop.is_set() or (self.burst and waiters[2].done()
-                                       and not waiters[2].cancelled()
-                                       and not self._lost.is_set())
+        ok = drained.done() and not drained.cancelled() and not self._lost.is_set()
+        return self._stop.is_set() or ok
 
     async def _drained(self, connection: AbstractConnection) -> None:
         """Returns once the work queue and tiers were empty, with nothing running, twice."""
@@ -330,3 +322,7 @@ class Consumer:
             self._lose("unexpected error in the consume path")
         finally:
             self._running.discard(task)
+
+
+async def _never() -> None:
+    await asyncio.Event().wait()

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -74,9 +75,9 @@ class Settler:
     metrics: WorkloadMetrics
     executor: Executor
     lose: Callable[[str], None]
-    host: str
     url: str
     counts: Counter[str]
+    host: str = field(default_factory=socket.gethostname)
 
     async def handle(self, message: DeliveredMessage, acker: Acker) -> None:
         props = message.header.properties
