@@ -103,26 +103,24 @@ def crash_guard(
     delivery before running anything. Past `limit` such returns, the task is parked as
     `crash_loop` without running again. None: run it.
     """
-    cut_off = ParkNow(
-        ParkReason.CRASH_LOOP,
-        f"cut off {limit} times while running (its consumer died or lost its connection); "
-        "not run again",
-    )
-    if delivery_count is not None:
-        return cut_off if delivery_count >= limit else None
-    if not redelivered:
+    if delivery_count is not None:  # quorum: the broker counted
+        returns = delivery_count
+    elif not redelivered:
         return None
-    if redeliveries + 1 >= limit:
-        return cut_off
-    return Recount(redeliveries + 1)
+    else:
+        returns = redeliveries + 1
+    if returns >= limit:
+        return ParkNow(
+            ParkReason.CRASH_LOOP,
+            f"cut off {limit} times while running (its consumer died or lost its connection); "
+            "not run again",
+        )
+    return None if delivery_count is not None else Recount(returns)
 
 
 def tier_for_delay(tiers: list[float], delay_seconds: float) -> int:
     """The shortest tier that waits at least `delay_seconds`, else the longest tier."""
-    for index, delay in enumerate(tiers):
-        if delay >= delay_seconds:
-            return index
-    return len(tiers) - 1
+    return next((i for i, delay in enumerate(tiers) if delay >= delay_seconds), len(tiers) - 1)
 
 
 def retry_or_park(
