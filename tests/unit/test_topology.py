@@ -143,7 +143,9 @@ def test_namespace_helpers_match_the_derived_exchanges() -> None:
     w = topology.workload("emails")
     assert task_exchange("shop") == w.task_exchange
     assert [e.name for e in topology.exchanges()] == [
-        w.task_exchange, w.retry_exchange, w.parking_exchange
+        w.task_exchange,
+        w.retry_exchange,
+        w.parking_exchange,
     ]
 
 
