@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -16,7 +17,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,8 +25,8 @@ import typer
 
 from rabbitq._app import App
 from rabbitq._connection import DEFAULT_URL, connect, scrub
-from rabbitq._errors import ConfigError, RabbitqError
-from rabbitq._topology import Topology, load_topology
+from rabbitq._errors import ConfigError, RabbitqError, TopologyInvalid, UsageError
+from rabbitq._topology import load_topology
 
 T = TypeVar("T")
 
@@ -43,8 +44,7 @@ topology_cli = typer.Typer(help="Declare and inspect the topology.", epilog=EPIL
                            no_args_is_help=True)
 cli.add_typer(topology_cli, name="topology")
 
-URL = typer.Option(DEFAULT_URL, "--url", envvar="RABBITQ_URL", show_default=False,
-                   help="Broker URL [env RABBITQ_URL; default amqp://guest:guest@localhost:5672/].")
+URL = typer.Option(DEFAULT_URL, "--url", envvar="RABBITQ_URL", help="Broker URL.")
 TOPOLOGY = typer.Option(Path("topology"), "--topology", "-t", envvar="RABBITQ_TOPOLOGY",
                         help="Directory (or file) of topology *.toml files.")
 NAMESPACE = typer.Option(None, "--namespace", envvar="RABBITQ_NAMESPACE",
@@ -54,11 +54,6 @@ DEBUG = typer.Option(False, "--debug", help="Show tracebacks of errors.")
 
 logger = logging.getLogger("rabbitq.cli")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class _Fail(Exception):
-    def __init__(self, code: int) -> None:
-        self.code = code
 
 
 @contextlib.contextmanager
@@ -73,23 +68,16 @@ def _errors(url: str, as_json: bool = False, debug: bool = False) -> Iterator[No
             typer.echo(scrub("".join(traceback.format_exception(exc)), url), err=True)
         text = scrub(str(exc), url)
         if as_json:
-            typer.echo(json.dumps({"error": text, "type": type(exc).__name__,
-                                   **{k: str(v) for k, v in exc.facts().items()}}), err=True)
+            facts = {k: v if isinstance(v, list) else str(v) for k, v in exc.facts().items()}
+            typer.echo(json.dumps({"error": text, "type": type(exc).__name__, **facts}), err=True)
         else:
             typer.echo(f"error: {text}", err=True)
         raise typer.Exit(exc.exit_code) from None
 
 
-def _load(topology: Path, namespace: str | None) -> Topology:
-    return load_topology(topology, namespace)
-
-
-def _run(make: Callable[[], Awaitable[T]]) -> T:
-    async def call() -> T:
-        return await make()
-
+def _run(main: Coroutine[Any, Any, T]) -> T:
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(call())
+        return runner.run(main)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -109,9 +97,7 @@ def _setup_logging(
     for option, value, allowed in (("--log-level", level.lower(), LOG_LEVELS),
                                    ("--log-format", fmt, logs.FORMATS)):
         if value not in allowed:
-            typer.echo(f"error: {option} {value!r} must be one of {', '.join(allowed)}",
-                       err=True)
-            raise typer.Exit(2)
+            raise UsageError(f"{option} {value!r} must be one of {', '.join(allowed)}")
     logs.setup(level, fmt, (url,), libraries)
 
 
@@ -126,7 +112,7 @@ def topology_show(
     """
     _setup_logging("warning", libraries=logging.CRITICAL)
     with _errors("", as_json, debug):
-        topo = _load(topology, namespace)
+        topo = load_topology(topology, namespace)
         data = topo.to_dict()
         if as_json:
             typer.echo(json.dumps(data, indent=2))
@@ -149,12 +135,30 @@ def topology_show(
                 typer.echo(f"    {step}")
 
 
-async def _with_connection(url: str, work: Callable[[Any], Awaitable[T]]) -> T:
-    connection = await connect(url, "cli")
-    try:
-        return await work(connection)
-    finally:
-        await connection.close()
+def _plan_or_apply(
+    apply: bool, topology: Path, namespace: str | None, url: str, as_json: bool, debug: bool
+) -> None:
+    from rabbitq import _declare as declare
+
+    _setup_logging("warning", libraries=logging.CRITICAL)
+    with _errors(url, as_json, debug):
+        topo = load_topology(topology, namespace)
+
+        async def run() -> list[declare.PlanItem]:
+            connection = await connect(url, "cli")
+            try:
+                return await (declare.apply if apply else declare.plan)(connection, topo)
+            finally:
+                await connection.close()
+
+        items = _run(run())
+        if as_json:
+            typer.echo(json.dumps([dataclasses.asdict(i) for i in items], indent=2))
+        else:
+            for i in items:
+                drift = f": {i.argument} declared {i.declared}, found {i.found}"
+                typer.echo(f"{i.action:9} {i.kind} {i.name}{drift if i.action == 'drift' else ''}")
+        declare.raise_on_drift(items)  # after a plan: apply stops before it declares anything
 
 
 @topology_cli.command("plan")
@@ -166,26 +170,7 @@ def topology_plan(
 
     Example: rabbitq topology plan
     """
-    from rabbitq import _declare as declare
-
-    _setup_logging("warning", libraries=logging.CRITICAL)
-    with _errors(url, as_json, debug):
-        topo = _load(topology, namespace)
-        items = _run(lambda: _with_connection(url, lambda c: declare.plan(c, topo)))
-        _print_items(items, as_json)
-        declare.raise_on_drift(items)
-
-
-def _print_items(items: list[Any], as_json: bool) -> None:
-    if as_json:
-        typer.echo(json.dumps([vars(i) if hasattr(i, "__dict__") else
-                               {f: getattr(i, f) for f in i.__slots__} for i in items], indent=2))
-        return
-    for item in items:
-        line = f"{item.action:9} {item.kind} {item.name}"
-        if item.action == "drift":
-            line += f": {item.argument} declared {item.declared}, found {item.found}"
-        typer.echo(line)
+    _plan_or_apply(False, topology, namespace, url, as_json, debug)
 
 
 @topology_cli.command("apply")
@@ -199,27 +184,25 @@ def topology_apply(
 
     Example: rabbitq topology apply --topology topology/
     """
-    from rabbitq import _declare as declare
-
-    _setup_logging("warning", libraries=logging.CRITICAL)
-    with _errors(url, as_json, debug):
-        topo = _load(topology, namespace)
-        items = _run(lambda: _with_connection(url, lambda c: declare.apply(c, topo)))
-        _print_items(items, as_json)
+    _plan_or_apply(True, topology, namespace, url, as_json, debug)
 
 
 def load_app(spec: str) -> App:
     """The App at `module:attribute`."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ConfigError(f"--app {spec!r} must look like 'package.module:app'")
+        raise UsageError(f"--app {spec!r} must look like 'package.module:app'")
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"--app {spec!r}: cannot import {module_name!r}: {exc}") from None
-    app = getattr(module, attr, None)
+    except Exception as exc:  # whatever the user's module raised while it was imported
+        raise ConfigError(
+            f"--app {spec!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not hasattr(module, attr):
+        raise ConfigError(f"--app {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    app = getattr(module, attr)
     if not isinstance(app, App):
         raise ConfigError(
             f"--app {spec!r}: {attr!r} is not a rabbitq.App (got {type(app).__name__})"
@@ -261,10 +244,13 @@ def consume(
     from rabbitq._consume import Consumer
     from rabbitq._metrics import Metrics
 
-    _setup_logging(log_level, fmt=log_format, url=url)
     with _errors(url, debug=debug):
-        topo = _load(topology, namespace)
-        spec = topo.workload(workload)
+        _setup_logging(log_level, fmt=log_format, url=url)
+        topo = load_topology(topology, namespace)
+        try:
+            spec = topo.workload(workload)
+        except TopologyInvalid as exc:  # the WORKLOAD argument is wrong, not the files
+            raise UsageError(str(exc)) from exc
         app = load_app(app_spec)
         registry = CollectorRegistry()
         ProcessCollector(registry=registry)
@@ -307,7 +293,7 @@ def consume(
                     server.close()
             return consumer
 
-        consumer = _run(main)
+        consumer = _run(main())
         summary = ", ".join(f"{k} {v}" for k, v in sorted(consumer.counts.items())) or "no tasks"
         logger.info("workload %s stopped: %s", workload, summary)
         if as_json:

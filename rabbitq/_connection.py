@@ -38,16 +38,14 @@ def mask_url(url: str) -> str:
 
 def scrub(text: str, url: str) -> str:
     """`text` with the URL's password removed, for errors that quote what a library said."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    text = text.replace(url, mask_url(url))
-    if password:
+    masked = mask_url(url)
+    password = None if not url or masked == "<unparseable url>" else urlsplit(url).password
+    # The URL is masked whole first, so that a user named like the password keeps its name.
+    pieces = text.replace(url, masked).split(masked) if url else [text]
+    for form in {password, unquote(password)} if password else ():
         # as written in the URL and as decoded by a library that quotes it back
-        for form in {password, unquote(password)}:
-            text = text.replace(form, "***")
-    return text
+        pieces = [piece.replace(form, "***") for piece in pieces]
+    return masked.join(pieces)
 
 
 def is_open(connection: AbstractConnection) -> bool:
@@ -74,4 +72,12 @@ async def connect(url: str, name: str) -> AbstractConnection:
         raise
     except Exception as exc:  # aio-pika raises many types here; all mean "cannot connect"
         reason = scrub(f"{type(exc).__name__}: {exc}", url)
+        if "['Connection.OpenOk'], got <Connection.Close" in reason:
+            # The login worked but Connection.Open was refused; aiormq drops the reply text.
+            # The user is named by the URL only: scrub() would mask a user named like its password.
+            vhost = unquote(urlsplit(url).path[1:]) or "/"
+            reason = (
+                f"vhost {vhost!r} does not exist or the URL's user may not use it; create it with "
+                f"'rabbitmqctl add_vhost {vhost}' and grant it with 'rabbitmqctl set_permissions'"
+            )
         raise ConnectionFailed(mask_url(url), reason) from None

@@ -15,6 +15,7 @@ The tree::
     ├── TaskError
     │   └── Poison                 a message that cannot be run; parked at once with a reason
     └── ConfigError                an App, task or option is used wrongly
+        └── UsageError             a command line is wrong (the CLI exits 2)
 
     Retry(delay_seconds=...)       a handler asks to be retried after at least this delay
     Park(reason=...)               a handler asks to be parked at once, without retrying
@@ -63,22 +64,27 @@ class ConfigError(RabbitqError):
     """An App, task, option or setting is used wrongly."""
 
 
+class UsageError(ConfigError):
+    """A command line names something wrongly: a bad option value or an unknown workload."""
+
+    exit_code = 2
+
+
 class TopologyError(RabbitqError):
     """Something is wrong with the declared or the actual topology."""
 
 
 class TopologyInvalid(TopologyError):
-    """A topology file does not validate."""
+    """A topology file does not validate; `field`, `value` and `problem` are the first problem."""
 
-    def __init__(self, file: str, field: str, value: Any, problem: str) -> None:
-        self.file = file
-        self.field = field
-        self.value = value
-        self.problem = problem
-        if field:
-            super().__init__(f"{file}: {field} = {value!r}: {problem}")
-        else:
-            super().__init__(f"{file}: {problem}")
+    def __init__(
+        self, file: str, field: str, value: Any, problem: str, *more: tuple[str, Any, str]
+    ) -> None:
+        self.file, self.field, self.value, self.problem = file, field, value, problem
+        self.problems = [
+            f"{f} = {v!r}: {p}" if f else p for f, v, p in ((field, value, problem), *more)
+        ]
+        super().__init__(f"{file}: {'; '.join(self.problems)}")
 
 
 class TopologyDrift(TopologyError):

@@ -19,6 +19,7 @@ no `x-expires`, or the delay would vanish or the queue be deleted with its tasks
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from rabbitq._errors import TopologyInvalid
 
@@ -46,6 +48,11 @@ RoutingKey = NewType("RoutingKey", str)
 DEFAULT_NAMESPACE = "rabbitq"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 NAMESPACE_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+_START = ", starting with a letter or digit (at most 63 characters)"
+_IN_WORDS = {  # the patterns, as a person reading the error wants them
+    NAME_PATTERN: f"a workload name must be lower-case letters, digits, '_' and '-'{_START}",
+    NAMESPACE_PATTERN: f"a namespace must be lower-case letters, digits, '_', '-' and '.'{_START}",
+}
 # The same limit a 4.x broker enforces by default; a task queue rarely needs more than a fraction.
 MAX_MESSAGE_BYTES_LIMIT = 16 * 1024 * 1024
 # Quorum queues count deliveries; 20 is RabbitMQ 4.0's own default, stated explicitly so that
@@ -273,15 +280,10 @@ class Workload:
 def derive_workload(namespace: str, name: str, spec: WorkloadSpec, source: str = "") -> Workload:
     """Every name of one workload. The only place where names are built."""
     prefix = f"{namespace}.{name}"
+    labels = [format_duration(delay) for delay in spec.retry.tiers]
     tiers = tuple(
-        Tier(
-            index=i,
-            delay_seconds=delay,
-            label=format_duration(delay),
-            queue=QueueName(f"{prefix}.retry.{format_duration(delay)}"),
-            routing_key=RoutingKey(f"{name}.{format_duration(delay)}"),
-        )
-        for i, delay in enumerate(spec.retry.tiers)
+        Tier(i, delay, label, QueueName(f"{prefix}.retry.{label}"), RoutingKey(f"{name}.{label}"))
+        for i, (delay, label) in enumerate(zip(spec.retry.tiers, labels, strict=True))
     )
     return Workload(
         name=name,
@@ -318,19 +320,15 @@ class Topology:
     workloads: dict[str, Workload]
 
     def workload(self, name: str) -> Workload:
-        try:
-            return self.workloads[name]
-        except KeyError:
+        if name not in self.workloads:
             known = ", ".join(sorted(self.workloads)) or "none"
             raise TopologyInvalid(
                 "topology", "workload", name, f"no such workload (declared: {known})"
-            ) from None
+            )
+        return self.workloads[name]
 
     def exchanges(self) -> list[Exchange]:
-        if not self.workloads:
-            return []
-        ns = self.namespace
-        return [Exchange(_exchange(ns, kind)) for kind in _EXCHANGE_KINDS]
+        return [Exchange(_exchange(self.namespace, k)) for k in _EXCHANGE_KINDS if self.workloads]
 
     def queues(self) -> list[Queue]:
         return [q for w in self.workloads.values() for q in w.queues()]
@@ -370,35 +368,43 @@ class Topology:
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)[1:]
+
+
+# the model of a key's table by the key's depth: top level, [workloads.W], [workloads.W.retry]
+_TABLES: dict[int, type[BaseModel]] = {1: TopologyFile, 3: WorkloadSpec, 4: RetrySpec}
+
+
+def _problem(err: ErrorDetails) -> tuple[str, Any, str]:
+    """One pydantic error in our words: field path, bad value, what is wrong."""
+    loc, value = tuple(err["loc"]), err.get("input")
+    if err["type"] == "extra_forbidden":
+        known = list(_TABLES[len(loc)].model_fields)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+        problem = f"unknown key ({hint})"
+    elif err["type"] == "string_pattern_mismatch":
+        problem = _IN_WORDS[err["ctx"]["pattern"]]
+        if loc[:1] == ("workloads",):
+            loc = ("workloads",)  # a bad key in a dict: pydantic puts "[key]" in loc
+    else:
+        problem = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    return _field_path(loc), "{...}" if isinstance(value, dict) else value, problem
 
 
 def parse_file(source: str, text: str) -> TopologyFile:
     """Validate one file's text.
 
     Raises:
-        TopologyInvalid: naming the file, the field path and the bad value.
+        TopologyInvalid: naming the file, and the field path and bad value of every problem.
     """
     try:
-        raw = tomllib.loads(text)
+        return TopologyFile.model_validate(tomllib.loads(text))
     except tomllib.TOMLDecodeError as exc:
         raise TopologyInvalid(source, "", "", f"not valid TOML: {exc}") from None
-    try:
-        return TopologyFile.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        if err["type"] == "string_pattern_mismatch" and loc[:1] == ("workloads",):
-            # a bad key in a dict: pydantic puts "[key]" in loc; say it plainly
-            loc = ("workloads",)
-        value = err.get("input")
-        if isinstance(value, dict):
-            value = "{...}"
-        problem = err["msg"].removeprefix("Value error, ")
-        raise TopologyInvalid(source, _field_path(loc), value, problem) from None
+        first, *more = [_problem(err) for err in exc.errors()]
+        raise TopologyInvalid(source, *first, *more) from None
 
 
 def parse_topology(files: Mapping[str, str], namespace: str | None = None) -> Topology:
@@ -428,7 +434,7 @@ def parse_topology(files: Mapping[str, str], namespace: str | None = None) -> To
             specs[name] = (source, spec)
     if namespace is not None and not re.match(NAMESPACE_PATTERN, namespace):
         raise TopologyInvalid("--namespace", "namespace", namespace,
-                              f"must match {NAMESPACE_PATTERN}")
+                              _IN_WORDS[NAMESPACE_PATTERN])
     ns = namespace or (declared_ns[1] if declared_ns else DEFAULT_NAMESPACE)
     return Topology(
         namespace=ns,
@@ -440,12 +446,12 @@ def load_topology(directory: Path, namespace: str | None = None) -> Topology:
     """Read every `*.toml` file in `directory` (sorted by name) and merge them.
 
     Raises:
-        TopologyInvalid: the directory has no files, or one of them does not validate.
+        TopologyInvalid: the directory is missing or has no files, or one does not validate.
     """
-    if directory.is_file():
-        paths = [directory]
-    else:
-        paths = sorted(directory.glob("*.toml"))
+    if not directory.exists():
+        raise TopologyInvalid(str(directory), "", "", "no such directory; point --topology "
+                              "(or RABBITQ_TOPOLOGY) at the directory of the *.toml files")
+    paths = [directory] if directory.is_file() else sorted(directory.glob("*.toml"))
     if not paths:
         raise TopologyInvalid(str(directory), "", "", "no *.toml topology files found")
     files = {str(p): p.read_text(encoding="utf-8") for p in paths}

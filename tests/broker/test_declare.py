@@ -41,11 +41,16 @@ async def rabbitq_cli(url: str, *args: str | Path) -> subprocess.CompletedProces
     )
 
 
-
-
 def names(topology: Topology) -> set[tuple[str, str]]:
     return {("exchange", e.name) for e in topology.exchanges()} | {
         ("queue", q.name) for q in topology.queues()
+    }
+
+
+def bindings(topology: Topology) -> set[tuple[str, str]]:
+    """The binding items of a plan, as `topology show` draws them."""
+    return {
+        ("binding", f"{b.exchange} --{b.routing_key}--> {b.queue}") for b in topology.bindings()
     }
 
 
@@ -85,7 +90,7 @@ async def test_apply_twice_changes_nothing(make_topology, connection, url, names
 
     items = await declare.apply(connection, topology)
 
-    assert {(i.kind, i.name) for i in items} == names(topology)
+    assert {(i.kind, i.name) for i in items} == names(topology) | bindings(topology)
     assert [i for i in items if i.action != "unchanged"] == []
     assert await queue_depth(connection, topology.workload("w").work_queue) == 1
 
@@ -93,19 +98,20 @@ async def test_apply_twice_changes_nothing(make_topology, connection, url, names
 async def test_cli_apply_twice_then_plan_reports_only_unchanged(
     make_topology, topology_dir, connection, url, namespace
 ):
-    """`topology apply` creates; a second apply and `plan` report all unchanged, keep messages."""
+    """`topology apply` creates, a line per exchange, queue and binding; then all unchanged."""
     topology = await make_topology(apply=False, w=WORKLOAD)  # registered for cleanup only
     directory = topology_dir(w=WORKLOAD)
-    expected = names(topology)
+    expected = names(topology) | bindings(topology)
+    assert len(bindings(topology)) == 4  # work queue, two tiers, parking lot
 
     first = await rabbitq_cli(
         url, "topology", "apply", "--topology", directory, "--namespace", namespace
     )
     assert first.returncode == 0, first.stderr
-    assert {tuple(line.split()) for line in first.stdout.splitlines()} == {
+    assert {tuple(line.split(maxsplit=2)) for line in first.stdout.splitlines()} == {
         ("create", kind, name) for kind, name in expected
     }
-    for kind, name in expected:
+    for kind, name in names(topology):
         assert await declare.exists(connection, kind, name), f"{kind} {name} was not created"
     app = App(namespace=namespace, url=url)
 
@@ -123,7 +129,7 @@ async def test_cli_apply_twice_then_plan_reports_only_unchanged(
             url, "topology", command, "--topology", directory, "--namespace", namespace
         )
         assert again.returncode == 0, again.stderr
-        assert {tuple(line.split()) for line in again.stdout.splitlines()} == {
+        assert {tuple(line.split(maxsplit=2)) for line in again.stdout.splitlines()} == {
             ("unchanged", kind, name) for kind, name in expected
         }, f"topology {command}"
         assert "error" not in again.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from typer.testing import CliRunner, Result
 
 import rabbitq._cli
 from rabbitq._cli import cli
+from tests.helpers import free_port
 
 TOPOLOGY = """
 namespace = "shop"
@@ -157,26 +160,41 @@ def quiet_consume(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "path", list(sys.path))
 
 
-@pytest.mark.usefixtures("quiet_consume")
+@pytest.fixture
+def broken_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two importable modules that fail while being imported."""
+    (tmp_path / "rabbitq_test_syntax.py").write_text("app = (\n", encoding="utf-8")
+    (tmp_path / "rabbitq_test_raises.py").write_text("raise RuntimeError('boom')\n", "utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.mark.usefixtures("quiet_consume", "broken_modules")
 @pytest.mark.parametrize(
-    ("app_spec", "message"),
+    ("app_spec", "exit_code", "message"),
     [
         (
             "no_such_module_for_rabbitq_tests:app",
-            "cannot import 'no_such_module_for_rabbitq_tests'",
+            1,
+            "cannot import 'no_such_module_for_rabbitq_tests': ModuleNotFoundError: ",
         ),
-        ("tests.unit.test_cli", "must look like 'package.module:app'"),
-        (":app", "must look like 'package.module:app'"),
-        ("json:dumps", "'dumps' is not a rabbitq.App (got function)"),
-        ("json:missing", "'missing' is not a rabbitq.App (got NoneType)"),
+        (
+            "rabbitq_test_syntax:app",
+            1,
+            "cannot import 'rabbitq_test_syntax': SyntaxError: '(' was never closed",
+        ),
+        ("rabbitq_test_raises:app", 1, "cannot import 'rabbitq_test_raises': RuntimeError: boom"),
+        ("tests.unit.test_cli", 2, "must look like 'package.module:app'"),
+        (":app", 2, "must look like 'package.module:app'"),
+        ("json:dumps", 1, "'dumps' is not a rabbitq.App (got function)"),
+        ("json:missing", 1, "module 'json' has no attribute 'missing'"),
     ],
 )
 def test_consume_with_a_bad_app_prints_one_error_line(
-    topology_dir: Path, app_spec: str, message: str
+    topology_dir: Path, app_spec: str, exit_code: int, message: str
 ) -> None:
-    """`consume --app` that does not point at an App exits 1 with one `error: ` line."""
+    """An --app that is not an App gives one `error: ` line; a malformed one exits 2."""
     result = _invoke("consume", "emails", "--topology", str(topology_dir), "--app", app_spec)
-    assert result.exit_code == 1
+    assert result.exit_code == exit_code
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
@@ -184,11 +202,112 @@ def test_consume_with_a_bad_app_prints_one_error_line(
     assert message in lines[0]
 
 
+@pytest.mark.usefixtures("quiet_consume", "broken_modules")
+def test_consume_with_debug_shows_the_import_traceback(topology_dir: Path) -> None:
+    """With --debug, an --app whose import fails shows the traceback, then the `error: ` line."""
+    result = _invoke(
+        "consume",
+        "emails",
+        "--topology",
+        str(topology_dir),
+        "--app",
+        "rabbitq_test_raises:app",
+        "--debug",
+    )
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "rabbitq_test_raises.py" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: --app 'rabbitq_test_raises:app'")
+
+
 @pytest.mark.usefixtures("quiet_consume")
 def test_consume_unknown_workload_prints_one_error_line(topology_dir: Path) -> None:
-    """`consume` of a workload the topology does not declare exits 1 naming what exists."""
+    """`consume` of a workload the topology does not declare is a usage error naming what exists."""
     result = _invoke("consume", "sms", "--topology", str(topology_dir), "--app", "json:dumps")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.splitlines() == [
         "error: topology: workload = 'sms': no such workload (declared: emails)"
     ]
+
+
+@pytest.mark.parametrize("option", ["--log-level", "--log-format"])
+def test_consume_with_a_bad_log_option_is_a_usage_error(topology_dir: Path, option: str) -> None:
+    """A --log-level or --log-format value that does not exist gives one `error: ` line, exit 2."""
+    result = _invoke(
+        "consume", "emails", "--topology", str(topology_dir), "--app", "json:dumps", option, "loud"
+    )
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: {option} 'loud' must be one of "
+        + ("debug, info, warning, error" if option == "--log-level" else "text, json")
+    ]
+
+
+@pytest.mark.parametrize("command", [["consume"], ["topology", "plan"], ["topology", "apply"]])
+def test_url_help_shows_the_env_var_and_the_default(command: list[str]) -> None:
+    """`--help` names RABBITQ_URL and the default URL, but never the URL the env var holds."""
+    result = CliRunner(
+        env={**CLEAN_ENV, "RABBITQ_URL": "amqp://app:s3cret@mq/", "COLUMNS": "200"}
+    ).invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if "--url" in line)
+    assert "[env var: RABBITQ_URL]" in line
+    assert "[default: amqp://guest:guest@localhost:5672/]" in line
+    assert "s3cret" not in result.stdout
+
+
+def test_topology_dir_that_does_not_exist_names_the_option(tmp_path: Path) -> None:
+    """A --topology path that does not exist says so and names --topology and RABBITQ_TOPOLOGY."""
+    missing = tmp_path / "nowhere"
+    result = _invoke("topology", "show", "--topology", str(missing))
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"error: {missing}: no such directory; point --topology (or RABBITQ_TOPOLOGY) at the "
+        "directory of the *.toml files"
+    ]
+
+
+def test_every_topology_problem_is_on_the_one_error_line(tmp_path: Path) -> None:
+    """A file with several problems lists each on its `error: ` line, in our words; --json too."""
+    path = tmp_path / "bad.toml"
+    path.write_text("[workloads.emails]\ncapcity = 8\n[workloads.Sms]\n", encoding="utf-8")
+    result = _invoke("topology", "show", "--topology", str(tmp_path))
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"error: {path}: workloads.emails.capcity = 8: unknown key (did you mean 'capacity'?); "
+        "workloads = 'Sms': a workload name must be lower-case letters, digits, '_' and '-', "
+        "starting with a letter or digit (at most 63 characters)"
+    ]
+    error = json.loads(_invoke("topology", "show", "--topology", str(tmp_path), "--json").stderr)
+    assert len(error["problems"]) == 2
+
+
+def test_a_failed_connect_prints_only_the_error_line(tmp_path: Path) -> None:
+    """`consume` against a closed port prints one `error: ` line, user kept, password masked."""
+    (tmp_path / "shop.toml").write_text(TOPOLOGY, encoding="utf-8")
+    (tmp_path / "myapp.py").write_text("import rabbitq\napp = rabbitq.App()\n", "utf-8")
+    url = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV} | {"RABBITQ_URL": url}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rabbitq",
+            "consume",
+            "emails",
+            "--app",
+            "myapp:app",
+            "--topology",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: cannot connect to {url.replace(':guest@', ':***@')}: ")
+    assert "Connection refused" in lines[0]

@@ -93,6 +93,16 @@ def test_mask_url_of_an_unparseable_url_reveals_nothing() -> None:
             "guest connected to localhost",
         ),
         ("anything at all", "", "anything at all"),
+        (
+            "cannot connect to amqp://guest:***@mq:5672/: refused guest",
+            "amqp://guest:guest@mq:5672/",
+            "cannot connect to amqp://guest:***@mq:5672/: refused ***",
+        ),
+        (
+            "amqp://guest:guest@mq/ said guest",
+            "amqp://guest:guest@mq/",
+            "amqp://guest:***@mq/ said ***",
+        ),
     ],
     ids=[
         "url-in-text",
@@ -102,6 +112,8 @@ def test_mask_url_of_an_unparseable_url_reveals_nothing() -> None:
         "nothing-to-hide",
         "no-password-in-url",
         "empty-url",
+        "user-equals-password-masked-url",
+        "user-equals-password-raw-url",
     ],
 )
 def test_scrub_removes_the_password_from_text(text: str, url: str, expected: str) -> None:

@@ -143,7 +143,9 @@ def test_namespace_helpers_match_the_derived_exchanges() -> None:
     w = topology.workload("emails")
     assert task_exchange("shop") == w.task_exchange
     assert [e.name for e in topology.exchanges()] == [
-        w.task_exchange, w.retry_exchange, w.parking_exchange
+        w.task_exchange,
+        w.retry_exchange,
+        w.parking_exchange,
     ]
 
 
@@ -553,6 +555,78 @@ def test_invalid_topology_names_file_field_and_value(
     assert bad in message
 
 
+NAME_IN_WORDS = (
+    "lower-case letters, digits, '_' and '-', starting with a letter or digit (at most 63 "
+    "characters)"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            WORKLOAD + "capcity = 8",
+            "workloads.emails.capcity = 8: unknown key (did you mean 'capacity'?)",
+        ),
+        (
+            RETRY + "max_attempt = 3",
+            "workloads.emails.retry.max_attempt = 3: unknown key (did you mean 'max_attempts'?)",
+        ),
+        ('namespce = "shop"', "namespce = 'shop': unknown key (did you mean 'namespace'?)"),
+        (
+            WORKLOAD + "zzz = 1",
+            "workloads.emails.zzz = 1: unknown key (known: queue_type, max_priority, capacity, "
+            "max_message_bytes, max_redeliveries, retry)",
+        ),
+        ("[workloads.Emails]\n", f"workloads = 'Emails': a workload name must be {NAME_IN_WORDS}"),
+        (
+            'namespace = "Shop Floor"',
+            "namespace = 'Shop Floor': a namespace must be lower-case letters, digits, '_', '-' "
+            "and '.', starting with a letter or digit (at most 63 characters)",
+        ),
+        (
+            WORKLOAD + "capacity = 0",
+            "workloads.emails.capacity = 0: must be greater than or equal to 1",
+        ),
+        (
+            WORKLOAD + 'queue_type = "stream"',
+            "workloads.emails.queue_type = 'stream': must be 'classic' or 'quorum'",
+        ),
+    ],
+    ids=[
+        "typo-in-workload",
+        "typo-in-retry",
+        "typo-at-top",
+        "unknown-key-lists-known",
+        "workload-name",
+        "namespace",
+        "bound",
+        "literal",
+    ],
+)
+def test_invalid_topology_is_explained_in_our_words(text: str, problem: str) -> None:
+    """A validation problem is worded by rabbitq, with a "did you mean" for a near-miss key."""
+    with pytest.raises(TopologyInvalid) as exc_info:
+        parse_topology({"a.toml": text})
+    assert exc_info.value.problems == [problem]
+    assert str(exc_info.value) == f"a.toml: {problem}"
+
+
+def test_every_problem_of_a_file_is_reported() -> None:
+    """A file with three problems gives one TopologyInvalid listing all three."""
+    text = WORKLOAD + 'capcity = 8\nqueue_type = "stream"\n' + RETRY + "max_attempts = 0"
+    with pytest.raises(TopologyInvalid) as exc_info:
+        parse_topology({"a.toml": text})
+    exc = exc_info.value
+    assert exc.problems == [
+        "workloads.emails.queue_type = 'stream': must be 'classic' or 'quorum'",
+        "workloads.emails.retry.max_attempts = 0: must be greater than or equal to 1",
+        "workloads.emails.capcity = 8: unknown key (did you mean 'capacity'?)",
+    ]
+    assert str(exc) == "a.toml: " + "; ".join(exc.problems)
+    assert (exc.field, exc.value) == ("workloads.emails.queue_type", "stream")
+
+
 def test_conflicting_namespaces_name_the_first_declaration() -> None:
     """A second namespace says which file declared the first one."""
     with pytest.raises(TopologyInvalid, match=r"a\.toml declares namespace 'shop'"):
@@ -603,6 +677,7 @@ def test_invalid_namespace_override_is_rejected(override: str) -> None:
         _topology(EMAILS, override)
     assert (exc_info.value.file, exc_info.value.field) == ("--namespace", "namespace")
     assert exc_info.value.value == override
+    assert exc_info.value.problem.startswith("a namespace must be lower-case letters")
 
 
 def test_parse_file_returns_the_validated_file() -> None:
@@ -651,3 +726,14 @@ def test_load_topology_without_toml_files_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(TopologyInvalid, match=r"no \*\.toml topology files found") as exc_info:
         load_topology(tmp_path)
     assert exc_info.value.file == str(tmp_path)
+
+
+def test_load_topology_of_a_missing_directory_says_it_does_not_exist(tmp_path: Path) -> None:
+    """A --topology path that does not exist is named, with the option and env var to fix it."""
+    with pytest.raises(
+        TopologyInvalid,
+        match=r"no such directory; point --topology \(or "
+        r"RABBITQ_TOPOLOGY\)",
+    ) as exc_info:
+        load_topology(tmp_path / "nowhere")
+    assert exc_info.value.file == str(tmp_path / "nowhere")
