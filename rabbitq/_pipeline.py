@@ -117,9 +117,9 @@ class Pipeline:
         if not chunk:
             return True
         indexes = [i for i, _ in chunk.values()]
+        payload = b"".join(data for _, data in chunk.values())
         try:
             async with asyncio.timeout_at(self.deadline):
-                payload = b"".join(data for _, data in chunk.values())
                 futures = await write_pipelined(self.channel, payload, list(chunk))
         except Exception as exc:  # closed, or the socket did not drain in time
             self._fail_from(indexes[0], exc)
