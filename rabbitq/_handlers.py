@@ -82,11 +82,7 @@ class TaskDef(Generic[P, R]):
     """A registered handler: its name, workload, payload model and how to call it."""
 
     def __init__(
-        self,
-        name: str,
-        workload: str,
-        fn: Callable[..., Any],
-        timeout_seconds: float | None = None,
+        self, name: str, workload: str, fn: Callable[..., Any], timeout_seconds: float | None = None
     ) -> None:
         if not name or len(name) > TASK_NAME_MAX:
             raise ConfigError(f"task name {name!r} must be 1 to {TASK_NAME_MAX} characters")
@@ -175,9 +171,7 @@ def _summarise(exc: ValidationError) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
-def _inspect_handler(
-    name: str, fn: Callable[..., Any]
-) -> tuple[type[BaseModel], bool, Any | None]:
+def _inspect_handler(name: str, fn: Callable[..., Any]) -> tuple[type[BaseModel], bool, Any | None]:
     """The payload model, whether the handler takes a context, and its result type."""
     try:
         hints = get_type_hints(fn)

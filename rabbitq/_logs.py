@@ -21,10 +21,7 @@ from rabbitq._connection import scrub
 
 FORMATS = ("text", "json")
 # In this order on a text line.
-FIELDS = (
-    "workload", "task", "message_id", "attempt", "outcome", "reason", "duration_seconds",
-    "tier", "error",
-)
+FIELDS = "workload task message_id attempt outcome reason duration_seconds tier error".split()
 TRACEBACK = "traceback"
 
 
@@ -80,10 +77,7 @@ class JsonFormatter(_Scrubbing):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in FIELDS:
-            value = fields.get(key)
-            if value is not None:
-                data[key] = value
+        data.update((key, fields[key]) for key in FIELDS if fields.get(key) is not None)
         tb = fields.get(TRACEBACK)
         if tb:
             data[TRACEBACK] = tb

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -31,20 +33,14 @@ UNKNOWN_TASK = "_unknown"
 OUTCOMES = ("succeeded", "retried", "parked", "expired", "redelivered")
 PUBLISH_KINDS = ("task", "retry", "park", "redeliver")
 PUBLISH_OUTCOMES = ("confirmed", "returned", "nacked", "failed")
+Reading = Callable[[], float]
 
-# Handlers run from a millisecond to minutes; queue latency from a millisecond to hours of
-# backlog.
-DURATION_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0, 300.0,
-)
-LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    300.0, 900.0, 3600.0,
-)
-CONFIRM_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-)
+# Bucket bounds in seconds. Handlers run from a millisecond to minutes; queue latency from a
+# millisecond to hours of backlog.
+_UP_TO_30S = "0.001 0.0025 0.005 0.01 0.025 0.05 0.1 0.25 0.5 1 2.5 5 10 30"
+DURATION_BUCKETS = tuple(float(b) for b in f"{_UP_TO_30S} 60 120 300".split())
+LATENCY_BUCKETS = tuple(float(b) for b in f"{_UP_TO_30S} 60 300 900 3600".split())
+CONFIRM_BUCKETS = tuple(float(b) for b in f"0.0005 {_UP_TO_30S}".split())
 
 
 class Metrics:
@@ -57,63 +53,74 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        per_task = ("workload", "task")
         self.tasks = CountFamily(
-            "rabbitq_tasks", "Settled deliveries by outcome: succeeded, retried, parked, "
+            "rabbitq_tasks",
+            "Settled deliveries by outcome: succeeded, retried, parked, "
             "expired (deadline passed before it ran; also in the parking lot) or redelivered "
             "(came back unsettled and was requeued with its count raised).",
-            ("workload", "task", "outcome"),
+            (*per_task, "outcome"),
         )
         self.parked = CountFamily(
-            "rabbitq_tasks_parked", "Tasks moved to the parking lot, by reason.",
-            ("workload", "task", "reason"),
+            "rabbitq_tasks_parked",
+            "Tasks moved to the parking lot, by reason.",
+            (*per_task, "reason"),
         )
         self.duration = BucketsFamily(
-            "rabbitq_task_duration_seconds", "Handler run time, whatever the outcome.",
-            ("workload", "task"), DURATION_BUCKETS,
+            "rabbitq_task_duration_seconds",
+            "Handler run time, whatever the outcome.",
+            per_task,
+            DURATION_BUCKETS,
         )
         self.queue_latency = BucketsFamily(
-            "rabbitq_task_queue_latency_seconds", "Handler start minus the time the task could "
+            "rabbitq_task_queue_latency_seconds",
+            "Handler start minus the time the task could "
             "first run: its publish time, or the end of its retry delay.",
-            ("workload", "task"), LATENCY_BUCKETS,
-        )
-        self.running = Gauge(
-            "rabbitq_running_handlers", "Handlers running now.", ["workload"], registry=registry,
-        )
-        self.capacity = Gauge(
-            "rabbitq_capacity", "The most handlers that run at once (the prefetch).",
-            ["workload"], registry=registry,
-        )
-        self.ready = Gauge(
-            "rabbitq_consumer_ready", "1 while consuming.", ["workload"], registry=registry,
-        )
-        self.connected = Gauge(
-            "rabbitq_connected", "1 while the consumer's connection is open.", ["workload"],
-            registry=registry,
-        )
-        self.reconnects = Counter(
-            "rabbitq_reconnects", "Lost connections the consumer reconnected after.",
-            ["workload"], registry=registry,
-        )
-        self.loop_blocked = Counter(
-            "rabbitq_loop_blocked_seconds", "Time the event loop was blocked (a second or more "
-            "at a time): no heartbeats or acks went out meanwhile.", ["workload"],
-            registry=registry,
+            per_task,
+            LATENCY_BUCKETS,
         )
         self.publishes = CountFamily(
-            "rabbitq_publishes", "Publishes by kind (task, retry, park, redeliver) and outcome "
-            "(confirmed, returned, nacked, failed).", ("kind", "outcome"),
+            "rabbitq_publishes",
+            "Publishes by kind (task, retry, park, redeliver) and outcome "
+            "(confirmed, returned, nacked, failed).",
+            ("kind", "outcome"),
         )
         self.confirm = BucketsFamily(
-            "rabbitq_publish_confirm_seconds", "From publish to the broker's confirm.",
-            ("kind",), CONFIRM_BUCKETS,
+            "rabbitq_publish_confirm_seconds",
+            "From publish to the broker's confirm.",
+            ("kind",),
+            CONFIRM_BUCKETS,
         )
-        registry.register(_Families(
-            (self.tasks, self.parked, self.duration, self.queue_latency, self.publishes,
-             self.confirm)
-        ))
+        gauge = partial(Gauge, labelnames=["workload"], registry=registry)
+        counter = partial(Counter, labelnames=["workload"], registry=registry)
+        self.running = gauge("rabbitq_running_handlers", "Handlers running now.")
+        self.capacity = gauge(
+            "rabbitq_capacity", "The most handlers that run at once (the prefetch)."
+        )
+        self.ready = gauge("rabbitq_consumer_ready", "1 while consuming.")
+        self.connected = gauge("rabbitq_connected", "1 while the consumer's connection is open.")
+        self.reconnects = counter(
+            "rabbitq_reconnects", "Lost connections the consumer reconnected after."
+        )
+        self.loop_blocked = counter(
+            "rabbitq_loop_blocked_seconds",
+            "Time the event loop was blocked (a second or more "
+            "at a time): no heartbeats or acks went out meanwhile.",
+        )
+        # rabbitq's own families are shown to the registry by this object, when it is scraped
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        counts = (self.tasks, self.parked, self.publishes)
+        for family in (*counts, self.duration, self.queue_latency, self.confirm):
+            yield family.family()
+
+    def describe(self) -> Iterator[Metric]:
+        # the names, so the registry refuses a second Metrics on it
+        return self.collect()
 
     def workload(
-        self, name: str, tasks: Iterable[str], capacity: int, running: Callable[[], float]
+        self, name: str, tasks: Iterable[str], capacity: int, running: Reading
     ) -> WorkloadMetrics:
         """The children of one workload; `running` is read at scrape time."""
         return WorkloadMetrics(self, name, tasks, capacity, running)
@@ -125,21 +132,17 @@ class Metrics:
 class TaskMetrics:
     """The children of one (workload, task)."""
 
-    __slots__ = ("succeeded", "retried", "parked", "expired", "redelivered", "duration",
-                 "queue_latency", "_parked_by_reason")
+    __slots__ = (*OUTCOMES, "duration", "queue_latency", "_parked_by_reason")
 
     def __init__(self, metrics: Metrics, workload: str, task: str) -> None:
-        children = {o: metrics.tasks.labels(workload, task, o) for o in OUTCOMES}
-        self.succeeded = children["succeeded"]
-        self.retried = children["retried"]
-        self.parked = children["parked"]
-        self.expired = children["expired"]
-        self.redelivered = children["redelivered"]
+        self.succeeded, self.retried, self.parked, self.expired, self.redelivered = (
+            metrics.tasks.labels(workload, task, o) for o in OUTCOMES
+        )
         self.duration = metrics.duration.labels(workload, task)
         self.queue_latency = metrics.queue_latency.labels(workload, task)
         # every reason up front: a series born at its first park would hide that park from
         # rate() and increase()
-        self._parked_by_reason: dict[str, Count] = {
+        self._parked_by_reason = {
             str(r): metrics.parked.labels(workload, task, str(r)) for r in ParkReason
         }
 
@@ -153,14 +156,8 @@ class WorkloadMetrics:
     """The children of one workload, one `TaskMetrics` per registered task."""
 
     def __init__(
-        self,
-        metrics: Metrics,
-        name: str,
-        tasks: Iterable[str],
-        capacity: int,
-        running: Callable[[], float],
+        self, metrics: Metrics, name: str, tasks: Iterable[str], capacity: int, running: Reading
     ) -> None:
-        self._metrics = metrics
         self.name = name
         # created up front so every series exists at 0 before the first task (rate() and
         # alerts then see the first increment)
@@ -254,8 +251,7 @@ class BucketsFamily:
     """A labelled histogram whose children are `Buckets`."""
 
     def __init__(
-        self, name: str, documentation: str, labelnames: tuple[str, ...],
-        bounds: tuple[float, ...],
+        self, name: str, documentation: str, labelnames: tuple[str, ...], bounds: tuple[float, ...]
     ) -> None:
         self.name, self.documentation, self.labelnames = name, documentation, labelnames
         self.bounds = bounds
@@ -269,24 +265,7 @@ class BucketsFamily:
     def family(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for values, child in list(self.children.items()):
-            cumulative, buckets = 0, []
-            for le, count in zip(self.les, list(child.counts), strict=True):
-                cumulative += count
-                buckets.append((le, float(cumulative)))
+            cumulative = accumulate(list(child.counts))
+            buckets = [(le, float(c)) for le, c in zip(self.les, cumulative, strict=True)]
             family.add_metric(values, buckets, child.sum)
         return family
-
-
-class _Families:
-    """The collector that shows rabbitq's own families to a registry when it is scraped."""
-
-    def __init__(self, families: tuple[CountFamily | BucketsFamily, ...]) -> None:
-        self.families = families
-
-    def collect(self) -> Iterator[Metric]:
-        for family in self.families:
-            yield family.family()
-
-    def describe(self) -> Iterator[Metric]:
-        # the names, so the registry refuses a second Metrics on it
-        return self.collect()

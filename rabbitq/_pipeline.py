@@ -49,20 +49,16 @@ class Pipeline:
         error_of: Callable[[Outgoing, BaseException], SendError],
         settled: Callable[[Outgoing, SendError | None, float], None] | None,
     ) -> None:
-        self.channel = channel
-        self.batch = batch
-        self.error_of = error_of
-        self.settled = settled
+        self.channel, self.batch, self.error_of, self.settled = channel, batch, error_of, settled
         self.loop = asyncio.get_running_loop()
         self.deadline = self.loop.time() + confirm_timeout
         self.errors: list[SendError | None] = [None] * len(batch)
         self.sent: list[tuple[int, asyncio.Future[Any]]] = []
+        self.written: dict[str, asyncio.Future[Any]] = {}  # the latest publish of each id
+        self.chunk: dict[str, tuple[int, bytes]] = {}  # by id: index in the batch, frames
         self.method_frames: dict[tuple[str, str], bytes] = {}
         self.started = time.monotonic()
-        # when each confirm came, for the confirm latency metric
-        self.settled_at: dict[asyncio.Future[Any], float] | None = (
-            None if settled is None else {}
-        )
+        self.settled_at: dict[asyncio.Future[Any], float] = {}  # for the confirm latency
         # Fires when the channel or its connection closes: the confirm futures are not
         # aiormq's (see `write_pipelined`), so nothing else fails them then.
         self.closing = channel.closing
@@ -74,8 +70,8 @@ class Pipeline:
         try:
             await self._write_all()
             unconfirmed = [f for _, f in self.sent if not f.done()]
-            if unconfirmed:
-                await self._until(_all_done(unconfirmed))
+            # gather adds a callback to each future and makes no task
+            await self._until(asyncio.gather(*unconfirmed, return_exceptions=True))
             for i, future in self.sent:
                 out = self.batch[i]
                 if future.done():
@@ -94,60 +90,49 @@ class Pipeline:
 
     async def _write_all(self) -> None:
         """Marshal and write the batch in chunks; stop at the first chunk that fails."""
-        batch, number = self.batch, self.channel.number
-        max_body = self.channel.max_content_size
-        written: dict[str, asyncio.Future[Any]] = {}  # by message id
-        indexes: list[int] = []
-        chunk: list[bytes] = []
-        chunk_ids: set[str] = set()
-        for i, out in enumerate(batch):
+        number, max_body = self.channel.number, self.channel.max_content_size
+        for i, out in enumerate(self.batch):
+            # aiormq matches a return to its publish by message id, so an id must not be in
+            # flight twice in a batch: the later one waits for the earlier. (Concurrent
+            # publishes of one id from separate calls are aiormq's case.)
             message_id = out.message_id
-            if message_id in chunk_ids or message_id in written:
-                # aiormq matches a return to its publish by message id, so an id must not
-                # be in flight twice in a batch: the later one waits for the earlier.
-                # (Concurrent publishes of one id from separate calls are aiormq's case.)
-                if message_id in chunk_ids:
-                    if not await self._flush(indexes, chunk, written):
-                        return
-                    indexes, chunk, chunk_ids = [], [], set()
-                if not await self._until(written[message_id]):
-                    self._fail_from(i, self._stopped())
-                    return
+            if message_id in self.chunk and not await self._flush():
+                return
+            earlier = self.written.get(message_id)
+            if earlier is not None and not await self._until(earlier):
+                self._fail_from(i, self._stopped())
+                return
             try:
-                chunk.append(frames(out, number, max_body, self.method_frames))
+                self.chunk[message_id] = (i, frames(out, number, max_body, self.method_frames))
             except Exception as exc:  # a header or property AMQP cannot encode
                 self.errors[i] = self.error_of(out, exc)
                 continue
-            indexes.append(i)
-            chunk_ids.add(message_id)
-            if len(indexes) == PIPELINE_CHUNK:
-                if not await self._flush(indexes, chunk, written):
-                    return
-                indexes, chunk, chunk_ids = [], [], set()
-        await self._flush(indexes, chunk, written)
+            if len(self.chunk) == PIPELINE_CHUNK and not await self._flush():
+                return
+        await self._flush()
 
-    async def _flush(
-        self, indexes: list[int], chunk: list[bytes], written: dict[str, asyncio.Future[Any]]
-    ) -> bool:
-        """Write one chunk; False (and every message from it on failed) if that failed."""
-        if not indexes:
+    async def _flush(self) -> bool:
+        """Write the chunk; False (and every message from it on failed) if that failed."""
+        chunk, self.chunk = self.chunk, {}
+        if not chunk:
             return True
-        ids = [self.batch[i].message_id for i in indexes]
+        indexes = [i for i, _ in chunk.values()]
+        payload = b"".join(data for _, data in chunk.values())
         try:
             async with asyncio.timeout_at(self.deadline):
-                futures = await write_pipelined(self.channel, b"".join(chunk), ids)
-        except asyncio.CancelledError:
-            raise
+                futures = await write_pipelined(self.channel, payload, list(chunk))
         except Exception as exc:  # closed, or the socket did not drain in time
             self._fail_from(indexes[0], exc)
             return False
         self.sent += zip(indexes, futures, strict=True)
-        written.update(zip(ids, futures, strict=True))
-        if self.settled_at is not None:
-            record = partial(_record_time, self.settled_at)
+        self.written.update(zip(chunk, futures, strict=True))
+        if self.settled is not None:
             for future in futures:
-                future.add_done_callback(record)
+                future.add_done_callback(self._confirmed)
         return True
+
+    def _confirmed(self, future: asyncio.Future[Any]) -> None:
+        self.settled_at[future] = time.monotonic()
 
     def _fail_from(self, first: int, exc: BaseException) -> None:
         for i in range(first, len(self.batch)):
@@ -177,7 +162,6 @@ class Pipeline:
         """Each message's outcome; if the batch was cancelled, what was not confirmed by then
         failed."""
         futures = dict(self.sent)
-        settled_at = self.settled_at or {}
         now = time.monotonic()
         for i, out in enumerate(self.batch):
             future = futures.get(i)
@@ -187,7 +171,7 @@ class Pipeline:
                 error = None
             else:
                 error = NotConfirmed(out.message_id, "cancelled")
-            at = settled_at.get(future, now) if future is not None else now
+            at = self.settled_at.get(future, now) if future is not None else now
             settled(out, error, at - self.started)
 
     def _outcome(self, out: Outgoing, future: asyncio.Future[Any]) -> SendError | None:
@@ -201,26 +185,6 @@ class Pipeline:
         return None
 
 
-def _record_time(times: dict[asyncio.Future[Any], float], future: asyncio.Future[Any]) -> None:
-    times[future] = time.monotonic()
-
-
-def _all_done(futures: list[asyncio.Future[Any]]) -> asyncio.Future[None]:
-    """A future that is done once all of `futures` are (one callback each, no task)."""
-    done: asyncio.Future[None] = futures[0].get_loop().create_future()
-    left = len(futures)
-
-    def settled(_: object) -> None:
-        nonlocal left
-        left -= 1
-        if not left and not done.done():
-            done.set_result(None)
-
-    for future in futures:
-        future.add_done_callback(settled)
-    return done
-
-
 def can_pipeline(channel: aiormq.abc.AbstractChannel) -> TypeGuard[aiormq.Channel]:
     """Whether `write_pipelined` knows this channel: aiormq's own, with confirms on."""
     return (
@@ -232,9 +196,9 @@ def can_pipeline(channel: aiormq.abc.AbstractChannel) -> TypeGuard[aiormq.Channe
 
 # What `write_pipelined` uses of aiormq's Channel beyond `basic_publish`.
 _CHANNEL_INTERNALS = (
-    "lock", "delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue",
-    "max_content_size", "publisher_confirms", "create_future", "closing", "loop",
-)
+    "lock delivery_tag confirmations message_id_delivery_tag write_queue max_content_size "
+    "publisher_confirms create_future closing loop"
+).split()
 
 
 async def write_pipelined(
@@ -242,11 +206,8 @@ async def write_pipelined(
 ) -> list[asyncio.Future[Any]]:
     """Write a chunk of marshalled publishes at once; a confirm future for each, in order.
 
-    This reaches into aiormq's Channel (7.x), and is the only place that does. Its
-    `basic_publish` costs a task, a lock, a timeout, a write-queue put, a socket write and
-    a drain wait per message, most of a batch's client CPU (docs/performance.md); here one
-    lock, one put and one write cover the chunk. The bookkeeping is aiormq's, done as
-    `basic_publish` does it: under the channel lock, delivery tags numbered in the order
+    One lock, one put and one write cover the chunk. The bookkeeping is aiormq's (7.x), done
+    as `basic_publish` does it: under the channel lock, delivery tags numbered in the order
     the frames are written; a future per tag in `confirmations`, which aiormq's reader
     resolves on an ack and fails on a nack or a return; and `message_id_delivery_tag`, by
     which the reader finds the publish a return belongs to, dropped once it is settled.

@@ -31,6 +31,8 @@ READ_TIMEOUT_SECONDS = 5.0
 Probe = Callable[[], tuple[bool, dict[str, Any]]]
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+# what a probe that hangs up, stalls or sends garbage causes
+_CUT_OFF = (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError)
 
 
 async def start(
@@ -44,9 +46,7 @@ async def start(
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(
-                reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_SECONDS
-            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_SECONDS)
             method, _, rest = head.decode("latin-1").partition(" ")
             path = rest.split(" ", 1)[0].split("?", 1)[0]
             status, content_type, body = _route(method, path, registry, healthy, ready)
@@ -56,8 +56,7 @@ async def start(
                 + (b"" if method == "HEAD" else body)
             )
             await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError):
+        except _CUT_OFF:
             pass  # a probe that hung up or sent garbage gets nothing
         finally:
             writer.close()

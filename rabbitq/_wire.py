@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -71,6 +71,7 @@ MAX_HEADER_BYTES = 120 * 1024
 # shorten a tier's delay or expire a parked task) and so is `user_id` (the broker rejects a
 # user_id that is not the publishing connection's user).
 KEPT_PROPERTIES = ("content_encoding", "correlation_id", "reply_to", "app_id")
+Headers = Mapping[str, Any] | None  # as a delivery has them
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,7 @@ def decode(
     body_size: int,
     task: str | None,
     message_id: str | None,
-    headers: Mapping[str, Any] | None,
+    headers: Headers,
     max_message_bytes: int,
     content_type: str | None = None,
 ) -> Envelope:
@@ -170,7 +171,7 @@ def new_task_headers(deadline: float | None, published_at: float) -> dict[str, A
     return headers
 
 
-def strip_broker_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+def strip_broker_headers(headers: Headers) -> dict[str, Any]:
     """Headers without the broker's dead-letter history.
 
     Republishing `x-death` makes RabbitMQ 3.x treat it as real history and silently drop the
@@ -180,13 +181,13 @@ def strip_broker_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     return {
         k: v
         for k, v in (headers or {}).items()
-        if not (k == "x-death" or k.startswith("x-first-death") or k.startswith("x-last-death"))
-        and k not in _ROUTING_HEADERS
+        if k not in _NOT_COPIED and not k.startswith(("x-first-death", "x-last-death"))
     }
 
 
-# Sender-selected distribution: a forged CC on a parked copy would copy it into other queues.
-_ROUTING_HEADERS = frozenset({"CC", "BCC"})
+# x-death (see above), and sender-selected distribution: a forged CC on a parked copy would
+# copy it into other queues.
+_NOT_COPIED = frozenset({"x-death", "CC", "BCC"})
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -221,11 +222,7 @@ def error_text(error: BaseException) -> str:
 
 
 def retry_headers(
-    headers: Mapping[str, Any] | None,
-    envelope: Envelope,
-    failed_at: float,
-    error: str,
-    delay_seconds: float,
+    headers: Headers, envelope: Envelope, failed_at: float, error: str, delay_seconds: float
 ) -> dict[str, Any]:
     """Headers of the copy forwarded to a retry tier: next attempt, failure history, and when
     the tier's delay ends."""
@@ -240,15 +237,13 @@ def retry_headers(
     return out
 
 
-def recount_headers(headers: Mapping[str, Any] | None, redeliveries: int) -> dict[str, Any]:
+def recount_headers(headers: Headers, redeliveries: int) -> dict[str, Any]:
     """Headers of the copy that carries a redelivered task's new redelivery count."""
-    out = strip_broker_headers(headers)
-    out[HEADER_REDELIVERIES] = redeliveries
-    return out
+    return strip_broker_headers(headers) | {HEADER_REDELIVERIES: redeliveries}
 
 
 def park_headers(
-    headers: Mapping[str, Any] | None,
+    headers: Headers,
     *,
     reason: ParkReason,
     error_type: str,
@@ -270,7 +265,7 @@ def park_headers(
     if published_at is not None and HEADER_PUBLISHED_AT not in out:
         out[HEADER_PUBLISHED_AT] = epoch_ms(published_at)
     now_ms = epoch_ms(failed_at)
-    out |= {
+    return out | {
         HEADER_PARK_REASON: str(reason),
         HEADER_PARK_ERROR_TYPE: error_type,
         HEADER_PARK_ERROR: error_message[:MAX_ERROR_CHARS],
@@ -282,7 +277,6 @@ def park_headers(
         HEADER_PARK_HOST: host,
         HEADER_PARK_WORKLOAD: workload,
     }
-    return out
 
 
 def timestamp_seconds(props: Basic.Properties) -> float | None:
@@ -410,27 +404,20 @@ def _content_header(out: Outgoing, channel_number: int) -> bytes:
     if out.properties:
         header = ContentHeader(body_size=len(out.body), properties=out.amqp_properties())
         return pamqp.frame.marshal(header, channel_number)
-    flags = _DELIVERY_MODE
-    parts: list[bytes] = []
-    if out.content_type:
-        flags |= _CONTENT_TYPE
-        parts.append(_short_string(out.content_type))
-    if out.headers is not None:
-        flags |= _HEADERS
-        parts.append(pamqp.encode.field_table(out.headers))
-    parts.append(b"\x02")  # delivery mode: persistent
-    if out.priority is not None:
-        flags |= _PRIORITY
-        parts.append(_OCTET.pack(out.priority))
-    if out.message_id:
-        flags |= _MESSAGE_ID
-        parts.append(_short_string(out.message_id))
-    if out.timestamp is not None:
-        flags |= _TIMESTAMP
-        parts.append(pamqp.encode.timestamp(out.timestamp))
-    if out.task:
-        flags |= _TYPE
-        parts.append(_short_string(out.task))
+    codecs: tuple[tuple[int, Any, Callable[[Any], bytes]], ...] = (
+        (_CONTENT_TYPE, out.content_type, _short_string),
+        (_HEADERS, out.headers, pamqp.encode.field_table),
+        (_DELIVERY_MODE, PERSISTENT, _OCTET.pack),
+        (_PRIORITY, out.priority, _OCTET.pack),
+        (_MESSAGE_ID, out.message_id, _short_string),
+        (_TIMESTAMP, out.timestamp, pamqp.encode.timestamp),
+        (_TYPE, out.task, _short_string),
+    )
+    flags, parts = 0, []
+    for flag, value, encode in codecs:
+        if value is not None and value != "":  # an empty headers table is still sent
+            flags |= flag
+            parts.append(encode(value))
     properties = b"".join(parts)
     head = _HEADER_FRAME.pack(
         2, channel_number, _HEADER_FIXED + len(properties), 60, 0, len(out.body), flags
