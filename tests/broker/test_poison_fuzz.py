@@ -284,9 +284,11 @@ def _outcome(sample: Sample, headers: Mapping[str, Any] | None, now: float) -> s
     if len(sample.body) > MAX_MESSAGE_BYTES:
         return ParkReason.TOO_LARGE
     h = headers or {}
+    content_type = sample.properties.get("content_type")
     envelope_ok = (
         bool(sample.task)
         and bool(sample.message_id)
+        and (not content_type or content_type.split(";")[0].strip().lower() == "application/json")
         and _int_in(h, HEADER_ATTEMPT, 1, MAX_ATTEMPT, required=True)
         and _int_in(h, HEADER_DEADLINE, 0, 2**53, required=False)
         and _int_in(h, HEADER_FIRST_FAILURE, 0, 2**53, required=False)
