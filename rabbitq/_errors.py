@@ -95,12 +95,8 @@ class TopologyDrift(TopologyError):
     def __init__(
         self, kind: str, name: str, argument: str, declared: str, found: str, more: int = 0
     ) -> None:
-        self.kind = kind
-        self.name = name
-        self.argument = argument
-        self.declared = declared
-        self.found = found
-        self.more = more
+        self.kind, self.name, self.argument = kind, name, argument
+        self.declared, self.found, self.more = declared, found, more
         tail = f" (and {more} more drifted objects)" if more else ""
         super().__init__(
             f"{kind} {name!r} has {argument}={found} but the topology declares {declared}; "
@@ -113,8 +109,7 @@ class TopologyMissing(TopologyError):
     """An exchange or queue the consumer needs does not exist."""
 
     def __init__(self, kind: str, name: str) -> None:
-        self.kind = kind
-        self.name = name
+        self.kind, self.name = kind, name
         super().__init__(f"{kind} {name!r} does not exist; run 'rabbitq topology apply' first")
 
 
@@ -122,8 +117,7 @@ class ConnectionFailed(RabbitqError):
     """The broker cannot be reached or refused us."""
 
     def __init__(self, url: str, reason: str) -> None:
-        self.url = url  # always the masked url
-        self.reason = reason
+        self.url, self.reason = url, reason  # the url is always masked
         super().__init__(f"cannot connect to {url}: {reason}")
 
 
@@ -139,8 +133,7 @@ class NotConfirmed(PublishError):
     """The broker nacked the message, or its confirm did not arrive in time."""
 
     def __init__(self, message_id: str, reason: str, *, nacked: bool = False) -> None:
-        self.message_id = message_id
-        self.reason = reason
+        self.message_id, self.reason = message_id, reason
         self.nacked = nacked  # the broker said no (rather than: no answer)
         super().__init__(f"message {message_id!r} was not confirmed by the broker: {reason}")
 
@@ -149,9 +142,7 @@ class Unroutable(PublishError):
     """The broker returned the message: no queue is bound for its exchange and routing key."""
 
     def __init__(self, message_id: str, exchange: str, routing_key: str) -> None:
-        self.message_id = message_id
-        self.exchange = exchange
-        self.routing_key = routing_key
+        self.message_id, self.exchange, self.routing_key = message_id, exchange, routing_key
         super().__init__(
             f"message {message_id!r} to exchange {exchange!r} with routing key {routing_key!r} "
             "was returned unroutable; run 'rabbitq topology apply' or check the workload name"
@@ -167,8 +158,7 @@ class Poison(TaskError):
     it is parked at once with `reason`; failure hooks see it as the error."""
 
     def __init__(self, reason: ParkReason, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
+        self.reason, self.detail = reason, detail
         super().__init__(f"{reason}: {detail}")
 
 
@@ -181,8 +171,7 @@ class Retry(Exception):
     """
 
     def __init__(self, delay_seconds: float = 0.0, reason: str = "") -> None:
-        self.delay_seconds = delay_seconds
-        self.reason = reason
+        self.delay_seconds, self.reason = delay_seconds, reason
         super().__init__(reason or f"retry requested after {delay_seconds}s")
 
 
