@@ -18,7 +18,6 @@ import asyncio
 import logging
 from collections import deque
 
-import aiormq
 from aiormq.abc import AbstractChannel
 
 logger = logging.getLogger("rabbitq.ack")
@@ -113,11 +112,14 @@ class Acker:
                     await self.channel.basic_nack(tag, requeue=True)
                 else:
                     await self.channel.basic_ack(tag, multiple=multiple)
-            except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
-                # The broker requeued everything unsettled with the channel.
+            except Exception as exc:
+                # A closed channel raises AMQPError, ConnectionError or aiormq's
+                # ChannelInvalidStateError (a RuntimeError): catch all, so no task exception is
+                # left unretrieved. Only the channel's end makes the broker requeue; ensure it.
                 self.dead = True
                 dropped = len(self._frames) + 1
                 self._frames.clear()
                 logger.info("%d ack/nack frames not sent: the channel is closed (%s)",
                             dropped, type(exc).__name__)
+                await self.channel.close()
                 return
