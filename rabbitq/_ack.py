@@ -114,12 +114,10 @@ class Acker:
                     await self.channel.basic_ack(tag, multiple=multiple)
             except Exception as exc:
                 # A closed channel raises AMQPError, ConnectionError or aiormq's
-                # ChannelInvalidStateError (a RuntimeError): catch all, so no task exception is
-                # left unretrieved. Only the channel's end makes the broker requeue; ensure it.
+                # ChannelInvalidStateError (a RuntimeError): catch all, leave none unretrieved.
                 self.dead = True
-                dropped = len(self._frames) + 1
-                self._frames.clear()
                 logger.info("%d ack/nack frames not sent: the channel is closed (%s)",
-                            dropped, type(exc).__name__)
-                await self.channel.close()
+                            len(self._frames) + 1, type(exc).__name__)
+                self._frames.clear()
+                await self.channel.close()  # only the channel's end makes the broker requeue
                 return
