@@ -158,7 +158,6 @@ class Consumer:
                     delay = min(delay * 2, RECONNECT_MAX_SECONDS)
         finally:
             watchdog.cancel()
-            self._set_ready(False)
             self.app.unbind_publisher(self.publisher)
             await self.publisher.close()
             self._executor.shutdown(wait=False, cancel_futures=True)

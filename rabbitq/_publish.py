@@ -118,8 +118,7 @@ class Publisher:
             if self._underlay is not None and self.is_connected:
                 return self._underlay
             if self._connection is None or not is_open(self._connection):
-                # Left to aio-pika's __del__, a dead connection warns of a close never awaited;
-                # closing one the broker dropped returns at once.
+                # not left to aio-pika's __del__ (it warns); one the broker dropped closes at once
                 await self.close()
                 self._connection = await connect(self.url, self.name)
             try:
