@@ -15,10 +15,10 @@ on another channel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 
-import aiormq
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
 logger = logging.getLogger("rabbitq.ack")
@@ -123,11 +123,13 @@ class Acker:
                     await self.channel.basic_nack(tag, requeue=True)
                 else:
                     await self.channel.basic_ack(tag, multiple=multiple)
-            except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
-                # The broker requeued everything unsettled with the channel.
+            except Exception as exc:
+                # A closed channel raises AMQPError, ConnectionError or aiormq's
+                # ChannelInvalidStateError (a RuntimeError): catch all, leave none unretrieved.
                 self.dead = True
-                dropped = len(self._frames) + 1
-                self._frames.clear()
                 logger.info("%d ack/nack frames not sent: the channel is closed (%s)",
-                            dropped, type(exc).__name__)
+                            len(self._frames) + 1, type(exc).__name__)
+                self._frames.clear()
+                with contextlib.suppress(Exception):  # only its end makes the broker requeue
+                    await self.channel.close()
                 return

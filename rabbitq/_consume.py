@@ -130,13 +130,14 @@ class Consumer:
         watchdog = asyncio.create_task(self._watch_loop())
         try:
             while not self._stop.is_set():
+                started = time.monotonic()
                 try:
                     if await self._session():
                         return
                 except (ConnectionFailed, SessionLost) as exc:
                     if not self._established and isinstance(exc, ConnectionFailed):
                         raise
-                    if self._established_at and time.monotonic() - self._established_at > 30:
+                    if self._established_at >= started:  # it consumed: a new loss, not an outage
                         delay = RECONNECT_MIN_SECONDS
                     self.reconnects += 1
                     self._metrics.reconnects.inc()
@@ -151,7 +152,6 @@ class Consumer:
                     delay = min(delay * 2, RECONNECT_MAX_SECONDS)
         finally:
             watchdog.cancel()
-            self._set_ready(False)
             self.app.unbind_publisher(self.publisher)
             await self.publisher.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -222,7 +222,6 @@ class Consumer:
                 ", ".join(t.label for t in self.workload.tiers) or "none",
             )
             self._set_ready(True)
-            self._established = True
             self._established_at = time.monotonic()
             done = await self._wait(connection)
             if self._lost.is_set() and not done:

@@ -93,16 +93,16 @@ class Publisher:
             if self._underlay is not None and self.is_connected:
                 return self._underlay
             if self._connection is None or not is_open(self._connection):
+                # not left to aio-pika's __del__ (it warns); one the broker dropped closes at once
+                await self.close()
                 self._connection = await connect(self.url, self.name)
             try:
                 self._channel = await self._connection.channel(
                     publisher_confirms=True, on_return_raises=True
                 )
                 self._underlay = await self._channel.get_underlay_channel()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # the connection died between the check and the call
-                self._connection = None
+                await self.close()
                 raise ConnectionFailed(mask_url(self.url), f"{type(exc).__name__}: {exc}") from None
             return self._underlay
 

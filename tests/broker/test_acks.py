@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
+from collections.abc import Callable
+from typing import Any
 
+import aiormq
+import aiormq.abc
+import pytest
+from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 from rabbitq import App, Consumer
-from tests.helpers import queue_depth, running_consumer, wait_until
+from rabbitq._ack import Acker
+from tests.helpers import plain_message, queue_depth, running_consumer, wait_until
 
 
 class Item(BaseModel):
@@ -94,3 +102,65 @@ async def test_graceful_stop_sends_the_acks_still_batched(
         # when the stop comes.
         await wait_until(lambda: len(seen) == 10, what="10 tasks to run")
     assert await queue_depth(connection, workload.work_queue) == 0
+
+
+async def _held_delivery(
+    connection: AbstractConnection, namespace: str
+) -> tuple[aiormq.abc.AbstractChannel, Acker, int, str]:
+    """A message taken (unacked) on a channel of its own, with that channel's acker."""
+    setup = await connection.channel()
+    queue = (await setup.declare_queue(f"{namespace}.held", exclusive=True)).name
+    await setup.default_exchange.publish(plain_message(b"held"), routing_key=queue)
+    await setup.close()
+    channel = await (await connection.channel(publisher_confirms=False)).get_underlay_channel()
+    delivery = await channel.basic_get(queue, no_ack=False)
+    assert delivery.delivery_tag is not None
+    return channel, Acker(channel, prefetch=1), delivery.delivery_tag, queue
+
+
+def is_dead(acker: Acker) -> Callable[[], bool]:
+    return lambda: acker.dead
+
+
+async def requeued(connection: AbstractConnection, queue: str) -> bool:
+    return await queue_depth(connection, queue) == 1
+
+
+async def test_an_ack_after_the_broker_closed_the_channel_marks_the_acker_dead(
+    connection, namespace
+):
+    """An ack for a channel the broker closed: the acker is dead, no task error goes unseen."""
+    unseen: list[dict[str, Any]] = []
+    # The loop is this test's own: the handler stays, so a task collected late (after a
+    # failure) is recorded here rather than logged while pytest reports.
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: unseen.append(context))
+    channel, acker, tag, queue = await _held_delivery(connection, namespace)
+    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):  # a 404 closes the channel
+        await channel.queue_declare(f"{namespace}.missing", passive=True)
+    acker.ack(tag)  # aiormq refuses it with ChannelInvalidStateError, a RuntimeError
+    await wait_until(is_dead(acker), timeout=5, what="the acker to give up its channel")
+    del acker  # with it goes its sender task
+    gc.collect()  # a task whose exception nobody retrieved says so when it is collected
+    assert unseen == []
+    await wait_until(
+        lambda: requeued(connection, queue), timeout=5, what="the unacked message to be requeued"
+    )
+
+
+async def test_an_ack_that_fails_on_an_open_channel_closes_the_channel(
+    connection, namespace, monkeypatch
+):
+    """Whatever stops an ack, the acker closes its channel, so the broker requeues the delivery."""
+    channel, acker, tag, queue = await _held_delivery(connection, namespace)
+
+    async def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise ValueError("the frame could not be written")
+
+    monkeypatch.setattr(channel, "basic_ack", broken)
+    acker.ack(tag)
+    await wait_until(
+        lambda: acker.dead and channel.is_closed, timeout=5, what="the acker to close its channel"
+    )
+    await wait_until(
+        lambda: requeued(connection, queue), timeout=5, what="the unacked message to be requeued"
+    )

@@ -7,6 +7,7 @@ import contextlib
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +25,7 @@ from rabbitq._wire import (
     HEADER_PUBLISHED_AT,
 )
 from tests.helpers import drain_queue, plain_message, queue_depth, running_consumer, wait_until
+from tests.ledger import close_connections_named
 
 
 class Item(BaseModel):
@@ -52,6 +54,34 @@ async def test_success_path_runs_the_handler_and_acks(make_topology, connection,
     assert sorted(seen) == [0, 1, 2]
     assert await queue_depth(connection, workload.work_queue) == 0
     assert await queue_depth(connection, workload.parking_queue) == 0
+
+
+# Reconnecting ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_the_reconnect_backoff_starts_over_once_the_consumer_consumes_again(
+    make_topology, url, namespace
+):
+    """Its connection closed 4 times, each once consuming again: every reconnect takes under
+    2s (the backoff starts over each time; without that it would grow 0.5, 1, 2, 4s)."""
+    name = f"w{namespace}"  # its connection's name is the test's alone
+    topology = await make_topology(**{name: {"capacity": 4}})
+    app = App(namespace=namespace, url=url)
+    gaps: list[float] = []
+    async with running_consumer(app, topology.workload(name), url) as consumer:
+        for _ in range(4):
+            lost = asyncio.create_task(when(lambda: not consumer.ready.is_set()))
+            assert await close_connections_named(f"consumer {name} on ") == 1
+            gaps.append(await when(consumer.ready.is_set, timeout=20) - await lost)
+        assert consumer.reconnects == 4
+    assert max(gaps) < 2, f"reconnects took {[round(g, 2) for g in gaps]}s"
+
+
+async def when(predicate: Callable[[], bool], timeout: float = 5.0) -> float:  # noqa: ASYNC109
+    """The monotonic time at which `predicate` was seen true."""
+    await wait_until(predicate, timeout=timeout, interval=0.005)
+    return time.monotonic()
 
 
 # Poison messages ---------------------------------------------------------------------------------

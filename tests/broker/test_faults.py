@@ -11,6 +11,8 @@ in a `finally`: other test runs share the broker.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -30,6 +32,7 @@ from tests.ledger import (
     LedgerPublisher,
     LedgerReport,
     QueueProbe,
+    actl,
     broker_stopped,
     check,
     close_all_connections,
@@ -98,6 +101,11 @@ def consumers(
 def completed(ledger: Ledger, count: int) -> Callable[[], bool]:
     """A condition: at least `count` ids completed."""
     return lambda: ledger.completed_ids() >= count
+
+
+def lost_connection(consumer: ConsumerProcess, times: int) -> Callable[[], bool]:
+    """A condition: the consumer has logged `times` lost connections."""
+    return lambda: consumer.stderr().count("connection lost") >= times
 
 
 def report_line(test: str, report: LedgerReport) -> None:
@@ -459,6 +467,55 @@ async def test_an_async_handler_blocking_the_loop_past_the_heartbeat_loses_nothi
     assert summary["outcomes"].get("loop_blocked", 0) >= 1, summary
     assert summary["reconnects"] >= 1, f"the broker did not drop the connection: {summary}"
     assert "connection lost" in log
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_a_consumer_stopped_past_its_heartbeat_resumes_without_an_unretrieved_error(
+    setup, ledger, publisher, consumers, url, name
+):
+    """SIGSTOP past the heartbeat with acks due, then SIGCONT, 3 times: no error, none lost."""
+    workload, directory = await setup(**{**SPEC, "capacity": 16})
+    total, pauses = 900, 3
+    messages = [publisher.message(i, sleep_ms=5) for i in task_ids("paused", total)]
+    assert await publisher.publish(messages) == []
+    consumer = consumers(directory, url=f"{url}?heartbeat=1")
+    consumer.start()
+    for pause in range(1, pauses + 1):
+        # Mid-run: handlers finishing all the time, so acks are due when the process stops.
+        target = total * pause // (pauses + 2)
+        await wait_until(completed(ledger, target), timeout=20, what=f"{target} tasks to complete")
+        os.kill(consumer.pid, signal.SIGSTOP)
+        try:
+            await wait_until(
+                lambda: _not_listed(f"consumer {name} on "),
+                timeout=20,
+                what="the broker to drop the stopped consumer's connection",
+            )
+        finally:
+            os.kill(consumer.pid, signal.SIGCONT)
+        ledger.fault("sigstop")
+        await wait_until(
+            lost_connection(consumer, times=pause),
+            timeout=15,
+            what="the resumed consumer to see its connection lost",
+        )
+    await wait_until(completed(ledger, total), timeout=30, what="every task to complete")
+    await stop_and_drain([consumer], consumers, directory)
+
+    report = await check(ledger, url, workload)
+    report_line("sigstop past the heartbeat", report)
+    assert report.lost == 0, report.details()
+    assert report.ok, report.details()
+    assert report.completed == total
+    log = consumer.stderr()
+    assert "Task exception was never retrieved" not in log, log[-3000:]
+    assert " ERROR asyncio" not in log, log[-3000:]
+
+
+async def _not_listed(fragment: str) -> bool:
+    listing = await actl("list_connections", "client_properties", "-q", "--no-table-headers")
+    return fragment not in listing
 
 
 @pytest.mark.slow

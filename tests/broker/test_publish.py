@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -25,7 +27,9 @@ from pydantic import BaseModel
 from rabbitq import App, NotConfirmed, Outgoing, Task, TaskContext, Unroutable
 from rabbitq._metrics import Metrics
 from rabbitq._pipeline import PIPELINE_CHUNK
+from rabbitq._publish import Publisher
 from tests.helpers import drain_queue, queue_depth, running_consumer, wait_until
+from tests.ledger import close_connections_named
 
 WORKLOAD = {"capacity": 4, "retry": {"tiers": ["50ms"], "max_attempts": 2}}
 
@@ -637,3 +641,28 @@ async def test_publish_many_counts_every_message_like_publish_does(
     assert sample("rabbitq_publish_confirm_seconds_count") == 250
     total = sample("rabbitq_publish_confirm_seconds_sum")
     assert total is not None and 0 < total / 250 < 10
+
+
+async def test_a_connection_the_broker_dropped_is_closed_before_it_is_replaced(
+    make_topology, url, namespace
+):
+    """The broker drops the publisher's connection: the next publish reconnects, and the old
+    connection was closed (no `coroutine 'Connection.close' was never awaited` when collected)."""
+    await make_topology(a=WORKLOAD)
+    app = App(namespace=namespace, url=url)
+    a_item, _ = item_tasks(app)
+    publisher = Publisher(url, name=f"test-publisher {namespace}")
+    try:
+        await publisher.send(a_item.message(Item(n=1)))
+        assert await close_connections_named(f"test-publisher {namespace} on ") == 1
+        await wait_until(lambda: not publisher.is_connected, what="the publisher to see the close")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            await publisher.send(a_item.message(Item(n=2)))
+            # Finalizers run in the thread that collects; in a sync handler's thread, aio-pika's
+            # __del__ has no loop to schedule the close it starts.
+            await asyncio.to_thread(gc.collect)
+        assert [str(w.message) for w in caught] == []
+    finally:
+        await publisher.close()
+        await app.close()
