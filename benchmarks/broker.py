@@ -71,8 +71,9 @@ async def set_up(url: str, topology: Topology, raw: list[RawQueue]) -> None:
             await channel.declare_queue(queue.name, durable=True, arguments=dict(queue.arguments()))
 
 
-async def fill(url: str, queue_or_exchange: tuple[str, str], workload: str, count: int,
-               first_id: int = 0) -> None:
+async def fill(
+    url: str, queue_or_exchange: tuple[str, str], workload: str, count: int, first_id: int = 0
+) -> None:
     """Publish `count` rabbitq-format tasks with pipelined confirms (set-up, not timed).
 
     Args:
@@ -82,8 +83,11 @@ async def fill(url: str, queue_or_exchange: tuple[str, str], workload: str, coun
     exchange_name, routing_key = queue_or_exchange
     async with connection(url, "bench filler") as conn:
         channel = await conn.channel(publisher_confirms=True)
-        exchange = (channel.default_exchange if not exchange_name
-                    else await channel.get_exchange(exchange_name, ensure=False))
+        exchange = (
+            channel.default_exchange
+            if not exchange_name
+            else await channel.get_exchange(exchange_name, ensure=False)
+        )
         window = asyncio.Semaphore(FILL_WINDOW)
 
         async def one(i: int) -> None:
@@ -109,8 +113,7 @@ async def purge(url: str, queues: list[str]) -> None:
             await (await channel.get_queue(name, ensure=False)).purge()
 
 
-async def delete_everything(url: str, queues: Sequence[str], exchanges: Sequence[str]
-                            ) -> list[str]:
+async def delete_everything(url: str, queues: Sequence[str], exchanges: Sequence[str]) -> list[str]:
     """Delete what a run made; returns what could not be deleted (and why)."""
     failed: list[str] = []
     async with connection(url, "bench cleanup") as conn:

@@ -105,5 +105,13 @@ class RawQueues:
         )
 
     def all(self) -> list[RawQueue]:
-        return [self.publish, self.drain, self.latency, self.retry, self.retry_delay,
-                self.tiers, self.tiers_delay, self.scale]
+        return [
+            self.publish,
+            self.drain,
+            self.latency,
+            self.retry,
+            self.retry_delay,
+            self.tiers,
+            self.tiers_delay,
+            self.scale,
+        ]

@@ -65,8 +65,15 @@ class Probe:
         warmup: the share of latency samples dropped from the front (connection warm-up).
     """
 
-    def __init__(self, *, expect: int, idle_seconds: float, gated: bool,
-                 rss_at: tuple[int, ...] = (), warmup: float = 0.05) -> None:
+    def __init__(
+        self,
+        *,
+        expect: int,
+        idle_seconds: float,
+        gated: bool,
+        rss_at: tuple[int, ...] = (),
+        warmup: float = 0.05,
+    ) -> None:
         self.expect = expect
         self.idle_seconds = idle_seconds
         self.gated = gated
@@ -153,7 +160,7 @@ class Probe:
             "rss_samples_kib": self.rss_samples,
         }
         if self.latencies:
-            kept = sorted(self.latencies[int(len(self.latencies) * self.warmup):])
+            kept = sorted(self.latencies[int(len(self.latencies) * self.warmup) :])
             out["latency_ms"] = {f"p{q}": percentile(kept, q) * 1000 for q in (50, 95, 99)}
             out["latency_ms"]["max"] = kept[-1] * 1000
             out["latency_ms"]["samples"] = len(kept)
@@ -191,8 +198,9 @@ def worker_arguments(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--mode", choices=("drain", "latency", "retry", "tiers"), required=True)
     parser.add_argument("--url", required=True)
-    parser.add_argument("--expect", type=int, default=0,
-                        help="done after this many tasks; 0: done when idle")
+    parser.add_argument(
+        "--expect", type=int, default=0, help="done after this many tasks; 0: done when idle"
+    )
     parser.add_argument("--idle", type=float, default=1.0, help="idle seconds that mean done")
     parser.add_argument("--rss-at", default="", help="comma-separated counts to sample RSS at")
     parser.add_argument("--loop", choices=LOOPS, default="asyncio")

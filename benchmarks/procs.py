@@ -40,8 +40,13 @@ class Worker:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", self.module, *self.args,
-            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=self._stderr,
+            sys.executable,
+            "-m",
+            self.module,
+            *self.args,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self._stderr,
             start_new_session=True,
         )
 

@@ -37,24 +37,49 @@ from rabbitq._topology import parse_topology
 # A raw py-spy line: "frame;frame;...;leaf count", each frame "function (file:line)".
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*)(?::\d+)?\)$")
 ATTEMPTS = 5
-_PACKAGES = ("rabbitq", "aio_pika", "aiormq", "pamqp", "pydantic", "pydantic_core",
-             "asyncio", "logging", "benchmarks", "uvloop", "json", "typing", "enum", "yarl")
+_PACKAGES = (
+    "rabbitq",
+    "aio_pika",
+    "aiormq",
+    "pamqp",
+    "pydantic",
+    "pydantic_core",
+    "asyncio",
+    "logging",
+    "benchmarks",
+    "uvloop",
+    "json",
+    "typing",
+    "enum",
+    "yarl",
+)
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_drain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.profile_drain",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--url", default=os.environ.get("RABBITQ_URL", DEFAULT_URL))
     p.add_argument("--side", choices=("rabbitq", "raw"), default="rabbitq")
     p.add_argument("--capacity", type=int, choices=(1, 16, 64, 256), default=64)
     p.add_argument("--n", type=int, default=50_000)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--loop", choices=LOOPS, default=None,
-                   help="default: the side's loop as `run --loop shipped` picks it")
-    p.add_argument("--focus", action="append", default=[],
-                   help="also break down where the time under this function goes, by direct "
-                        "callee (e.g. Consumer._handle); repeatable")
+    p.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default=None,
+        help="default: the side's loop as `run --loop shipped` picks it",
+    )
+    p.add_argument(
+        "--focus",
+        action="append",
+        default=[],
+        help="also break down where the time under this function goes, by direct "
+        "callee (e.g. Consumer._handle); repeatable",
+    )
     p.add_argument("--keep", type=Path, help="also write py-spy's raw samples here")
     return p.parse_args()
 
@@ -107,8 +132,11 @@ def hot_spots(samples: dict[str, int], top: int) -> str:
     def pct(n: int) -> str:
         return f"{n / total * 100:5.1f}%"
 
-    lines = [f"{total} samples (the consumer's CPU while it drained; idle waits excluded)", "",
-             "self time by package (where the leaf frame is):"]
+    lines = [
+        f"{total} samples (the consumer's CPU while it drained; idle waits excluded)",
+        "",
+        "self time by package (where the leaf frame is):",
+    ]
     lines += [f"  {pct(n)}  {name}" for name, n in self_pkg.most_common()]
     lines += ["", f"self time, top {top} functions:"]
     lines += [f"  {pct(n)}  {name}" for name, n in self_fn.most_common(top)]
@@ -140,9 +168,19 @@ async def profile(args: argparse.Namespace, ctx: RunContext, out: Path) -> dict[
         await worker.ready()
         spy_bin = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
         spy = await asyncio.create_subprocess_exec(
-            spy_bin, "record", "--pid", str(worker.pid), "--format", "raw", "--function",
-            "--rate", str(args.rate), "--output", str(out),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            spy_bin,
+            "record",
+            "--pid",
+            str(worker.pid),
+            "--format",
+            "raw",
+            "--function",
+            "--rate",
+            str(args.rate),
+            "--output",
+            str(out),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
         assert spy.stdout is not None
         # py-spy says when it samples; go only then, so the drain is covered from its start.
@@ -159,26 +197,38 @@ async def profile(args: argparse.Namespace, ctx: RunContext, out: Path) -> dict[
             await spy.wait()
     rate = result["handled"] / (result["last_at"] - result["go_at"])
     cpu_us = result["cpu_seconds"] / result["handled"] * 1e6
-    print(f"{args.side} drain, capacity {args.capacity}, n={args.n}: {rate:,.0f} tasks/s, "
-          f"{cpu_us:.0f} us CPU per task (with py-spy attached, which slows it somewhat)")
+    print(
+        f"{args.side} drain, capacity {args.capacity}, n={args.n}: {rate:,.0f} tasks/s, "
+        f"{cpu_us:.0f} us CPU per task (with py-spy attached, which slows it somewhat)"
+    )
     return read_samples(out)
 
 
-async def _profile_undisturbed(args: argparse.Namespace, ctx: RunContext,
-                               out: Path) -> dict[str, int]:
+async def _profile_undisturbed(
+    args: argparse.Namespace, ctx: RunContext, out: Path
+) -> dict[str, int]:
     """`profile`, again if someone else's fault test cut the broker off meanwhile."""
     for attempt in range(1, ATTEMPTS + 1):
         try:
             return await profile(args, ctx, out)
-        except (Disturbed, RabbitqError, aiormq.exceptions.AMQPError, ConnectionError,
-                OSError) as exc:
-            print(f"disturbed (attempt {attempt}): {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
+        except (
+            Disturbed,
+            RabbitqError,
+            aiormq.exceptions.AMQPError,
+            ConnectionError,
+            OSError,
+        ) as exc:
+            print(f"disturbed (attempt {attempt}): {type(exc).__name__}: {exc}", file=sys.stderr)
             if attempt == ATTEMPTS:
                 raise
             await broker.wait_until_up(ctx.url, BROKER_DOWN_SECONDS)
-            await broker.purge(ctx.url, [ctx.topology.workload(drain_workload(args.capacity))
-                                         .work_queue, ctx.raw.drain.name])
+            await broker.purge(
+                ctx.url,
+                [
+                    ctx.topology.workload(drain_workload(args.capacity)).work_queue,
+                    ctx.raw.drain.name,
+                ],
+            )
     raise AssertionError("unreachable")
 
 
@@ -193,8 +243,7 @@ async def main(args: argparse.Namespace) -> None:
         topology_file = Path(tmp) / "bench.toml"
         topology_file.write_text(topology_toml(namespace))
         raw_loop, rabbitq_loop = loops(args.loop or "shipped")
-        ctx = RunContext(args.url, namespace, topology, topology_file, raw, raw_loop,
-                         rabbitq_loop)
+        ctx = RunContext(args.url, namespace, topology, topology_file, raw, raw_loop, rabbitq_loop)
         out = Path(tmp) / "samples.txt"
         try:
             await broker.set_up(args.url, topology, raw.all())

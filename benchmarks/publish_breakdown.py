@@ -140,13 +140,22 @@ def task_headers() -> dict[str, Any]:
 Variant = Callable[[Ctx, cProfile.Profile | None], Awaitable[Clock]]
 
 
-async def _aio_pika_batches(ctx: Ctx, profiler: cProfile.Profile | None, *, exchange_name: str,
-                            routing_key: str, props: bool) -> Clock:
+async def _aio_pika_batches(
+    ctx: Ctx,
+    profiler: cProfile.Profile | None,
+    *,
+    exchange_name: str,
+    routing_key: str,
+    props: bool,
+) -> Clock:
     bodies = [body(i) for i in range(ctx.n)]
     async with broker.connection(ctx.url, "bench breakdown") as conn:
         channel = await conn.channel(publisher_confirms=True, on_return_raises=props)
-        exchange = (channel.default_exchange if not exchange_name
-                    else await channel.get_exchange(exchange_name, ensure=False))
+        exchange = (
+            channel.default_exchange
+            if not exchange_name
+            else await channel.get_exchange(exchange_name, ensure=False)
+        )
 
         def message(i: int) -> aio_pika.Message:
             if props:
@@ -155,30 +164,34 @@ async def _aio_pika_batches(ctx: Ctx, profiler: cProfile.Profile | None, *, exch
 
         with Clock(profiler) as clock:
             for start in range(0, ctx.n, ctx.batch):
-                await asyncio.gather(*(
-                    exchange.publish(message(i), routing_key=routing_key, mandatory=props)
-                    for i in range(start, min(start + ctx.batch, ctx.n))
-                ))
+                await asyncio.gather(
+                    *(
+                        exchange.publish(message(i), routing_key=routing_key, mandatory=props)
+                        for i in range(start, min(start + ctx.batch, ctx.n))
+                    )
+                )
         return clock
 
 
 async def raw(ctx: Ctx, profiler: cProfile.Profile | None) -> Clock:
-    return await _aio_pika_batches(ctx, profiler, exchange_name="",
-                                   routing_key=ctx.raw.publish.name, props=False)
+    return await _aio_pika_batches(
+        ctx, profiler, exchange_name="", routing_key=ctx.raw.publish.name, props=False
+    )
 
 
 async def raw_prio(ctx: Ctx, profiler: cProfile.Profile | None) -> Clock:
-    return await _aio_pika_batches(ctx, profiler, exchange_name="",
-                                   routing_key=ctx.work_queue, props=False)
+    return await _aio_pika_batches(
+        ctx, profiler, exchange_name="", routing_key=ctx.work_queue, props=False
+    )
 
 
 async def raw_props(ctx: Ctx, profiler: cProfile.Profile | None) -> Clock:
-    return await _aio_pika_batches(ctx, profiler, exchange_name=ctx.task_exchange,
-                                   routing_key=WORKLOAD, props=True)
+    return await _aio_pika_batches(
+        ctx, profiler, exchange_name=ctx.task_exchange, routing_key=WORKLOAD, props=True
+    )
 
 
-async def aiormq_props(ctx: Ctx, profiler: cProfile.Profile | None, *,
-                       wait: bool = True) -> Clock:
+async def aiormq_props(ctx: Ctx, profiler: cProfile.Profile | None, *, wait: bool = True) -> Clock:
     bodies = [body(i) for i in range(ctx.n)]
     async with broker.connection(ctx.url, "bench breakdown") as conn:
         channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
@@ -188,17 +201,27 @@ async def aiormq_props(ctx: Ctx, profiler: cProfile.Profile | None, *,
 
         async def one(i: int) -> None:
             properties = Basic.Properties(
-                headers=task_headers(), content_type=CONTENT_TYPE, delivery_mode=PERSISTENT,
-                message_id=uuid.uuid4().hex, timestamp=datetime.now(UTC), message_type=kind)
+                headers=task_headers(),
+                content_type=CONTENT_TYPE,
+                delivery_mode=PERSISTENT,
+                message_id=uuid.uuid4().hex,
+                timestamp=datetime.now(UTC),
+                message_type=kind,
+            )
             confirm = await underlay.basic_publish(
-                bodies[i], exchange=exchange, routing_key=WORKLOAD, properties=properties,
-                mandatory=True, timeout=30, wait=wait)
+                bodies[i],
+                exchange=exchange,
+                routing_key=WORKLOAD,
+                properties=properties,
+                mandatory=True,
+                timeout=30,
+                wait=wait,
+            )
             assert isinstance(confirm, Basic.Ack)
 
         with Clock(profiler) as clock:
             for start in range(0, ctx.n, ctx.batch):
-                await asyncio.gather(*(one(i) for i in range(start, min(start + ctx.batch,
-                                                                         ctx.n))))
+                await asyncio.gather(*(one(i) for i in range(start, min(start + ctx.batch, ctx.n))))
         return clock
 
 
@@ -206,8 +229,13 @@ async def aiormq_nowait(ctx: Ctx, profiler: cProfile.Profile | None) -> Clock:
     return await aiormq_props(ctx, profiler, wait=False)
 
 
-async def _rabbitq(ctx: Ctx, profiler: cProfile.Profile | None, metrics: bool,
-                   each: bool = False, publisher: type[Any] | None = None) -> Clock:
+async def _rabbitq(
+    ctx: Ctx,
+    profiler: cProfile.Profile | None,
+    metrics: bool,
+    each: bool = False,
+    publisher: type[Any] | None = None,
+) -> Clock:
     if publisher is not None:  # App.publisher() builds the module's Publisher
         with mock.patch.object(rabbitq._app, "Publisher", publisher):
             return await _rabbitq(ctx, profiler, metrics, each)
@@ -220,7 +248,7 @@ async def _rabbitq(ctx: Ctx, profiler: cProfile.Profile | None, metrics: bool,
     async with app:
         with Clock(profiler) as clock:
             for start in range(0, ctx.n, ctx.batch):
-                messages = [task.message(p) for p in payloads[start:start + ctx.batch]]
+                messages = [task.message(p) for p in payloads[start : start + ctx.batch]]
                 if each:  # App.publish_many, on a basic_publish per message
                     each_publisher = await app.publisher()
                     raise_first(messages, await each_publisher._send_each(messages))
@@ -263,27 +291,38 @@ async def measure(ctx: Ctx, name: str, profiler: cProfile.Profile | None) -> dic
         try:
             await broker.purge(ctx.url, [queue])
             if name in BASELINE:
-                clock = await _rabbitq(ctx, profiler, metrics=BASELINE[name],
-                                       publisher=ctx.baseline)
+                clock = await _rabbitq(
+                    ctx, profiler, metrics=BASELINE[name], publisher=ctx.baseline
+                )
             else:
                 clock = await VARIANTS[name](ctx, profiler)
             found = await broker.message_count(ctx.url, queue)
             await broker.purge(ctx.url, [queue])
-        except (RabbitqError, aiormq.exceptions.AMQPError, ConnectionError, OSError,
-                TimeoutError) as exc:
-            print(f"  {name}: disturbed (attempt {attempt}): {type(exc).__name__}: "
-                  f"{str(exc).splitlines()[0]}", file=sys.stderr)
+        except (
+            RabbitqError,
+            aiormq.exceptions.AMQPError,
+            ConnectionError,
+            OSError,
+            TimeoutError,
+        ) as exc:
+            print(
+                f"  {name}: disturbed (attempt {attempt}): {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0]}",
+                file=sys.stderr,
+            )
             await asyncio.sleep(RETRY_WAIT_SECONDS)
             await broker.wait_until_up(ctx.url, BROKER_DOWN_SECONDS)
             continue
         if found == ctx.n:
             break
-        print(f"  {name}: {found} of {ctx.n} arrived (attempt {attempt}); again",
-              file=sys.stderr)
+        print(f"  {name}: {found} of {ctx.n} arrived (attempt {attempt}); again", file=sys.stderr)
     else:
         raise RuntimeError(f"{name}: the counts never added up")
-    out = {"per_s": ctx.n / clock.wall, "client_us": clock.cpu / ctx.n * 1e6,
-           "client_share": clock.cpu / clock.wall}
+    out = {
+        "per_s": ctx.n / clock.wall,
+        "client_us": clock.cpu / ctx.n * 1e6,
+        "client_share": clock.cpu / clock.wall,
+    }
     if clock.broker_cpu is not None:
         out["broker_us"] = clock.broker_cpu / ctx.n * 1e6
     return out
@@ -291,8 +330,11 @@ async def measure(ctx: Ctx, name: str, profiler: cProfile.Profile | None) -> dic
 
 def show(results: list[dict[str, dict[str, float]]], names: list[str]) -> str:
     base = "raw" if "raw" in names else names[0]
-    rows = ["| variant | msgs/s | ratio to raw | client CPU us/msg | client CPU share "
-            "| broker CPU us/msg |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| variant | msgs/s | ratio to raw | client CPU us/msg | client CPU share "
+        "| broker CPU us/msg |",
+        "|---|---|---|---|---|---|",
+    ]
 
     def spread(values: list[float], fmt: str) -> str:
         return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
@@ -303,9 +345,11 @@ def show(results: list[dict[str, dict[str, float]]], names: list[str]) -> str:
         client = [r[name]["client_us"] for r in results]
         share = [r[name]["client_share"] for r in results]
         brk = [r[name]["broker_us"] for r in results if "broker_us" in r[name]]
-        rows.append(f"| {name} | {spread(per_s, ',.0f')} | {spread(ratio, '.2f')}x "
-                    f"| {spread(client, '.0f')} | {statistics.median(share):.0%} "
-                    f"| {spread(brk, '.0f') if brk else '-'} |")
+        rows.append(
+            f"| {name} | {spread(per_s, ',.0f')} | {spread(ratio, '.2f')}x "
+            f"| {spread(client, '.0f')} | {statistics.median(share):.0%} "
+            f"| {spread(brk, '.0f') if brk else '-'} |"
+        )
     return "\n".join(rows)
 
 
@@ -325,8 +369,7 @@ async def main(args: argparse.Namespace) -> None:
     namespace = new_namespace()
     topology = parse_topology({"bench.toml": topology_toml(namespace)})
     baseline = load_publisher(args.baseline_publish) if args.baseline_publish else None
-    ctx = Ctx(args.url, namespace, topology, RawQueues.of(namespace), args.n, args.batch,
-              baseline)
+    ctx = Ctx(args.url, namespace, topology, RawQueues.of(namespace), args.n, args.batch, baseline)
     names = args.only or [*VARIANTS, *(BASELINE if baseline else ())]
     if baseline is None and set(names) & set(BASELINE):
         raise SystemExit(f"{', '.join(BASELINE)} need --baseline-publish")
@@ -338,13 +381,14 @@ async def main(args: argparse.Namespace) -> None:
             results.append({})
             for name in names:
                 results[-1][name] = figures = await measure(ctx, name, profiler)
-                print(f"rep {rep} {name}: " + ", ".join(f"{k} {v:,.2f}"
-                                                      for k, v in figures.items()),
-                      file=sys.stderr, flush=True)
+                print(
+                    f"rep {rep} {name}: " + ", ".join(f"{k} {v:,.2f}" for k, v in figures.items()),
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         await asyncio.shield(delete_namespace(args.url, namespace))
-    print(f"n={args.n}, batch={args.batch}, reps={args.reps}, loop={args.loop}; "
-          "medians [min-max]")
+    print(f"n={args.n}, batch={args.batch}, reps={args.reps}, loop={args.loop}; medians [min-max]")
     print(show(results, names))
     if profiler is not None:
         profiler.dump_stats(args.cprofile)
@@ -354,22 +398,37 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.publish_breakdown",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.publish_breakdown",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--url", default=os.environ.get("RABBITQ_URL", DEFAULT_URL))
     p.add_argument("--n", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--loop", choices=LOOPS, default="asyncio",
-                   help="the publishing loop (the runner publishes on asyncio)")
-    p.add_argument("--only", action="append", choices=[*VARIANTS, *BASELINE],
-                   help="measure only these variants (repeatable)")
-    p.add_argument("--baseline-publish", type=Path, metavar="FILE",
-                   help="also measure rabbitq with the Publisher of this rabbitq/_publish.py, "
-                        "e.g. `git show main:rabbitq/_publish.py > /tmp/main_publish.py`")
-    p.add_argument("--cprofile", metavar="PATH",
-                   help="profile the timed sections with cProfile; stats to PATH")
+    p.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="asyncio",
+        help="the publishing loop (the runner publishes on asyncio)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=[*VARIANTS, *BASELINE],
+        help="measure only these variants (repeatable)",
+    )
+    p.add_argument(
+        "--baseline-publish",
+        type=Path,
+        metavar="FILE",
+        help="also measure rabbitq with the Publisher of this rabbitq/_publish.py, "
+        "e.g. `git show main:rabbitq/_publish.py > /tmp/main_publish.py`",
+    )
+    p.add_argument(
+        "--cprofile", metavar="PATH", help="profile the timed sections with cProfile; stats to PATH"
+    )
     p.add_argument("--top", type=int, default=35, help="functions shown from the profile")
     args = p.parse_args(argv)
     run_loop(lambda: main(args), args.loop)

@@ -29,8 +29,12 @@ from benchmarks.wire import HEADER_ATTEMPT, sent_at_of
 
 async def main(args: Any) -> None:
     gated = args.mode != "latency"
-    probe = Probe(expect=args.expect, idle_seconds=args.idle, gated=gated,
-                  rss_at=tuple(int(x) for x in args.rss_at.split(",") if x))
+    probe = Probe(
+        expect=args.expect,
+        idle_seconds=args.idle,
+        gated=gated,
+        rss_at=tuple(int(x) for x in args.rss_at.split(",") if x),
+    )
     probe.install()
     connection = await aio_pika.connect(args.url)
     closing = False
@@ -63,9 +67,12 @@ async def main(args: Any) -> None:
         await probe.admit()
         if (message.headers or {}).get(HEADER_ATTEMPT, 1) == 1:
             copy = aio_pika.Message(
-                message.body, headers={**(message.headers or {}), HEADER_ATTEMPT: 2},
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT, content_type=message.content_type,
-                message_id=message.message_id, type=message.type,
+                message.body,
+                headers={**(message.headers or {}), HEADER_ATTEMPT: 2},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                content_type=message.content_type,
+                message_id=message.message_id,
+                type=message.type,
             )
             await confirms.default_exchange.publish(copy, routing_key=args.delay_queue)
             await message.ack()

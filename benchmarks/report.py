@@ -61,12 +61,19 @@ class Results:
                     out.setdefault(scenario, {}).setdefault(metric, {})
         for scenario, metrics in out.items():
             for metric in metrics:
-                per_side = {side: [r[scenario][metric][side] for r in self.reps
-                                   if side in r.get(scenario, {}).get(metric, {})]
-                            for side in SIDES}
-                pairs = [(r[scenario][metric]["rabbitq"], r[scenario][metric]["raw"])
-                         for r in self.reps
-                         if set(SIDES) <= set(r.get(scenario, {}).get(metric, {}))]
+                per_side = {
+                    side: [
+                        r[scenario][metric][side]
+                        for r in self.reps
+                        if side in r.get(scenario, {}).get(metric, {})
+                    ]
+                    for side in SIDES
+                }
+                pairs = [
+                    (r[scenario][metric]["rabbitq"], r[scenario][metric]["raw"])
+                    for r in self.reps
+                    if set(SIDES) <= set(r.get(scenario, {}).get(metric, {}))
+                ]
                 row: dict[str, Any] = {"better": better(metric)}
                 row |= {side: _spread(v) for side, v in per_side.items()}
                 if is_percentage(metric):
@@ -77,8 +84,9 @@ class Results:
         return out
 
     def as_json(self) -> list[dict[str, Any]]:
-        return [{s: {m: dict(v) for m, v in ms.items()} for s, ms in rep.items()}
-                for rep in self.reps]
+        return [
+            {s: {m: dict(v) for m, v in ms.items()} for s, ms in rep.items()} for rep in self.reps
+        ]
 
 
 def _fmt(value: float) -> str:
@@ -94,8 +102,7 @@ def _cell(spread: dict[str, float] | None, suffix: str = "") -> str:
         return "-"
     if spread["min"] == spread["max"]:
         return f"{_fmt(spread['median'])}{suffix}"
-    return (f"{_fmt(spread['median'])}{suffix} "
-            f"[{_fmt(spread['min'])}-{_fmt(spread['max'])}]")
+    return f"{_fmt(spread['median'])}{suffix} [{_fmt(spread['min'])}-{_fmt(spread['max'])}]"
 
 
 def _compare(row: dict[str, Any]) -> str:

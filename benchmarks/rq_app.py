@@ -70,7 +70,9 @@ def build_app(
             raise FailOnce("first attempt fails by design")
 
     handlers: dict[str, Callable[..., Awaitable[None]]] = {
-        "latency": timed, "retry": fail_once, "tiers": forward,
+        "latency": timed,
+        "retry": fail_once,
+        "tiers": forward,
     }
     tasks = {
         name: app.task(task_name(name), workload=name)(handlers.get(name, noop))

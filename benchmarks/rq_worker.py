@@ -46,16 +46,18 @@ async def main(args: Any) -> None:
     if args.mode == "tiers":
         # The handler counts a forward as it raises; the last sample waits for the confirms.
         rss_at = tuple(x for x in rss_at if x < args.expect)
-    probe = Probe(expect=args.expect, idle_seconds=args.idle, gated=args.mode != "latency",
-                  rss_at=rss_at)
+    probe = Probe(
+        expect=args.expect, idle_seconds=args.idle, gated=args.mode != "latency", rss_at=rss_at
+    )
     probe.install()
     app, _ = build_app(probe)
     topology = rabbitq.parse_topology({"bench.toml": args.topology.read_text()})
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    consumer = rabbitq.Consumer(app, topology.workload(args.workload), args.url, grace_seconds=5,
-                                metrics=Metrics(registry))
+    consumer = rabbitq.Consumer(
+        app, topology.workload(args.workload), args.url, grace_seconds=5, metrics=Metrics(registry)
+    )
     running = asyncio.create_task(consumer.run())
     ready = asyncio.create_task(consumer.ready.wait())
     await asyncio.wait([running, ready], return_when=asyncio.FIRST_COMPLETED)
@@ -65,8 +67,9 @@ async def main(args: Any) -> None:
     if args.mode == "latency":
         probe.ready()
     idle = None if args.expect else asyncio.create_task(probe.watch_idle())
-    await asyncio.wait([running, asyncio.create_task(probe.done.wait())],
-                       return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait(
+        [running, asyncio.create_task(probe.done.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
     if running.done():
         running.result()
         sys.exit("rabbitq worker: the consumer stopped before the work was done")

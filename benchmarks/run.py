@@ -46,46 +46,95 @@ NEAR_SATURATION = 0.8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default=os.environ.get("RABBITQ_URL", DEFAULT_URL),
-                   help="the broker (default: $RABBITQ_URL or the local guest account)")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--url",
+        default=os.environ.get("RABBITQ_URL", DEFAULT_URL),
+        help="the broker (default: $RABBITQ_URL or the local guest account)",
+    )
     p.add_argument("--n", type=int, default=20_000, help="tasks per publish/drain/retry/scale run")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
-    p.add_argument("--capacities", default=",".join(map(str, CAPACITIES)),
-                   help=f"drain capacities to measure, from {CAPACITIES}; {CAPACITY} is "
-                        "always measured (the 80%% latency rate comes from it)")
-    p.add_argument("--batch", type=int, default=1000,
-                   help="batch publish: messages per publish_many / per gather of confirms")
-    p.add_argument("--latency-seconds", type=float, default=10.0,
-                   help="how long the paced publisher sends in each latency run")
-    p.add_argument("--tier-n", type=int, default=100_000,
-                   help="tasks forwarded into the long tier for the memory scenario")
-    p.add_argument("--tier-early", type=int, default=10_000,
-                   help="the early RSS sample of the memory scenario, in forwarded tasks")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma-separated, from {','.join(SCENARIOS)} (default: all). latency "
-                        f"also measures the capacity-{CAPACITY} drain (its 80%% rate comes from "
-                        "there); a drain also gives its peak RSS (memory)")
-    p.add_argument("--skip-memory", action="store_true",
-                   help="skip the long-tier memory runs (peak RSS of the drain is still shown)")
-    p.add_argument("--idle", type=float, default=1.0,
-                   help="scale: a consumer process is done after this many idle seconds "
-                        "(never part of a rate)")
-    p.add_argument("--loop", choices=("shipped", *LOOPS), default="shipped",
-                   help="consumer event loops. shipped (default): raw on asyncio, as a "
-                        "hand-written asyncio.run program gets; rabbitq on what `rabbitq "
-                        "consume` picks (uvloop where installed). asyncio or uvloop: both "
-                        "sides on that loop, to compare like with like")
-    p.add_argument("--attempts", type=int, default=5,
-                   help="times a disturbed measurement is tried before the run fails")
+    p.add_argument(
+        "--capacities",
+        default=",".join(map(str, CAPACITIES)),
+        help=f"drain capacities to measure, from {CAPACITIES}; {CAPACITY} is "
+        "always measured (the 80%% latency rate comes from it)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1000,
+        help="batch publish: messages per publish_many / per gather of confirms",
+    )
+    p.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=10.0,
+        help="how long the paced publisher sends in each latency run",
+    )
+    p.add_argument(
+        "--tier-n",
+        type=int,
+        default=100_000,
+        help="tasks forwarded into the long tier for the memory scenario",
+    )
+    p.add_argument(
+        "--tier-early",
+        type=int,
+        default=10_000,
+        help="the early RSS sample of the memory scenario, in forwarded tasks",
+    )
+    p.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, from {','.join(SCENARIOS)} (default: all). latency "
+        f"also measures the capacity-{CAPACITY} drain (its 80%% rate comes from "
+        "there); a drain also gives its peak RSS (memory)",
+    )
+    p.add_argument(
+        "--skip-memory",
+        action="store_true",
+        help="skip the long-tier memory runs (peak RSS of the drain is still shown)",
+    )
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=1.0,
+        help="scale: a consumer process is done after this many idle seconds "
+        "(never part of a rate)",
+    )
+    p.add_argument(
+        "--loop",
+        choices=("shipped", *LOOPS),
+        default="shipped",
+        help="consumer event loops. shipped (default): raw on asyncio, as a "
+        "hand-written asyncio.run program gets; rabbitq on what `rabbitq "
+        "consume` picks (uvloop where installed). asyncio or uvloop: both "
+        "sides on that loop, to compare like with like",
+    )
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=5,
+        help="times a disturbed measurement is tried before the run fails",
+    )
     p.add_argument("--json", type=Path, help="write every figure and the summary here")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny run that only shows the runner works: --n 100 --reps 1 "
-                        f"--capacities {CAPACITY} --latency-seconds 0.3 --tier-n 200 "
-                        "--tier-early 50 --idle 0.25")
-    p.add_argument("--delete-namespace", metavar="NS",
-                   help="only delete what an interrupted run left under namespace NS, and exit")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny run that only shows the runner works: --n 100 --reps 1 "
+        f"--capacities {CAPACITY} --latency-seconds 0.3 --tier-n 200 "
+        "--tier-early 50 --idle 0.25",
+    )
+    p.add_argument(
+        "--delete-namespace",
+        metavar="NS",
+        help="only delete what an interrupted run left under namespace NS, and exit",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.reps, args.latency_seconds = 100, 1, 0.3
@@ -138,8 +187,14 @@ class Runner:
             started = time.monotonic()
             try:
                 figures = await make(side)
-            except (Disturbed, RabbitqError, aiormq.exceptions.AMQPError, ConnectionError,
-                    OSError, TimeoutError) as exc:
+            except (
+                Disturbed,
+                RabbitqError,
+                aiormq.exceptions.AMQPError,
+                ConnectionError,
+                OSError,
+                TimeoutError,
+            ) as exc:
                 note = f"{what} ({side.name}), attempt {attempt}: {type(exc).__name__}: {exc}"
                 self.disturbed.append(note)
                 say(f"  disturbed: {note}")
@@ -157,8 +212,7 @@ class Runner:
         """Raw, then rabbitq: the interleaving that keeps both under the same conditions."""
         return {side.name: await self.measure(what, side, make) for side in self.sides}
 
-    def record(self, scenario: str, figures: dict[str, dict[str, float]],
-               prefix: str = "") -> None:
+    def record(self, scenario: str, figures: dict[str, dict[str, float]], prefix: str = "") -> None:
         for side_name, values in figures.items():
             self.results.add(scenario, side_name, values, prefix)
 
@@ -167,11 +221,19 @@ class Runner:
         wants = a.scenarios
         self.results.new_rep()
         if "publish" in wants:
-            self.record("publish", await self.both(
-                "publish one at a time", partial(scenarios.publish_one_at_a_time, n=a.n)))
-            self.record("publish", await self.both(
-                f"publish in batches of {a.batch}",
-                partial(scenarios.publish_batches, n=a.n, batch=a.batch)))
+            self.record(
+                "publish",
+                await self.both(
+                    "publish one at a time", partial(scenarios.publish_one_at_a_time, n=a.n)
+                ),
+            )
+            self.record(
+                "publish",
+                await self.both(
+                    f"publish in batches of {a.batch}",
+                    partial(scenarios.publish_batches, n=a.n, batch=a.batch),
+                ),
+            )
         if "drain" in wants:
             await self.drains(a.capacities)
         elif "latency" in wants:
@@ -179,36 +241,57 @@ class Runner:
         if "latency" in wants:
             await self.latencies()
         if "retry" in wants:
-            self.record("retry", await self.both(
-                "retry path (fail once, 50ms tier)", partial(scenarios.retry, n=a.n)))
+            self.record(
+                "retry",
+                await self.both(
+                    "retry path (fail once, 50ms tier)", partial(scenarios.retry, n=a.n)
+                ),
+            )
         if "memory" in wants and not a.skip_memory:
-            self.record("memory", await self.both(
-                f"{a.tier_n:,} tasks into a long tier",
-                partial(scenarios.tiers, n=a.tier_n, early=a.tier_early)), "tiers ")
+            self.record(
+                "memory",
+                await self.both(
+                    f"{a.tier_n:,} tasks into a long tier",
+                    partial(scenarios.tiers, n=a.tier_n, early=a.tier_early),
+                ),
+                "tiers ",
+            )
         if "scale" in wants:
-            self.record("scale", await self.both(
-                "scale: 1 then 2 consumer processes",
-                partial(scenarios.scale, n=a.n, idle=a.idle)))
+            self.record(
+                "scale",
+                await self.both(
+                    "scale: 1 then 2 consumer processes",
+                    partial(scenarios.scale, n=a.n, idle=a.idle),
+                ),
+            )
 
     async def drains(self, capacities: tuple[int, ...]) -> None:
         a = self.args
         for capacity in capacities:
-            figures = await self.both(f"drain capacity {capacity}",
-                                      partial(scenarios.drain, capacity=capacity, n=a.n))
+            figures = await self.both(
+                f"drain capacity {capacity}", partial(scenarios.drain, capacity=capacity, n=a.n)
+            )
             for name, fig in figures.items():
-                self.results.add("drain", name, {
-                    f"c{capacity}_tasks_per_s": fig["tasks_per_s"],
-                    f"c{capacity}_cpu_us_per_task": fig["cpu_us_per_task"],
-                })
-                self.results.add("memory", name,
-                                 {f"drain_c{capacity}_peak_rss_mib": fig["peak_rss_mib"]})
+                self.results.add(
+                    "drain",
+                    name,
+                    {
+                        f"c{capacity}_tasks_per_s": fig["tasks_per_s"],
+                        f"c{capacity}_cpu_us_per_task": fig["cpu_us_per_task"],
+                    },
+                )
+                self.results.add(
+                    "memory", name, {f"drain_c{capacity}_peak_rss_mib": fig["peak_rss_mib"]}
+                )
                 if capacity == CAPACITY:
                     self.drain_rate[name] = fig["tasks_per_s"]
 
     async def latencies(self) -> None:
         a = self.args
-        steady = await self.both(f"latency at {STEADY_RATE:.0f}/s", partial(
-            scenarios.latency, rate=STEADY_RATE, seconds=a.latency_seconds))
+        steady = await self.both(
+            f"latency at {STEADY_RATE:.0f}/s",
+            partial(scenarios.latency, rate=STEADY_RATE, seconds=a.latency_seconds),
+        )
         for values in steady.values():
             values.pop("offered_per_s")  # the setting itself, the same for both
         self.record("latency", steady, "500/s ")
@@ -216,8 +299,10 @@ class Runner:
         for side in self.sides:
             rate = NEAR_SATURATION * self.drain_rate[side.name]
             near = await self.measure(
-                f"latency at 80% of drain ({rate:,.0f}/s)", side,
-                partial(scenarios.latency, rate=rate, seconds=a.latency_seconds))
+                f"latency at 80% of drain ({rate:,.0f}/s)",
+                side,
+                partial(scenarios.latency, rate=rate, seconds=a.latency_seconds),
+            )
             self.results.add("latency", side.name, near, "80% of drain ")
 
     async def run(self) -> None:
@@ -236,11 +321,15 @@ async def delete_namespace(url: str, namespace: str) -> None:
             raise ConnectionError("the broker did not come back")
         left = await broker.delete_everything(url, queues, exchanges)
     except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
-        say(f"could not delete namespace {namespace} ({exc}); once the broker is back, run:\n"
-            f"  python -m benchmarks.run --delete-namespace {namespace}")
+        say(
+            f"could not delete namespace {namespace} ({exc}); once the broker is back, run:\n"
+            f"  python -m benchmarks.run --delete-namespace {namespace}"
+        )
         return
-    say(f"deleted namespace {namespace} ({len(queues)} queues, {len(exchanges)} exchanges)"
-        + (f"; could not delete: {left}" if left else ""))
+    say(
+        f"deleted namespace {namespace} ({len(queues)} queues, {len(exchanges)} exchanges)"
+        + (f"; could not delete: {left}" if left else "")
+    )
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -257,12 +346,13 @@ async def main(args: argparse.Namespace) -> int:
         topology_file = Path(tmp) / "bench.toml"
         topology_file.write_text(topology_toml(namespace))
         raw_loop, rabbitq_loop = loops(args.loop)
-        ctx = RunContext(args.url, namespace, topology, topology_file, raw, raw_loop,
-                         rabbitq_loop)
+        ctx = RunContext(args.url, namespace, topology, topology_file, raw, raw_loop, rabbitq_loop)
         info = machine.describe(await broker.server_version(args.url), raw_loop, rabbitq_loop)
         say(machine.header(info))
-        say(f"namespace {namespace}: n={args.n}, reps={args.reps}, batch={args.batch}, "
-            f"latency {args.latency_seconds:g}s, tier-n={args.tier_n}")
+        say(
+            f"namespace {namespace}: n={args.n}, reps={args.reps}, batch={args.batch}, "
+            f"latency {args.latency_seconds:g}s, tier-n={args.tier_n}"
+        )
         runner = Runner(args, ctx)
         started = time.monotonic()
         try:
@@ -282,8 +372,11 @@ async def main(args: argparse.Namespace) -> int:
         config["namespace"] = namespace
         config["seconds"] = round(time.monotonic() - started, 1)
         document: dict[str, Any] = {
-            "machine": info, "config": config, "summary": summary,
-            "reps": runner.results.as_json(), "disturbed": runner.disturbed,
+            "machine": info,
+            "config": config,
+            "summary": summary,
+            "reps": runner.results.as_json(),
+            "disturbed": runner.disturbed,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(document, indent=2, allow_nan=False, default=str) + "\n")

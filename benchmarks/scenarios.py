@@ -27,8 +27,14 @@ def _timeout(count: int) -> float:
     return 30 + count / SLOWEST_RATE
 
 
-async def _gated(side: Side, workers: list[Worker], workload: str, count: int,
-                 expect_total: int, cpu: CpuSampler | None = None) -> list[dict[str, Any]]:
+async def _gated(
+    side: Side,
+    workers: list[Worker],
+    workload: str,
+    count: int,
+    expect_total: int,
+    cpu: CpuSampler | None = None,
+) -> list[dict[str, Any]]:
     """Fill, start, go; the workers' results once all are done (`cpu` samples meanwhile)."""
     await broker.purge(side.ctx.url, side.queues(workload))
     try:
@@ -101,9 +107,17 @@ async def scale(side: Side, n: int, idle: float) -> dict[str, float]:
     """
     out: dict[str, float] = {}
     for processes in (1, 2):
-        workers = [side.worker("drain", "scale", CAPACITY, expect=0, idle=idle,
-                               label=f"{side.name} scale {i + 1}/{processes}")
-                   for i in range(processes)]
+        workers = [
+            side.worker(
+                "drain",
+                "scale",
+                CAPACITY,
+                expect=0,
+                idle=idle,
+                label=f"{side.name} scale {i + 1}/{processes}",
+            )
+            for i in range(processes)
+        ]
         cpu = CpuSampler()
         results = await _gated(side, workers, "scale", n, n, cpu)
         out[f"{processes}_process_tasks_per_s"] = _rate(results)
@@ -131,8 +145,14 @@ async def latency(side: Side, rate: float, seconds: float) -> dict[str, float]:
     # What the consumer kept up with: below the offered rate, a backlog grew (and latency
     # with it), because publisher, broker and consumer share the machine's cores.
     consumed = float(count / (result["last_at"] - result["first_at"]))
-    return {"offered_per_s": rate, "published_per_s": achieved, "consumed_per_s": consumed,
-            "p50_ms": lat["p50"], "p95_ms": lat["p95"], "p99_ms": lat["p99"]}
+    return {
+        "offered_per_s": rate,
+        "published_per_s": achieved,
+        "consumed_per_s": consumed,
+        "p50_ms": lat["p50"],
+        "p95_ms": lat["p95"],
+        "p99_ms": lat["p99"],
+    }
 
 
 async def publish_one_at_a_time(side: Side, n: int) -> dict[str, float]:

@@ -40,10 +40,23 @@ class RunContext:
     rabbitq_loop: str
 
 
-def _worker_common(mode: str, url: str, loop: str, expect: int, idle: float,
-                   rss_at: tuple[int, ...]) -> list[str]:
-    return ["--mode", mode, "--url", url, "--loop", loop, "--expect", str(expect),
-            "--idle", str(idle), "--rss-at", ",".join(map(str, rss_at))]
+def _worker_common(
+    mode: str, url: str, loop: str, expect: int, idle: float, rss_at: tuple[int, ...]
+) -> list[str]:
+    return [
+        "--mode",
+        mode,
+        "--url",
+        url,
+        "--loop",
+        loop,
+        "--expect",
+        str(expect),
+        "--idle",
+        str(idle),
+        "--rss-at",
+        ",".join(map(str, rss_at)),
+    ]
 
 
 class RawSide:
@@ -55,8 +68,11 @@ class RawSide:
         self.ctx = ctx
         raw = ctx.raw
         self._queues = {
-            "publish": raw.publish.name, "latency": raw.latency.name, "retry": raw.retry.name,
-            "tiers": raw.tiers.name, "scale": raw.scale.name,
+            "publish": raw.publish.name,
+            "latency": raw.latency.name,
+            "retry": raw.retry.name,
+            "tiers": raw.tiers.name,
+            "scale": raw.scale.name,
         }
         self._delay = {"retry": raw.retry_delay.name, "tiers": raw.tiers_delay.name}
 
@@ -71,8 +87,17 @@ class RawSide:
     def target(self, workload: str) -> tuple[str, str]:
         return "", self.work_queue(workload)
 
-    def worker(self, mode: str, workload: str, capacity: int, *, expect: int = 0,
-               idle: float = 1.0, rss_at: tuple[int, ...] = (), label: str = "") -> Worker:
+    def worker(
+        self,
+        mode: str,
+        workload: str,
+        capacity: int,
+        *,
+        expect: int = 0,
+        idle: float = 1.0,
+        rss_at: tuple[int, ...] = (),
+        label: str = "",
+    ) -> Worker:
         args = _worker_common(mode, self.ctx.url, self.ctx.raw_loop, expect, idle, rss_at)
         args += ["--queue", self.work_queue(workload), "--prefetch", str(capacity)]
         if workload in self._delay:
@@ -104,11 +129,14 @@ class RawSide:
             exchange = await self._exchange(conn)
             started = time.perf_counter()
             for start in range(0, n, batch):
-                await asyncio.gather(*(
-                    exchange.publish(aio_pika.Message(data, delivery_mode=PERSISTENT),
-                                     routing_key=queue)
-                    for data in bodies[start:start + batch]
-                ))
+                await asyncio.gather(
+                    *(
+                        exchange.publish(
+                            aio_pika.Message(data, delivery_mode=PERSISTENT), routing_key=queue
+                        )
+                        for data in bodies[start : start + batch]
+                    )
+                )
             return time.perf_counter() - started
 
     async def publish_paced(self, workload: str, rate: float, count: int) -> float:
@@ -142,8 +170,17 @@ class RabbitqSide:
         spec = self.ctx.topology.workload(workload)
         return spec.task_exchange, spec.routing_key
 
-    def worker(self, mode: str, workload: str, capacity: int, *, expect: int = 0,
-               idle: float = 1.0, rss_at: tuple[int, ...] = (), label: str = "") -> Worker:
+    def worker(
+        self,
+        mode: str,
+        workload: str,
+        capacity: int,
+        *,
+        expect: int = 0,
+        idle: float = 1.0,
+        rss_at: tuple[int, ...] = (),
+        label: str = "",
+    ) -> Worker:
         # capacity is the workload's (see benchmarks.names); the argument keeps one signature
         assert self.ctx.topology.workload(workload).capacity == capacity
         args = _worker_common(mode, self.ctx.url, self.ctx.rabbitq_loop, expect, idle, rss_at)
@@ -172,7 +209,7 @@ class RabbitqSide:
         async with app:
             started = time.perf_counter()
             for start in range(0, n, batch):
-                await app.publish_many([task.message(p) for p in payloads[start:start + batch]])
+                await app.publish_many([task.message(p) for p in payloads[start : start + batch]])
             return time.perf_counter() - started
 
     async def publish_paced(self, workload: str, rate: float, count: int) -> float:

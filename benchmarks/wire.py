@@ -25,8 +25,7 @@ _SKELETON = {"id": 0, "sent_at": 0.0, "pad": ""}
 
 def pad_for(task_id: int, sent_at: float) -> str:
     """Padding that brings the JSON body to about BODY_BYTES."""
-    used = len(json.dumps({**_SKELETON, "id": task_id, "sent_at": sent_at},
-                          separators=(",", ":")))
+    used = len(json.dumps({**_SKELETON, "id": task_id, "sent_at": sent_at}, separators=(",", ":")))
     return "x" * max(0, BODY_BYTES - used)
 
 

@@ -56,7 +56,8 @@ class Acker:
         if self.dead or message.channel.is_closed:
             logger.info(
                 "message %s not %s: its channel is closed; the broker redelivers it",
-                message.header.properties.message_id, "returned" if requeue else "acked",
+                message.header.properties.message_id,
+                "returned" if requeue else "acked",
             )
             return False
         assert message.delivery_tag is not None
@@ -127,8 +128,11 @@ class Acker:
                 # A closed channel raises AMQPError, ConnectionError or aiormq's
                 # ChannelInvalidStateError (a RuntimeError): catch all, leave none unretrieved.
                 self.dead = True
-                logger.info("%d ack/nack frames not sent: the channel is closed (%s)",
-                            len(self._frames) + 1, type(exc).__name__)
+                logger.info(
+                    "%d ack/nack frames not sent: the channel is closed (%s)",
+                    len(self._frames) + 1,
+                    type(exc).__name__,
+                )
                 self._frames.clear()
                 with contextlib.suppress(Exception):  # only its end makes the broker requeue
                     await self.channel.close()

@@ -40,15 +40,25 @@ cli = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-topology_cli = typer.Typer(help="Declare and inspect the topology.", epilog=EPILOG,
-                           no_args_is_help=True)
+topology_cli = typer.Typer(
+    help="Declare and inspect the topology.", epilog=EPILOG, no_args_is_help=True
+)
 cli.add_typer(topology_cli, name="topology")
 
 URL = typer.Option(DEFAULT_URL, "--url", envvar="RABBITQ_URL", help="Broker URL.")
-TOPOLOGY = typer.Option(Path("topology"), "--topology", "-t", envvar="RABBITQ_TOPOLOGY",
-                        help="Directory (or file) of topology *.toml files.")
-NAMESPACE = typer.Option(None, "--namespace", envvar="RABBITQ_NAMESPACE",
-                         help="Override the namespace the topology files declare.")
+TOPOLOGY = typer.Option(
+    Path("topology"),
+    "--topology",
+    "-t",
+    envvar="RABBITQ_TOPOLOGY",
+    help="Directory (or file) of topology *.toml files.",
+)
+NAMESPACE = typer.Option(
+    None,
+    "--namespace",
+    envvar="RABBITQ_NAMESPACE",
+    help="Override the namespace the topology files declare.",
+)
 JSON = typer.Option(False, "--json", help="Print one JSON document.")
 DEBUG = typer.Option(False, "--debug", help="Show tracebacks of errors.")
 
@@ -94,8 +104,10 @@ def _setup_logging(
 ) -> None:
     from rabbitq import _logs as logs
 
-    for option, value, allowed in (("--log-level", level.lower(), LOG_LEVELS),
-                                   ("--log-format", fmt, logs.FORMATS)):
+    for option, value, allowed in (
+        ("--log-level", level.lower(), LOG_LEVELS),
+        ("--log-format", fmt, logs.FORMATS),
+    ):
         if value not in allowed:
             raise UsageError(f"{option} {value!r} must be one of {', '.join(allowed)}")
     logs.setup(level, fmt, (url,), libraries)
@@ -103,7 +115,9 @@ def _setup_logging(
 
 @topology_cli.command("show")
 def topology_show(
-    topology: Path = TOPOLOGY, namespace: str | None = NAMESPACE, as_json: bool = JSON,
+    topology: Path = TOPOLOGY,
+    namespace: str | None = NAMESPACE,
+    as_json: bool = JSON,
     debug: bool = DEBUG,
 ) -> None:
     """Print the derived exchanges, queues with their arguments, bindings, and each task's flow.
@@ -163,8 +177,11 @@ def _plan_or_apply(
 
 @topology_cli.command("plan")
 def topology_plan(
-    topology: Path = TOPOLOGY, namespace: str | None = NAMESPACE, url: str = URL,
-    as_json: bool = JSON, debug: bool = DEBUG,
+    topology: Path = TOPOLOGY,
+    namespace: str | None = NAMESPACE,
+    url: str = URL,
+    as_json: bool = JSON,
+    debug: bool = DEBUG,
 ) -> None:
     """Show what `apply` would create, and any drift, without changing anything (exit 3 on drift).
 
@@ -175,8 +192,11 @@ def topology_plan(
 
 @topology_cli.command("apply")
 def topology_apply(
-    topology: Path = TOPOLOGY, namespace: str | None = NAMESPACE, url: str = URL,
-    as_json: bool = JSON, debug: bool = DEBUG,
+    topology: Path = TOPOLOGY,
+    namespace: str | None = NAMESPACE,
+    url: str = URL,
+    as_json: bool = JSON,
+    debug: bool = DEBUG,
 ) -> None:
     """Declare every exchange, queue and binding, durable and idempotent; never deletes.
 
@@ -213,25 +233,43 @@ def load_app(spec: str) -> App:
 @cli.command("consume")
 def consume(
     workload: str = typer.Argument(..., help="The workload to run, as named in the topology."),
-    app_spec: str = typer.Option(..., "--app", envvar="RABBITQ_APP",
-                                 help="Where the App is: 'package.module:app'."),
+    app_spec: str = typer.Option(
+        ..., "--app", envvar="RABBITQ_APP", help="Where the App is: 'package.module:app'."
+    ),
     topology: Path = TOPOLOGY,
     namespace: str | None = NAMESPACE,
     url: str = URL,
-    grace: float = typer.Option(30.0, "--grace", help="Seconds running tasks get to finish on "
-                                "SIGTERM/SIGINT; the rest return to the queue."),
-    burst: bool = typer.Option(False, "--burst", help="Exit once the work queue and its tiers "
-                               "are empty (batch jobs, tests)."),
-    log_level: str = typer.Option("info", "--log-level", envvar="RABBITQ_LOG_LEVEL",
-                                  help="debug (adds a line per succeeded task), info, warning "
-                                  "or error."),
-    log_format: str = typer.Option("text", "--log-format", envvar="RABBITQ_LOG_FORMAT",
-                                   help="text, or json: one JSON object per line."),
+    grace: float = typer.Option(
+        30.0,
+        "--grace",
+        help="Seconds running tasks get to finish on SIGTERM/SIGINT; the rest return to the queue.",
+    ),
+    burst: bool = typer.Option(
+        False,
+        "--burst",
+        help="Exit once the work queue and its tiers are empty (batch jobs, tests).",
+    ),
+    log_level: str = typer.Option(
+        "info",
+        "--log-level",
+        envvar="RABBITQ_LOG_LEVEL",
+        help="debug (adds a line per succeeded task), info, warning or error.",
+    ),
+    log_format: str = typer.Option(
+        "text",
+        "--log-format",
+        envvar="RABBITQ_LOG_FORMAT",
+        help="text, or json: one JSON object per line.",
+    ),
     metrics_port: int | None = typer.Option(
-        None, "--metrics-port", envvar="RABBITQ_METRICS_PORT",
-        help="Serve /metrics, /healthz and /readyz on this port (all interfaces)."),
-    as_json: bool = typer.Option(False, "--json", help="On exit, print the outcome counts as "
-                                 "one JSON document on stdout."),
+        None,
+        "--metrics-port",
+        envvar="RABBITQ_METRICS_PORT",
+        help="Serve /metrics, /healthz and /readyz on this port (all interfaces).",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="On exit, print the outcome counts as one JSON document on stdout."
+    ),
     debug: bool = DEBUG,
 ) -> None:
     """Run the handlers of one workload until SIGTERM/SIGINT (a second signal exits at once).
@@ -258,18 +296,26 @@ def consume(
         metrics = Metrics(registry)
 
         async def main() -> Consumer:
-            consumer = Consumer(app, spec, url, grace_seconds=grace, burst=burst,
-                                metrics=metrics)
+            consumer = Consumer(app, spec, url, grace_seconds=grace, burst=burst, metrics=metrics)
             server = None
             if metrics_port is not None:
                 facts = {"workload": workload}
                 server = await serve.start(
-                    metrics_port, registry,
-                    healthy=lambda: (consumer.connected, {**facts,
-                                                          "connected": consumer.connected}),
-                    ready=lambda: (consumer.ready.is_set(), {
-                        **facts, "consuming": consumer.ready.is_set(),
-                        "running": consumer.running, "capacity": spec.capacity}),
+                    metrics_port,
+                    registry,
+                    healthy=lambda: (
+                        consumer.connected,
+                        {**facts, "connected": consumer.connected},
+                    ),
+                    ready=lambda: (
+                        consumer.ready.is_set(),
+                        {
+                            **facts,
+                            "consuming": consumer.ready.is_set(),
+                            "running": consumer.running,
+                            "capacity": spec.capacity,
+                        },
+                    ),
                 )
                 logger.info("serving /metrics, /healthz and /readyz on port %d", metrics_port)
             loop = asyncio.get_running_loop()
@@ -297,8 +343,15 @@ def consume(
         summary = ", ".join(f"{k} {v}" for k, v in sorted(consumer.counts.items())) or "no tasks"
         logger.info("workload %s stopped: %s", workload, summary)
         if as_json:
-            typer.echo(json.dumps({"workload": workload, "reconnects": consumer.reconnects,
-                                   "outcomes": dict(sorted(consumer.counts.items()))}))
+            typer.echo(
+                json.dumps(
+                    {
+                        "workload": workload,
+                        "reconnects": consumer.reconnects,
+                        "outcomes": dict(sorted(consumer.counts.items())),
+                    }
+                )
+            )
         if any(t.name.startswith("rabbitq-") and not t.daemon for t in threading.enumerate()):
             # A sync handler still runs past the grace; its delivery is already back in the
             # queue. Python would wait for the thread at exit, so leave without waiting.

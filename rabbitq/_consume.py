@@ -106,7 +106,13 @@ class Consumer:
             url, name=f"consumer-publisher {workload.name}", metrics=self.metrics.publishing()
         )
         self._settler = Settler(
-            app, workload, self.publisher, self._metrics, self._executor, self._lose, url,
+            app,
+            workload,
+            self.publisher,
+            self._metrics,
+            self._executor,
+            self._lose,
+            url,
             self.counts,
         )
 
@@ -143,7 +149,9 @@ class Consumer:
                     self._metrics.reconnects.inc()
                     logger.warning(
                         "workload %s: connection lost (%s); reconnecting in %.1fs",
-                        self.workload.name, exc, delay,
+                        self.workload.name,
+                        exc,
+                        delay,
                     )
                     try:
                         await asyncio.wait_for(self._stop.wait(), delay)
@@ -172,7 +180,9 @@ class Consumer:
                     "went out; an async handler is running blocking code (declare it as a "
                     "plain def: sync handlers run in threads). If this outlasts the heartbeat "
                     "timeout the broker drops the connection and every running task is "
-                    "redelivered", self.workload.name, blocked,
+                    "redelivered",
+                    self.workload.name,
+                    blocked,
                 )
 
     def _lose(self, reason: str) -> None:
@@ -218,7 +228,9 @@ class Consumer:
             )
             logger.info(
                 "workload %s: consuming %s with capacity %d (tiers: %s)",
-                self.workload.name, self.workload.work_queue, self.workload.capacity,
+                self.workload.name,
+                self.workload.work_queue,
+                self.workload.capacity,
                 ", ".join(t.label for t in self.workload.tiers) or "none",
             )
             self._set_ready(True)
@@ -245,8 +257,11 @@ class Consumer:
     async def _wait(self, connection: AbstractConnection) -> bool:
         """Until stopped, lost or (burst) drained; True if stopped or drained."""
         drained = asyncio.ensure_future(self._drained(connection) if self.burst else _never())
-        waiters = {asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(
-            self._lost.wait()), drained}
+        waiters = {
+            asyncio.ensure_future(self._stop.wait()),
+            asyncio.ensure_future(self._lost.wait()),
+            drained,
+        }
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -286,13 +301,17 @@ class Consumer:
         if self._running:
             logger.info(
                 "workload %s: stopping; waiting up to %gs for %d running tasks",
-                self.workload.name, self.grace_seconds, len(self._running),
+                self.workload.name,
+                self.grace_seconds,
+                len(self._running),
             )
             _, late = await asyncio.wait(set(self._running), timeout=self.grace_seconds)
             if late:
                 logger.warning(
-                    "workload %s: %d tasks did not finish within %gs; returning them to the "
-                    "queue", self.workload.name, len(late), self.grace_seconds,
+                    "workload %s: %d tasks did not finish within %gs; returning them to the queue",
+                    self.workload.name,
+                    len(late),
+                    self.grace_seconds,
                 )
                 for task in late:
                     task.cancel()

@@ -202,7 +202,6 @@ def _send_error(out: Outgoing, exc: BaseException, url: str, timeout: float) -> 
     return NotConfirmed(out.message_id, f"{type(exc).__name__} while publishing to {mask_url(url)}")
 
 
-
 def raise_first(messages: Sequence[Outgoing], errors: Sequence[SendError | None]) -> None:
     """Raise the first error of a batch, saying how many others failed."""
     failed = [(m, e) for m, e in zip(messages, errors, strict=True) if e is not None]

@@ -340,11 +340,17 @@ class Topology:
         """A JSON-ready description, stable snake_case keys."""
         return {
             "namespace": self.namespace,
-            "exchanges": [{"name": e.name, "type": e.type, "durable": e.durable}
-                          for e in self.exchanges()],
+            "exchanges": [
+                {"name": e.name, "type": e.type, "durable": e.durable} for e in self.exchanges()
+            ],
             "queues": [
-                {"name": q.name, "role": q.role, "workload": q.workload, "durable": q.durable,
-                 "arguments": q.arguments}
+                {
+                    "name": q.name,
+                    "role": q.role,
+                    "workload": q.workload,
+                    "durable": q.durable,
+                    "arguments": q.arguments,
+                }
                 for q in self.queues()
             ],
             "bindings": [
@@ -357,8 +363,10 @@ class Topology:
                     "capacity": w.capacity,
                     "queue_type": w.spec.queue_type,
                     "max_attempts": w.spec.retry.max_attempts,
-                    "tiers": [{"label": t.label, "delay_seconds": t.delay_seconds,
-                               "queue": t.queue} for t in w.tiers],
+                    "tiers": [
+                        {"label": t.label, "delay_seconds": t.delay_seconds, "queue": t.queue}
+                        for t in w.tiers
+                    ],
                     "max_message_bytes": w.spec.max_message_bytes,
                     "flow": w.flow(),
                 }
@@ -421,20 +429,23 @@ def parse_topology(files: Mapping[str, str], namespace: str | None = None) -> To
         if parsed.namespace is not None:
             if declared_ns is not None and declared_ns[1] != parsed.namespace:
                 raise TopologyInvalid(
-                    source, "namespace", parsed.namespace,
+                    source,
+                    "namespace",
+                    parsed.namespace,
                     f"{declared_ns[0]} declares namespace {declared_ns[1]!r}; use one namespace",
                 )
             declared_ns = (source, parsed.namespace)
         for name, spec in parsed.workloads.items():
             if name in specs:
                 raise TopologyInvalid(
-                    source, f"workloads.{name}", "{...}",
+                    source,
+                    f"workloads.{name}",
+                    "{...}",
                     f"workload already declared in {specs[name][0]}",
                 )
             specs[name] = (source, spec)
     if namespace is not None and not re.match(NAMESPACE_PATTERN, namespace):
-        raise TopologyInvalid("--namespace", "namespace", namespace,
-                              _IN_WORDS[NAMESPACE_PATTERN])
+        raise TopologyInvalid("--namespace", "namespace", namespace, _IN_WORDS[NAMESPACE_PATTERN])
     ns = namespace or (declared_ns[1] if declared_ns else DEFAULT_NAMESPACE)
     return Topology(
         namespace=ns,
@@ -449,8 +460,13 @@ def load_topology(directory: Path, namespace: str | None = None) -> Topology:
         TopologyInvalid: the directory is missing or has no files, or one does not validate.
     """
     if not directory.exists():
-        raise TopologyInvalid(str(directory), "", "", "no such directory; point --topology "
-                              "(or RABBITQ_TOPOLOGY) at the directory of the *.toml files")
+        raise TopologyInvalid(
+            str(directory),
+            "",
+            "",
+            "no such directory; point --topology "
+            "(or RABBITQ_TOPOLOGY) at the directory of the *.toml files",
+        )
     paths = [directory] if directory.is_file() else sorted(directory.glob("*.toml"))
     if not paths:
         raise TopologyInvalid(str(directory), "", "", "no *.toml topology files found")

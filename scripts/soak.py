@@ -163,7 +163,9 @@ def build_message(publisher: LedgerPublisher, n: int, task_id: str) -> Outgoing:
     kind = task_kind(n)
     fail = {"fail_once": 1, "always_fail": MAX_ATTEMPTS}.get(kind, 0)
     good = publisher.message(
-        task_id, task=TASK_SYNC if n % 4 == 1 else TASK, sleep_ms=(n * 7) % 11,
+        task_id,
+        task=TASK_SYNC if n % 4 == 1 else TASK,
+        sleep_ms=(n * 7) % 11,
         fail_first_attempts=fail,
     )
     if kind == "undecodable":
@@ -239,7 +241,11 @@ class Soak:
         self.workload: Workload = self.topology.workload(WORKLOAD)
         self.ledger = Ledger.create(self.workdir / "ledger.db")
         self.publisher = LedgerPublisher(
-            self.ledger, options.url, self.namespace, WORKLOAD, confirm_timeout=5.0,
+            self.ledger,
+            options.url,
+            self.namespace,
+            WORKLOAD,
+            confirm_timeout=5.0,
             name=f"soak publisher {self.namespace}",
         )
         self.probe = QueueProbe(options.url, self.workload.work_queue)
@@ -258,8 +264,13 @@ class Soak:
 
     def _consumer(self, label: str, *, burst: bool = False) -> ConsumerProcess:
         return ConsumerProcess(
-            WORKLOAD, self.topology_dir, self.namespace, self.options.url, self.workdir,
-            burst=burst, label=label,
+            WORKLOAD,
+            self.topology_dir,
+            self.namespace,
+            self.options.url,
+            self.workdir,
+            burst=burst,
+            label=label,
         )
 
     # The phases
@@ -282,8 +293,10 @@ class Soak:
             consumer.start()
         for consumer in self.consumers:
             await self._ready(consumer)
-        log(f"{len(self.consumers)} consumers ready; publishing {self.options.tasks} tasks, "
-            f"{self.options.faults} faults at tasks {self.marks}")
+        log(
+            f"{len(self.consumers)} consumers ready; publishing {self.options.tasks} tasks, "
+            f"{self.options.faults} faults at tasks {self.marks}"
+        )
         background = [asyncio.create_task(self._monitor()), asyncio.create_task(self._progress())]
         main = [asyncio.create_task(self._publish()), asyncio.create_task(self._faults())]
         try:
@@ -303,8 +316,12 @@ class Soak:
     async def finish(self) -> LedgerReport:
         self.phase = "settle"
         log("all published, all faults injected; waiting for the queues to empty")
-        await wait_until(self._queues_empty, timeout=SETTLE_SECONDS, interval=1.0,
-                         what="the work queue and tiers to empty")
+        await wait_until(
+            self._queues_empty,
+            timeout=SETTLE_SECONDS,
+            interval=1.0,
+            what="the work queue and tiers to empty",
+        )
         self.phase = "stop"
         for consumer in self.consumers:
             if not consumer.alive:
@@ -320,8 +337,9 @@ class Soak:
         if code != 0:
             raise Aborted(f"the final --burst consumer exited {code}: {final.stderr()[-2000:]}")
         self.phase = "check"
-        return await check(self.ledger, self.options.url, self.workload,
-                           drain_parking=not self.options.keep)
+        return await check(
+            self.ledger, self.options.url, self.workload, drain_parking=not self.options.keep
+        )
 
     # The load
 
@@ -336,13 +354,19 @@ class Soak:
         while self.published < total:
             limit = self._publish_limit()
             if self.published >= limit:
-                await wait_until(lambda: self._publish_limit() > self.published,
-                                 timeout=FAULT_END_SECONDS, interval=0.05,
-                                 what=f"fault {self.faults_done + 1} to end")
+                await wait_until(
+                    lambda: self._publish_limit() > self.published,
+                    timeout=FAULT_END_SECONDS,
+                    interval=0.05,
+                    what=f"fault {self.faults_done + 1} to end",
+                )
                 continue
-            await wait_until(lambda: self.probe.below(self.options.window),
-                             timeout=BACKLOG_SECONDS, interval=0.05,
-                             what=f"the work queue to hold fewer than {self.options.window}")
+            await wait_until(
+                lambda: self.probe.below(self.options.window),
+                timeout=BACKLOG_SECONDS,
+                interval=0.05,
+                what=f"the work queue to hold fewer than {self.options.window}",
+            )
             count = min(self.options.chunk, limit - self.published)
             messages = []
             for n in range(self.published, self.published + count):
@@ -360,8 +384,12 @@ class Soak:
 
     async def _faults(self) -> None:
         for i, mark in enumerate(self.marks):
-            await wait_until(self._reached(mark), timeout=MARK_SECONDS, interval=0.05,
-                             what=f"the publisher to reach task {mark}")
+            await wait_until(
+                self._reached(mark),
+                timeout=MARK_SECONDS,
+                interval=0.05,
+                what=f"the publisher to reach task {mark}",
+            )
             kind = FAULT_KINDS[i % len(FAULT_KINDS)]
             log(f"fault {i + 1}/{len(self.marks)}: {kind}")
             # Shielded: a fault is never cut in half (its own finally restores the broker);
@@ -377,8 +405,11 @@ class Soak:
         if kind == "sigkill":
             alive = [c for c in self.consumers if c.alive]
             if not alive:
-                await wait_until(lambda: any(c.alive for c in self.consumers), timeout=30,
-                                 what="a consumer to run (to be killed)")
+                await wait_until(
+                    lambda: any(c.alive for c in self.consumers),
+                    timeout=30,
+                    what="a consumer to run (to be killed)",
+                )
                 alive = [c for c in self.consumers if c.alive]
             victim = alive[(i // len(FAULT_KINDS)) % len(alive)]
             victim.kill()
@@ -399,8 +430,12 @@ class Soak:
 
     async def _ready(self, consumer: ConsumerProcess) -> None:
         line = f"consuming {self.workload.work_queue}"
-        await wait_until(lambda: line in consumer.stderr() or not consumer.alive,
-                         timeout=READY_SECONDS, interval=0.1, what=f"{consumer.label} to start")
+        await wait_until(
+            lambda: line in consumer.stderr() or not consumer.alive,
+            timeout=READY_SECONDS,
+            interval=0.1,
+            what=f"{consumer.label} to start",
+        )
         if not consumer.alive:
             raise Aborted(f"{consumer.label} exited at start: {consumer.stderr()[-2000:]}")
 
@@ -417,18 +452,23 @@ class Soak:
                         raise Aborted(f"consumers keep exiting: {self.unexpected_exits}")
                     # A consumer that cannot connect at start exits at once: wait for the
                     # broker (a fault may have it stopped) before starting it again.
-                    await wait_until(lambda: broker_answers(self.options.url),
-                                     timeout=FAULT_END_SECONDS, interval=1.0,
-                                     what="the broker to answer (to restart a consumer)")
+                    await wait_until(
+                        lambda: broker_answers(self.options.url),
+                        timeout=FAULT_END_SECONDS,
+                        interval=1.0,
+                        what="the broker to answer (to restart a consumer)",
+                    )
                     consumer.start()
             await asyncio.sleep(0.5)
 
     async def _progress(self) -> None:
         while True:
             await asyncio.sleep(PROGRESS_SECONDS)
-            log(f"{duration(time.monotonic() - self.started)}: published "
+            log(
+                f"{duration(time.monotonic() - self.started)}: published "
                 f"{self.published}/{self.options.tasks}, completed "
-                f"{self.ledger.completed_ids()}, faults {self.faults_done}/{len(self.marks)}")
+                f"{self.ledger.completed_ids()}, faults {self.faults_done}/{len(self.marks)}"
+            )
 
     async def _queues_empty(self) -> bool:
         try:
@@ -458,11 +498,15 @@ class Soak:
             try:
                 await restore_broker(self.options.url)
                 if await alarm_active():
-                    log("WARNING: a memory alarm is still on; run "
-                        "`rabbitmqctl set_vm_memory_high_watermark 0.4`")
+                    log(
+                        "WARNING: a memory alarm is still on; run "
+                        "`rabbitmqctl set_vm_memory_high_watermark 0.4`"
+                    )
             except Exception as exc:
-                log(f"WARNING: could not restore the broker ({exc}); run "
-                    "`rabbitmqctl start_app` and `rabbitmqctl set_vm_memory_high_watermark 0.4`")
+                log(
+                    f"WARNING: could not restore the broker ({exc}); run "
+                    "`rabbitmqctl start_app` and `rabbitmqctl set_vm_memory_high_watermark 0.4`"
+                )
         for closing in (self.probe.close(), self.publisher.close()):
             with contextlib.suppress(Exception):
                 await closing
@@ -483,8 +527,9 @@ class Soak:
 
     def describe(self) -> str:
         """Consumers, queue types (as declared) and retry policy, in one line."""
-        types = {q.role: str(q.arguments.get("x-queue-type", "classic"))
-                 for q in self.workload.queues()}
+        types = {
+            q.role: str(q.arguments.get("x-queue-type", "classic")) for q in self.workload.queues()
+        }
         return (
             f"{self.options.consumers} consumers x capacity {self.options.capacity}; "
             f"{types['work']} work queue, {types.get('tier', '-')} tiers "
@@ -520,8 +565,10 @@ class Soak:
             rows += [("lost", "not checked"), ("completed", str(self.ledger.completed_ids()))]
         raised = self.publisher.stats.raised
         rows += [
-            ("publishes that raised (retried)",
-             ", ".join(f"{k} {v}" for k, v in sorted(raised.items())) or "0"),
+            (
+                "publishes that raised (retried)",
+                ", ".join(f"{k} {v}" for k, v in sorted(raised.items())) or "0",
+            ),
             ("never confirmed", str(self.never_confirmed)),
             ("consumer exits not injected", str(len(self.unexpected_exits))),
             ("workload", self.describe()),
@@ -572,12 +619,19 @@ async def soak(options: Options, command: str) -> int:
         ok = report is not None and report.ok and report.lost == 0
         await run.cleanup(ok)
     if report is not None and not status:
-        status = "ok" if ok else "FAILED: " + "; ".join(
-            what for what, bad in (
-                (f"lost {report.lost}", report.lost > 0),
-                (f"leftover {report.leftover}", bool(report.leftover)),
-                (f"unexpected ids {report.unexpected[:5]}", bool(report.unexpected)),
-            ) if bad
+        status = (
+            "ok"
+            if ok
+            else "FAILED: "
+            + "; ".join(
+                what
+                for what, bad in (
+                    (f"lost {report.lost}", report.lost > 0),
+                    (f"leftover {report.leftover}", bool(report.leftover)),
+                    (f"unexpected ids {report.unexpected[:5]}", bool(report.unexpected)),
+                )
+                if bad
+            )
         )
     if report is not None and not ok:
         log(f"ledger details: {report.details()}")
@@ -598,19 +652,28 @@ def parse_args(argv: list[str]) -> Options:
     parser.add_argument("--faults", type=int, default=24, help="faults to inject (rotating kinds)")
     parser.add_argument("--consumers", type=int, default=3, help="consumer processes")
     parser.add_argument("--capacity", type=int, default=32, help="prefetch of each consumer")
-    parser.add_argument("--window", type=int, default=1000,
-                        help="at most this many tasks ready in the work queue")
+    parser.add_argument(
+        "--window", type=int, default=1000, help="at most this many tasks ready in the work queue"
+    )
     parser.add_argument("--chunk", type=int, default=200, help="tasks per publish batch")
-    parser.add_argument("--outage", type=float, default=3.0,
-                        help="seconds the broker app stays stopped in a restart fault")
-    parser.add_argument("--alarm", type=float, default=3.0,
-                        help="seconds a memory alarm stays on")
-    parser.add_argument("--max-minutes", type=float, default=90.0,
-                        help="the whole run's deadline")
-    parser.add_argument("--url", default=os.environ.get("RABBITQ_URL", DEFAULT_URL),
-                        help="the broker (default: RABBITQ_URL, then %(default)s)")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the namespace's queues and exchanges and the run directory")
+    parser.add_argument(
+        "--outage",
+        type=float,
+        default=3.0,
+        help="seconds the broker app stays stopped in a restart fault",
+    )
+    parser.add_argument("--alarm", type=float, default=3.0, help="seconds a memory alarm stays on")
+    parser.add_argument("--max-minutes", type=float, default=90.0, help="the whole run's deadline")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("RABBITQ_URL", DEFAULT_URL),
+        help="the broker (default: RABBITQ_URL, then %(default)s)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the namespace's queues and exchanges and the run directory",
+    )
     args = parser.parse_args(argv)
     for name in ("tasks", "consumers", "capacity", "window", "chunk"):
         if getattr(args, name) < 1:
@@ -618,9 +681,17 @@ def parse_args(argv: list[str]) -> Options:
     if args.faults < 0 or args.faults >= args.tasks:
         parser.error("--faults must be from 0 to tasks - 1")
     return Options(
-        tasks=args.tasks, faults=args.faults, consumers=args.consumers, capacity=args.capacity,
-        window=args.window, chunk=args.chunk, outage=args.outage, alarm=args.alarm,
-        max_minutes=args.max_minutes, url=args.url, keep=args.keep,
+        tasks=args.tasks,
+        faults=args.faults,
+        consumers=args.consumers,
+        capacity=args.capacity,
+        window=args.window,
+        chunk=args.chunk,
+        outage=args.outage,
+        alarm=args.alarm,
+        max_minutes=args.max_minutes,
+        url=args.url,
+        keep=args.keep,
     )
 
 

@@ -546,8 +546,19 @@ class ConsumerProcess:
         label: str = "consumer",
     ) -> None:
         self.args = [
-            sys.executable, "-m", "rabbitq", "consume", workload, "--app", app,
-            "--topology", str(topology), "--namespace", namespace, "--grace", str(grace),
+            sys.executable,
+            "-m",
+            "rabbitq",
+            "consume",
+            workload,
+            "--app",
+            app,
+            "--topology",
+            str(topology),
+            "--namespace",
+            namespace,
+            "--grace",
+            str(grace),
             "--json",
         ]
         if burst:
@@ -714,7 +725,10 @@ async def alarm_active() -> bool:
     done = await asyncio.to_thread(
         subprocess.run,
         ["rabbitmq-diagnostics", "-q", "check_local_alarms"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     return done.returncode != 0
 
@@ -742,8 +756,7 @@ async def close_all_connections(ledger: Ledger | None = None, reason: str = "fau
 
 async def close_connections_named(fragment: str, reason: str = "fault test") -> int:
     """Close the connections whose client-given name contains `fragment`; how many."""
-    listing = await actl("list_connections", "pid", "client_properties", "-q",
-                         "--no-table-headers")
+    listing = await actl("list_connections", "pid", "client_properties", "-q", "--no-table-headers")
     pids = [line.split("\t", 1)[0] for line in listing.splitlines() if fragment in line]
     for pid in pids:
         await actl("close_connection", pid, reason, check=False)

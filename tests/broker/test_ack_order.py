@@ -58,7 +58,9 @@ async def test_failed_task_is_kept_when_neither_retry_nor_park_copy_can_be_confi
         out = fail.message(Item(n=5))
         underlay = await channel.get_underlay_channel()
         await underlay.basic_publish(
-            out.body, exchange=out.exchange, routing_key=out.routing_key,
+            out.body,
+            exchange=out.exchange,
+            routing_key=out.routing_key,
             properties=out.amqp_properties(),
         )
         await channel.close()

@@ -23,9 +23,17 @@ async def test_benchmark_runner_quick_run_reports_every_scenario(
     """`python -m benchmarks.run --quick` exits 0 and its JSON has every scenario."""
     results = tmp_path / "results.json"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "benchmarks.run", "--quick", "--url", broker_url(),
-        "--json", str(results),
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--quick",
+        "--url",
+        broker_url(),
+        "--json",
+        str(results),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_SECONDS)

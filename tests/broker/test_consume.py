@@ -336,11 +336,18 @@ async def test_a_foreign_producers_message_is_held_to_the_documented_wire_format
         channel = await connection.channel()
         exchange = await channel.get_exchange(workload.task_exchange, ensure=False)
         for message_id, props in [*runs.items(), ("text", {"content_type": "text/plain"})]:
-            message = plain_message(b'{"n": 1}', message_id=message_id, type="jobs.record",
-                                    headers={HEADER_ATTEMPT: 1}, **props)
+            message = plain_message(
+                b'{"n": 1}',
+                message_id=message_id,
+                type="jobs.record",
+                headers={HEADER_ATTEMPT: 1},
+                **props,
+            )
             await exchange.publish(message, routing_key=workload.routing_key)
-        await wait_until(lambda: len(ran) == 3 and consumer.counts["parked:bad_envelope"] == 1,
-                         what="three run, one parked")
+        await wait_until(
+            lambda: len(ran) == 3 and consumer.counts["parked:bad_envelope"] == 1,
+            what="three run, one parked",
+        )
         await channel.close()
     assert ran == {"no-type": 0, "json-charset": 0, "over-max-priority": 200}
     [parked] = await drain_queue(connection, workload.parking_queue)

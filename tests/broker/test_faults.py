@@ -88,8 +88,9 @@ def consumers(
 
     def make(topology: Path, **options: Any) -> ConsumerProcess:
         options.setdefault("label", f"consumer{len(made) + 1}")
-        process = ConsumerProcess(name, topology, namespace, options.pop("url", url), tmp_path,
-                                  **options)
+        process = ConsumerProcess(
+            name, topology, namespace, options.pop("url", url), tmp_path, **options
+        )
         made.append(process)
         return process
 
@@ -156,8 +157,7 @@ async def test_sigkill_of_a_running_consumer_repeatedly_loses_nothing(
         consumer.start()
         # Mid-run: a share of the tasks done, and many more queued or running.
         target = total * k // (kills + 2)
-        await wait_until(completed(ledger, target), timeout=15,
-                         what=f"{target} tasks to complete")
+        await wait_until(completed(ledger, target), timeout=15, what=f"{target} tasks to complete")
         assert consumer.kill() == -9
         ledger.fault("sigkill")
     await drain(consumers(directory, burst=True, label="final"))
@@ -213,9 +213,7 @@ async def publish_stream(
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-async def test_a_rabbitmq_restart_mid_load_loses_nothing(
-    setup, ledger, publisher, consumers, url
-):
+async def test_a_rabbitmq_restart_mid_load_loses_nothing(setup, ledger, publisher, consumers, url):
     """stop_app/start_app with two consumers and a publisher running: every task completes."""
     workload, directory = await setup(**{**SPEC, "capacity": 4})
     running = [consumers(directory), consumers(directory)]
@@ -229,10 +227,14 @@ async def test_a_rabbitmq_restart_mid_load_loses_nothing(
             # stop_app has returned: every handler was cut off, so any completion from now on
             # happens after the restart.
             stopped = time.time()
-            await wait_until(lambda: sum(publisher.stats.raised.values()) > 0, timeout=20,
-                             what="a publish to fail while the broker is away")
             await wait_until(
-                lambda: all("connection lost" in c.stderr() for c in running), timeout=20,
+                lambda: sum(publisher.stats.raised.values()) > 0,
+                timeout=20,
+                what="a publish to fail while the broker is away",
+            )
+            await wait_until(
+                lambda: all("connection lost" in c.stderr() for c in running),
+                timeout=20,
                 what="both consumers to see their connection lost",
             )
         total = await asyncio.wait_for(stream, timeout=60)
@@ -241,10 +243,14 @@ async def test_a_rabbitmq_restart_mid_load_loses_nothing(
         await probe.close()
     await wait_until(
         lambda: all(c.stderr().count(f"consuming {workload.work_queue}") >= 2 for c in running),
-        timeout=30, what="both consumers to consume again",
+        timeout=30,
+        what="both consumers to consume again",
     )
-    await wait_until(lambda: any(done_since(ledger, c.pid, stopped) for c in running), timeout=30,
-                     what="the consumers to complete tasks again")
+    await wait_until(
+        lambda: any(done_since(ledger, c.pid, stopped) for c in running),
+        timeout=30,
+        what="the consumers to complete tasks again",
+    )
     await stop_and_drain(running, consumers, directory)
 
     report = await check(ledger, url, workload)
@@ -265,24 +271,37 @@ async def test_all_connections_force_closed_mid_run_loses_nothing(
     gate = tmp_path / "gate"
     # After the first 50, tasks wait at the gate: some are surely running when the close comes.
     messages = [
-        publisher.message(i, sleep_ms=30, fail_first_attempts=1 if n % 7 == 0 else 0,
-                          gate=str(gate) if n >= ungated else "")
+        publisher.message(
+            i,
+            sleep_ms=30,
+            fail_first_attempts=1 if n % 7 == 0 else 0,
+            gate=str(gate) if n >= ungated else "",
+        )
         for n, i in enumerate(task_ids("closeall", total))
     ]
     assert await publisher.publish(messages) == []
     consumer = consumers(directory)
     consumer.start()
-    await wait_until(lambda: len(running_now(ledger)) >= workload.capacity, timeout=15,
-                     what="the consumer to fill its capacity at the gate")
+    await wait_until(
+        lambda: len(running_now(ledger)) >= workload.capacity,
+        timeout=15,
+        what="the consumer to fill its capacity at the gate",
+    )
     try:
         await close_all_connections(ledger)
         closed = time.time()
-        await wait_until(lambda: "connection lost" in consumer.stderr(), timeout=10,
-                         what="the consumer to see its connection closed")
+        await wait_until(
+            lambda: "connection lost" in consumer.stderr(),
+            timeout=10,
+            what="the consumer to see its connection closed",
+        )
     finally:
         gate.touch()
-    await wait_until(lambda: done_since(ledger, consumer.pid, closed), timeout=20,
-                     what="the consumer to complete tasks again")
+    await wait_until(
+        lambda: done_since(ledger, consumer.pid, closed),
+        timeout=20,
+        what="the consumer to complete tasks again",
+    )
     await stop_and_drain([consumer], consumers, directory)
     summary = consumer.summary()
 
@@ -345,17 +364,27 @@ async def test_a_memory_alarm_blocks_publishing_and_loses_nothing(
     # The running tasks wait at the gate until the alarm is on; the first ones succeed (so
     # consuming is seen to go on), then some fail (so retry copies meet the alarm).
     first = [
-        publisher.message(i, sleep_ms=10, gate=str(gate),
-                          fail_first_attempts=1 if n >= 20 and n % 5 == 0 else 0)
+        publisher.message(
+            i, sleep_ms=10, gate=str(gate), fail_first_attempts=1 if n >= 20 and n % 5 == 0 else 0
+        )
         for n, i in enumerate(task_ids("first", 60))
     ]
     assert await publisher.publish(first) == []
     consumer = consumers(directory)
     consumer.start()
-    await wait_until(lambda: ledger.count("start") >= workload.capacity, timeout=15,
-                     what="the consumer to start its first tasks")
-    blocked = LedgerPublisher(ledger, url, publisher.app.require_namespace(), name,
-                              confirm_timeout=1.0, name="blocked-publisher")
+    await wait_until(
+        lambda: ledger.count("start") >= workload.capacity,
+        timeout=15,
+        what="the consumer to start its first tasks",
+    )
+    blocked = LedgerPublisher(
+        ledger,
+        url,
+        publisher.app.require_namespace(),
+        name,
+        confirm_timeout=1.0,
+        name="blocked-publisher",
+    )
     during = [publisher.message(i) for i in task_ids("alarm", 20)]
     try:
         await blocked.publisher.start()
@@ -368,15 +397,24 @@ async def test_a_memory_alarm_blocks_publishing_and_loses_nothing(
             assert ledger.count("done") == 0
             gate.touch()
             # Consuming goes on (a connection that only consumes is not blocked) ...
-            await wait_until(lambda: ledger.count("done") > 0, timeout=10,
-                             what="a task to complete during the alarm")
+            await wait_until(
+                lambda: ledger.count("done") > 0,
+                timeout=10,
+                what="a task to complete during the alarm",
+            )
             # ... but a failed task's retry copy cannot be confirmed. Cut the consumer's
             # blocked publishing connection under it: the copy is gone, the original must stay.
-            await wait_until(lambda: failed_since(ledger, alarm_at), timeout=10,
-                             what="a task to fail during the alarm")
+            await wait_until(
+                lambda: failed_since(ledger, alarm_at),
+                timeout=10,
+                what="a task to fail during the alarm",
+            )
             assert await close_connections_named(f"consumer-publisher {name} on ") == 1
-            await wait_until(lambda: "could not be moved" in consumer.stderr(), timeout=10,
-                             what="the consumer to return the task it could not forward")
+            await wait_until(
+                lambda: "could not be moved" in consumer.stderr(),
+                timeout=10,
+                what="the consumer to return the task it could not forward",
+            )
         # Once the alarm is over, send again what was never confirmed (same ids).
         cleared = time.time()
         assert await publisher.publish(during, deadline_seconds=30) == []
@@ -384,8 +422,11 @@ async def test_a_memory_alarm_blocks_publishing_and_loses_nothing(
         gate.touch()
         await blocked.close()
     total = len(first) + len(during)
-    await wait_until(lambda: done_since(ledger, consumer.pid, cleared), timeout=20,
-                     what="the consumer to complete tasks after the alarm")
+    await wait_until(
+        lambda: done_since(ledger, consumer.pid, cleared),
+        timeout=20,
+        what="the consumer to complete tasks after the alarm",
+    )
     await stop_and_drain([consumer], consumers, directory)
 
     report = await check(ledger, url, workload)
@@ -409,9 +450,7 @@ def failed_since(ledger: Ledger, since: float) -> bool:
     return any(e.at >= since for e in ledger.executions("failed"))
 
 
-async def test_a_hanging_handler_is_timed_out_and_retried(
-    setup, ledger, publisher, consumers, url
-):
+async def test_a_hanging_handler_is_timed_out_and_retried(setup, ledger, publisher, consumers, url):
     """A handler that hangs is ended by its timeout: retried, then parked with TimeoutError."""
     workload, directory = await setup(**SPEC)
     max_attempts = SPEC["retry"]["max_attempts"]
@@ -530,27 +569,41 @@ async def test_a_handler_outliving_its_channel_is_never_acked_on_the_next_one(
     stubborn_gate, gate = tmp_path / "stubborn-gate", tmp_path / "gate"
     messages = [
         publisher.message("n0"),
-        publisher.message("stubborn", behaviour="stubborn", behaviour_once=True,
-                          gate=str(stubborn_gate)),
+        publisher.message(
+            "stubborn", behaviour="stubborn", behaviour_once=True, gate=str(stubborn_gate)
+        ),
     ]
     messages += [publisher.message(i, gate=str(gate)) for i in task_ids("gated", 3)]
     assert await publisher.publish(messages) == []
     consumer = consumers(directory)
     consumer.start()
     try:
-        await wait_until(lambda: has_event(ledger, "stubborn", "stubborn"), timeout=15,
-                         what="the stubborn task to start")
+        await wait_until(
+            lambda: has_event(ledger, "stubborn", "stubborn"),
+            timeout=15,
+            what="the stubborn task to start",
+        )
         assert await close_connections_named(f"consumer {name} on ") == 1
         ledger.fault("connection_closed")
-        await wait_until(lambda: has_event(ledger, "stubborn", "ignored_cancel"), timeout=10,
-                         what="the stubborn task to ignore its cancellation")
-        await wait_until(lambda: has_event(ledger, "gated-000000", "start"), timeout=15,
-                         what="the next task to run on the new channel")
-        stubborn_gate.touch()  # the old handler returns now, and its delivery is settled
-        await wait_until(lambda: has_event(ledger, "stubborn", "done"), timeout=10,
-                         what="the stubborn task to return")
         await wait_until(
-            lambda: stale_settled(consumer, ledger), timeout=15,
+            lambda: has_event(ledger, "stubborn", "ignored_cancel"),
+            timeout=10,
+            what="the stubborn task to ignore its cancellation",
+        )
+        await wait_until(
+            lambda: has_event(ledger, "gated-000000", "start"),
+            timeout=15,
+            what="the next task to run on the new channel",
+        )
+        stubborn_gate.touch()  # the old handler returns now, and its delivery is settled
+        await wait_until(
+            lambda: has_event(ledger, "stubborn", "done"),
+            timeout=10,
+            what="the stubborn task to return",
+        )
+        await wait_until(
+            lambda: stale_settled(consumer, ledger),
+            timeout=15,
             what="the stubborn task's ack to be dropped (or sent on the new channel)",
         )
         # Kill the consumer while gated-000000 runs: if the old ack settled it, it is gone.
@@ -590,7 +643,9 @@ async def test_a_task_that_kills_its_consumer_is_parked_as_crash_loop(
     max_redeliveries = 3
     # Capacity 1: no other task is running when the process dies, so none shares the blame.
     workload, directory = await setup(
-        queue_type=queue_type, capacity=1, max_redeliveries=max_redeliveries,
+        queue_type=queue_type,
+        capacity=1,
+        max_redeliveries=max_redeliveries,
         retry={"tiers": ["50ms"], "max_attempts": 3},
     )
     messages = [publisher.message(i) for i in task_ids("before", 5)]

@@ -47,21 +47,39 @@ async def test_the_feeder_publishes_the_demo_mix_and_stops_on_sigterm(
     work_queue = topology.workload("demo").work_queue
     port = free_port()
     with process(
-        [sys.executable, "-m", "examples.feed", "--rate", "200", "--namespace", namespace,
-         "--metrics-port", str(port), "--url", url],
-        tmp_path, "feeder", cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "examples.feed",
+            "--rate",
+            "200",
+            "--namespace",
+            namespace,
+            "--metrics-port",
+            str(port),
+            "--url",
+            url,
+        ],
+        tmp_path,
+        "feeder",
+        cwd=ROOT,
     ) as proc:
 
         async def published() -> bool:
             assert proc.poll() is None, stderr_of(tmp_path, "feeder")
             return await asyncio.to_thread(confirmed_tasks, port) >= PUBLISHED
 
-        await wait_until(published, timeout=20, interval=0.1,
-                         what=f"the feeder to have {PUBLISHED} tasks confirmed")
+        await wait_until(
+            published,
+            timeout=20,
+            interval=0.1,
+            what=f"the feeder to have {PUBLISHED} tasks confirmed",
+        )
         proc.send_signal(signal.SIGTERM)
         stopped = time.monotonic()
-        await wait_until(lambda: proc.poll() is not None, timeout=10,
-                         what="the feeder to exit on SIGTERM")
+        await wait_until(
+            lambda: proc.poll() is not None, timeout=10, what="the feeder to exit on SIGTERM"
+        )
         assert time.monotonic() - stopped < 5
     assert proc.returncode == 0, stderr_of(tmp_path, "feeder")
 

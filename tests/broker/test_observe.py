@@ -42,8 +42,9 @@ async def test_metrics_logs_and_hooks_match_what_happened(
     namespace: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    topology = await make_topology(obs={"capacity": 4, "retry": {"tiers": ["50ms"],
-                                                                  "max_attempts": 2}})
+    topology = await make_topology(
+        obs={"capacity": 4, "retry": {"tiers": ["50ms"], "max_attempts": 2}}
+    )
     workload = topology.workload("obs")
     app = App(namespace=namespace, url=url)
     failures: list[Failure] = []
@@ -80,20 +81,28 @@ async def test_metrics_logs_and_hooks_match_what_happened(
         channel = await connection.channel()
         exchange = await channel.get_exchange(workload.task_exchange, ensure=False)
         waited = int((time.time() - WAITED_SECONDS) * 1000)
-        await exchange.publish(plain_message(
-            b'{"n": 7}', type="obs.ok", message_id="waited",
-            headers={HEADER_ATTEMPT: 1, HEADER_PUBLISHED_AT: waited},
-        ), routing_key=workload.routing_key)
-        await exchange.publish(plain_message(b"not json", type="obs.ok", message_id="p1",
-                                             headers={HEADER_ATTEMPT: 1}),
-                               routing_key=workload.routing_key)
-        await exchange.publish(plain_message(b"{}", type="forged.task", message_id="p2",
-                                             headers={HEADER_ATTEMPT: 1}),
-                               routing_key=workload.routing_key)
+        await exchange.publish(
+            plain_message(
+                b'{"n": 7}',
+                type="obs.ok",
+                message_id="waited",
+                headers={HEADER_ATTEMPT: 1, HEADER_PUBLISHED_AT: waited},
+            ),
+            routing_key=workload.routing_key,
+        )
+        await exchange.publish(
+            plain_message(b"not json", type="obs.ok", message_id="p1", headers={HEADER_ATTEMPT: 1}),
+            routing_key=workload.routing_key,
+        )
+        await exchange.publish(
+            plain_message(b"{}", type="forged.task", message_id="p2", headers={HEADER_ATTEMPT: 1}),
+            routing_key=workload.routing_key,
+        )
         await channel.close()
         await wait_until(
             lambda: sum(consumer.counts.values()) == SUCCEEDING + 1 + 2 * FLAKY + 2 + 1 + POISON,
-            what="every outcome settled", timeout=15,
+            what="every outcome settled",
+            timeout=15,
         )
 
     def value(name: str, **labels: str) -> float:
@@ -113,22 +122,33 @@ async def test_metrics_logs_and_hooks_match_what_happened(
     assert outcome("_unknown", "parked") == 1  # the forged name is not a label value
     parked = {
         reason: value("rabbitq_tasks_parked_total", task=task, reason=reason)
-        for task, reason in [("obs.doomed", "retries_exhausted"), ("obs.ok", "expired"),
-                             ("obs.ok", "undecodable"), ("_unknown", "unknown_task")]
+        for task, reason in [
+            ("obs.doomed", "retries_exhausted"),
+            ("obs.ok", "expired"),
+            ("obs.ok", "undecodable"),
+            ("_unknown", "unknown_task"),
+        ]
     }
     assert parked == {"retries_exhausted": 1, "expired": 1, "undecodable": 1, "unknown_task": 1}
     # the handler ran for: successes, flaky twice each, doomed twice
     runs = SUCCEEDING + 1 + 2 * FLAKY + 2
-    durations = sum(value("rabbitq_task_duration_seconds_count", task=t)
-                    for t in ("obs.ok", "obs.flaky", "obs.doomed"))
+    durations = sum(
+        value("rabbitq_task_duration_seconds_count", task=t)
+        for t in ("obs.ok", "obs.flaky", "obs.doomed")
+    )
     assert durations == runs
     assert value("rabbitq_task_queue_latency_seconds_count", task="obs.ok") == SUCCEEDING + 1
     # only the task published two minutes ago waited more than a minute
-    assert value("rabbitq_task_queue_latency_seconds_count", task="obs.ok") - value(
-        "rabbitq_task_queue_latency_seconds_bucket", task="obs.ok", le="60.0") == 1
+    assert (
+        value("rabbitq_task_queue_latency_seconds_count", task="obs.ok")
+        - value("rabbitq_task_queue_latency_seconds_bucket", task="obs.ok", le="60.0")
+        == 1
+    )
     assert value("rabbitq_task_queue_latency_seconds_sum", task="obs.ok") >= WAITED_SECONDS
-    confirmed = {k: registry.get_sample_value(
-        "rabbitq_publishes_total", {"kind": k, "outcome": "confirmed"}) for k in ("retry", "park")}
+    confirmed = {
+        k: registry.get_sample_value("rabbitq_publishes_total", {"kind": k, "outcome": "confirmed"})
+        for k in ("retry", "park")
+    }
     assert confirmed == {"retry": FLAKY + 1, "park": 1 + 1 + POISON}
     assert value("rabbitq_capacity") == 4
     assert value("rabbitq_running_handlers") == 0
@@ -143,7 +163,9 @@ async def test_metrics_logs_and_hooks_match_what_happened(
         assert record.workload == "obs"
         assert record.message_id and record.attempt is not None
     assert {k: len(v) for k, v in by_outcome.items()} == {
-        "succeeded": SUCCEEDING + 1 + FLAKY, "retried": FLAKY + 1, "parked": 1 + POISON,
+        "succeeded": SUCCEEDING + 1 + FLAKY,
+        "retried": FLAKY + 1,
+        "parked": 1 + POISON,
         "expired": 1,
     }
     assert all(r.duration_seconds is not None for r in by_outcome["succeeded"])
@@ -157,8 +179,12 @@ async def test_metrics_logs_and_hooks_match_what_happened(
     seen = sorted((f.task or "", f.outcome, f.reason or "") for f in failures)
     assert seen == sorted(
         [("obs.flaky", "retried", "")] * FLAKY
-        + [("obs.doomed", "retried", ""), ("obs.doomed", "parked", "retries_exhausted"),
-           ("obs.ok", "expired", "expired"), ("obs.ok", "parked", "undecodable"),
-           ("forged.task", "parked", "unknown_task")]
+        + [
+            ("obs.doomed", "retried", ""),
+            ("obs.doomed", "parked", "retries_exhausted"),
+            ("obs.ok", "expired", "expired"),
+            ("obs.ok", "parked", "undecodable"),
+            ("forged.task", "parked", "unknown_task"),
+        ]
     )
     assert all(isinstance(f.error, BaseException) for f in failures)

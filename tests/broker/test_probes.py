@@ -44,8 +44,7 @@ def _samples(body: bytes, name: str) -> dict[tuple[tuple[str, str], ...], float]
 
 def _total(body: bytes, name: str, **labels: str) -> float:
     return sum(
-        value for key, value in _samples(body, name).items()
-        if labels.items() <= dict(key).items()
+        value for key, value in _samples(body, name).items() if labels.items() <= dict(key).items()
     )
 
 
@@ -82,14 +81,32 @@ async def test_probes_metrics_and_logs_of_a_consumer_process(
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "rabbitq", "consume", WORKLOAD, "--app",
-            "tests.broker.apps:app", "--topology", str(directory), "--namespace", namespace,
-            "--metrics-port", str(port), "--log-format", "json", "--log-level", "debug",
-            "--grace", "5",
-            cwd=ROOT, env={**os.environ, "RABBITQ_URL": secret_url}, stdout=stdout,
+            sys.executable,
+            "-m",
+            "rabbitq",
+            "consume",
+            WORKLOAD,
+            "--app",
+            "tests.broker.apps:app",
+            "--topology",
+            str(directory),
+            "--namespace",
+            namespace,
+            "--metrics-port",
+            str(port),
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+            "--grace",
+            "5",
+            cwd=ROOT,
+            env={**os.environ, "RABBITQ_URL": secret_url},
+            stdout=stdout,
             stderr=stderr,
         )
     try:
+
         async def status_is(path: str, expected: int) -> bool:
             return (await http_get(port, path))[0] == expected
 
@@ -108,8 +125,9 @@ async def test_probes_metrics_and_logs_of_a_consumer_process(
         channel = await connection.channel()
         exchange = await channel.get_exchange(workload.task_exchange, ensure=False)
         await exchange.publish(
-            plain_message(b"not json", type="quick", message_id="poison-1",
-                          headers={HEADER_ATTEMPT: 1}),
+            plain_message(
+                b"not json", type="quick", message_id="poison-1", headers={HEADER_ATTEMPT: 1}
+            ),
             routing_key=workload.routing_key,
         )
         await channel.close()
@@ -119,8 +137,10 @@ async def test_probes_metrics_and_logs_of_a_consumer_process(
 
         async def settled() -> bool:
             body = await metrics()
-            return (_total(body, "rabbitq_tasks_total", outcome="succeeded") == QUICK
-                    and _total(body, "rabbitq_tasks_parked_total") == 2)
+            return (
+                _total(body, "rabbitq_tasks_total", outcome="succeeded") == QUICK
+                and _total(body, "rabbitq_tasks_parked_total") == 2
+            )
 
         await wait_until(settled, timeout=20, what="5 successes and 2 parked in /metrics")
         body = await metrics()
@@ -136,8 +156,11 @@ async def test_probes_metrics_and_logs_of_a_consumer_process(
         assert await status_is("/healthz", 503)
         assert _total(await metrics(), "rabbitq_consumer_ready") == 0
         await proxy.restore()
-        await wait_until(lambda: status_is("/readyz", 200), timeout=30,
-                         what="/readyz 200 after the broker came back")
+        await wait_until(
+            lambda: status_is("/readyz", 200),
+            timeout=30,
+            what="/readyz 200 after the broker came back",
+        )
         assert await status_is("/healthz", 200)
         assert _total(await metrics(), "rabbitq_reconnects_total") >= 1
 
@@ -167,8 +190,9 @@ async def _noop(payload: Note) -> None:
     pass
 
 
-@pytest.mark.parametrize("command", [["topology", "plan"], ["consume", WORKLOAD, "--app",
-                                                              "tests.broker.apps:app"]])
+@pytest.mark.parametrize(
+    "command", [["topology", "plan"], ["consume", WORKLOAD, "--app", "tests.broker.apps:app"]]
+)
 async def test_a_wrong_password_is_one_error_line_without_it(
     make_topology: Callable[..., Any],
     topology_dir: Callable[..., Path],
@@ -182,10 +206,18 @@ async def test_a_wrong_password_is_one_error_line_without_it(
     await make_topology(**{WORKLOAD: spec})
     directory = topology_dir(**{WORKLOAD: spec})
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rabbitq", *command, "--topology", str(directory),
-        "--namespace", namespace, cwd=ROOT,
+        sys.executable,
+        "-m",
+        "rabbitq",
+        *command,
+        "--topology",
+        str(directory),
+        "--namespace",
+        namespace,
+        cwd=ROOT,
         env={**os.environ, "RABBITQ_URL": f"amqp://{user}:{quote(wrong, safe='')}@127.0.0.1/"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
     text = (stdout + stderr).decode()

@@ -33,7 +33,6 @@ TASKS = 6
 SHUTDOWN_SLACK_SECONDS = 2.0
 
 
-
 @contextlib.contextmanager
 def consumer_process(
     url: str, directory: Path, namespace: str, grace: float, logs: Path
@@ -308,7 +307,9 @@ async def test_a_forced_connection_close_mid_run_loses_nothing(
                 await asyncio.to_thread(
                     subprocess.run,
                     ["rabbitmqctl", "close_all_connections", "test"],
-                    capture_output=True, timeout=30, check=True,
+                    capture_output=True,
+                    timeout=30,
+                    check=True,
                 )
                 connection = await reopen(url)
                 continue

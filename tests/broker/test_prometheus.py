@@ -79,8 +79,6 @@ PARKED = {
 }
 
 
-
-
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     """Status and body; status 0 when nothing answers."""
     try:
@@ -106,7 +104,9 @@ def prometheus_config(
     """The shipped config with this machine's targets, 1 s intervals and this test's queues."""
     config = copy.deepcopy(shipped)
     config["global"] |= {
-        "scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"
+        "scrape_interval": "1s",
+        "scrape_timeout": "1s",
+        "evaluation_interval": "1s",
     }
     # the same rule files, found from here rather than from next to the temporary config
     config["rule_files"] = [str(PROMETHEUS_CONFIG.parent / f) for f in shipped["rule_files"]]
@@ -116,13 +116,14 @@ def prometheus_config(
             assert not unknown, f"the test does not know where {unknown} runs here"
             group["targets"] = [targets[t] for t in group["targets"]]
         if job["job_name"] == "rabbitmq":
-            job["metric_relabel_configs"] = [{
-                "source_labels": ["queue"],
-                "regex": re.escape(namespace) + r"\..+",
-                "action": "keep",
-            }]
+            job["metric_relabel_configs"] = [
+                {
+                    "source_labels": ["queue"],
+                    "regex": re.escape(namespace) + r"\..+",
+                    "action": "keep",
+                }
+            ]
     return config
-
 
 
 @contextlib.contextmanager
@@ -135,7 +136,6 @@ def serving(registry: CollectorRegistry, port: int) -> Iterator[None]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
-
 
 
 # -- reading the consumer's /metrics and Prometheus ------------------------------------------
@@ -152,10 +152,10 @@ async def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], floa
     return samples
 
 
-def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
-          **labels: str) -> float:
-    return sum(v for (n, ls), v in samples.items()
-               if n == name and set(labels.items()) <= ls)
+def total(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls)
 
 
 async def query(base: str, expr: str) -> list[dict[str, Any]]:
@@ -180,11 +180,15 @@ async def ensure_broker_exporter(host: str) -> None:
         return
     plugins = require("rabbitmq-plugins", "rabbitmq-server")
     await asyncio.to_thread(
-        subprocess.run, [plugins, "-q", "enable", "rabbitmq_prometheus"],
-        capture_output=True, timeout=60, check=True,
+        subprocess.run,
+        [plugins, "-q", "enable", "rabbitmq_prometheus"],
+        capture_output=True,
+        timeout=60,
+        check=True,
     )
-    await wait_until(lambda: _answers(url), timeout=30,
-                     what=f"the broker's prometheus plugin to answer on {url}")
+    await wait_until(
+        lambda: _answers(url), timeout=30, what=f"the broker's prometheus plugin to answer on {url}"
+    )
 
 
 async def _answers(url: str) -> bool:
@@ -217,17 +221,30 @@ def consumer_connections(rabbitmqctl: str, pid: int, amqp_port: int) -> list[str
     """
     ports = socket_ports(pid, amqp_port)
     listed = subprocess.run(
-        [rabbitmqctl, "-q", "list_connections", "--no-table-headers",
-         "peer_port", "pid", "client_properties"],
-        capture_output=True, text=True, timeout=30, check=True,
+        [
+            rabbitmqctl,
+            "-q",
+            "list_connections",
+            "--no-table-headers",
+            "peer_port",
+            "pid",
+            "client_properties",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     ).stdout
     out = []
     for line in listed.splitlines():
         port, _, rest = line.partition("\t")
         broker_pid, _, properties = rest.partition("\t")
         name = re.search(r'\{"connection_name","([^"]*)"\}', properties)
-        if port.isdigit() and int(port) in ports and name and name[1].startswith(
-            f"rabbitq consumer {WORKLOAD} "
+        if (
+            port.isdigit()
+            and int(port) in ports
+            and name
+            and name[1].startswith(f"rabbitq consumer {WORKLOAD} ")
         ):
             out.append(broker_pid)
     return out
@@ -240,12 +257,18 @@ async def close_consumer_connection(rabbitmqctl: str, pid: int, amqp_port: int) 
         found[:] = await asyncio.to_thread(consumer_connections, rabbitmqctl, pid, amqp_port)
         return len(found) == 1
 
-    await wait_until(listed, timeout=20, interval=0.2,
-                     what="the consumer's connection to show in list_connections")
+    await wait_until(
+        listed,
+        timeout=20,
+        interval=0.2,
+        what="the consumer's connection to show in list_connections",
+    )
     await asyncio.to_thread(
         subprocess.run,
         [rabbitmqctl, "-q", "close_connection", found[0], "test_prometheus: forced close"],
-        capture_output=True, timeout=30, check=True,
+        capture_output=True,
+        timeout=30,
+        check=True,
     )
 
 
@@ -256,8 +279,12 @@ def publisher_app(namespace: str, url: str, metrics: Metrics) -> tuple[App, dict
     """An App with the consumer app's task names and models, counting into `metrics`."""
     app = App(namespace=namespace, url=url, metrics=metrics)
     tasks = {}
-    for name, workload in (("ok", WORKLOAD), ("flaky", WORKLOAD), ("doomed", WORKLOAD),
-                           ("idle", IDLE_WORKLOAD)):
+    for name, workload in (
+        ("ok", WORKLOAD),
+        ("flaky", WORKLOAD),
+        ("doomed", WORKLOAD),
+        ("idle", IDLE_WORKLOAD),
+    ):
 
         async def stub(item: Item) -> None:
             return None
@@ -267,7 +294,10 @@ def publisher_app(namespace: str, url: str, metrics: Metrics) -> tuple[App, dict
 
 
 async def publish_raw(
-    channel: aio_pika.abc.AbstractChannel, topology: Topology, task: str, body: bytes,
+    channel: aio_pika.abc.AbstractChannel,
+    topology: Topology,
+    task: str,
+    body: bytes,
     published_at: float,
 ) -> None:
     """A task in the documented wire format, straight through aio-pika."""
@@ -308,33 +338,72 @@ async def test_every_dashboard_and_alert_expression_returns_data_from_a_real_run
     consumer_port, feeder_port, prometheus_port = free_port(), free_port(), free_port()
     base = f"http://127.0.0.1:{prometheus_port}"
     shipped = load_yaml(PROMETHEUS_CONFIG)
-    config = prometheus_config(shipped, {
-        "worker:9100": f"127.0.0.1:{consumer_port}",
-        "feeder:9101": f"127.0.0.1:{feeder_port}",
-        "rabbitmq:15692": f"{host}:{BROKER_METRICS_PORT}",
-    }, namespace)
+    config = prometheus_config(
+        shipped,
+        {
+            "worker:9100": f"127.0.0.1:{consumer_port}",
+            "feeder:9101": f"127.0.0.1:{feeder_port}",
+            "rabbitmq:15692": f"{host}:{BROKER_METRICS_PORT}",
+        },
+        namespace,
+    )
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
 
     registry = CollectorRegistry()
     app, tasks = publisher_app(namespace, url, Metrics(registry))
     with contextlib.ExitStack() as stack:
         stack.enter_context(serving(registry, feeder_port))
-        consumer = stack.enter_context(process(
-            [sys.executable, "-m", "rabbitq", "consume", WORKLOAD,
-             "--app", "tests.broker.obs_app:app", "--topology", str(directory),
-             "--namespace", namespace, "--metrics-port", str(consumer_port), "--grace", "5"],
-            tmp_path, "consumer", cwd=ROOT, env={**os.environ, "RABBITQ_URL": url},
-        ))
-        stack.enter_context(process(
-            [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=warn"],
-            tmp_path, "prometheus",
-        ))
+        consumer = stack.enter_context(
+            process(
+                [
+                    sys.executable,
+                    "-m",
+                    "rabbitq",
+                    "consume",
+                    WORKLOAD,
+                    "--app",
+                    "tests.broker.obs_app:app",
+                    "--topology",
+                    str(directory),
+                    "--namespace",
+                    namespace,
+                    "--metrics-port",
+                    str(consumer_port),
+                    "--grace",
+                    "5",
+                ],
+                tmp_path,
+                "consumer",
+                cwd=ROOT,
+                env={**os.environ, "RABBITQ_URL": url},
+            )
+        )
+        stack.enter_context(
+            process(
+                [
+                    prometheus,
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                    "--log.level=warn",
+                ],
+                tmp_path,
+                "prometheus",
+            )
+        )
         try:
             await run_and_check(
-                base, app, tasks, connection, topology, work, idle, consumer,
-                consumer_port, rabbitmqctl, amqp_port,
+                base,
+                app,
+                tasks,
+                connection,
+                topology,
+                work,
+                idle,
+                consumer,
+                consumer_port,
+                rabbitmqctl,
+                amqp_port,
             )
         except BaseException:
             print("consumer stderr:\n" + stderr_of(tmp_path, "consumer"))
@@ -345,9 +414,17 @@ async def test_every_dashboard_and_alert_expression_returns_data_from_a_real_run
 
 
 async def run_and_check(
-    base: str, app: App, tasks: dict[str, Any], connection: aio_pika.abc.AbstractConnection,
-    topology: Topology, work: Workload, idle: Workload, consumer: subprocess.Popen[bytes],
-    consumer_port: int, rabbitmqctl: str, amqp_port: int,
+    base: str,
+    app: App,
+    tasks: dict[str, Any],
+    connection: aio_pika.abc.AbstractConnection,
+    topology: Topology,
+    work: Workload,
+    idle: Workload,
+    consumer: subprocess.Popen[bytes],
+    consumer_port: int,
+    rabbitmqctl: str,
+    amqp_port: int,
 ) -> None:
     async def consumer_ready() -> bool:
         assert consumer.poll() is None, "the consumer exited"
@@ -362,16 +439,24 @@ async def run_and_check(
         targets = json.loads(body)["data"]["activeTargets"]
         return len(targets) == 3 and all(t["health"] == "up" for t in targets)
 
-    await wait_until(every_target_up, timeout=30, interval=0.2,
-                     what="Prometheus to scrape the consumer, the publisher and the broker")
+    await wait_until(
+        every_target_up,
+        timeout=30,
+        interval=0.2,
+        what="Prometheus to scrape the consumer, the publisher and the broker",
+    )
 
     async def queues_seen() -> bool:
         # the parking lot must be seen empty first: the growth alert compares with it
         seen = values(await query(base, "rabbitmq_detailed_queue_messages"), "queue")
         return seen.get((work.parking_queue,)) == 0 and (idle.work_queue,) in seen
 
-    await wait_until(queues_seen, timeout=30, interval=0.2,
-                     what="Prometheus to see this test's queues, empty, from the broker")
+    await wait_until(
+        queues_seen,
+        timeout=30,
+        interval=0.2,
+        what="Prometheus to see this test's queues, empty, from the broker",
+    )
 
     # The run: through the App, then raw (backdated, and poison) in the documented wire format.
     await app.publish_many(
@@ -384,8 +469,13 @@ async def run_and_check(
     try:
         now = time.time()
         for i in range(LATE):
-            await publish_raw(channel, topology, "ok", Item(n=i).model_dump_json().encode(),
-                              now - BACKDATE_SECONDS)
+            await publish_raw(
+                channel,
+                topology,
+                "ok",
+                Item(n=i).model_dump_json().encode(),
+                now - BACKDATE_SECONDS,
+            )
         for _ in range(UNKNOWN):
             await publish_raw(channel, topology, "no.such.task", b"{}", now)
         for _ in range(INVALID):
@@ -395,11 +485,13 @@ async def run_and_check(
 
     async def settled() -> bool:
         samples = await scrape(consumer_port)
-        return all(total(samples, "rabbitq_tasks_total", outcome=o) == n
-                   for o, n in OUTCOMES.items())
+        return all(
+            total(samples, "rabbitq_tasks_total", outcome=o) == n for o, n in OUTCOMES.items()
+        )
 
-    await wait_until(settled, timeout=30, interval=0.1,
-                     what=f"the consumer to settle every task as {OUTCOMES}")
+    await wait_until(
+        settled, timeout=30, interval=0.1, what=f"the consumer to settle every task as {OUTCOMES}"
+    )
 
     # Reconnects: close the consumer's own connection, each time after it is consuming again.
     for closed in range(1, CLOSES + 1):
@@ -408,11 +500,17 @@ async def run_and_check(
         async def reconnected(closed: int = closed) -> bool:
             assert consumer.poll() is None, "the consumer exited"
             samples = await scrape(consumer_port)
-            return (total(samples, "rabbitq_reconnects_total") == closed
-                    and total(samples, "rabbitq_consumer_ready") == 1)
+            return (
+                total(samples, "rabbitq_reconnects_total") == closed
+                and total(samples, "rabbitq_consumer_ready") == 1
+            )
 
-        await wait_until(reconnected, timeout=30, interval=0.1,
-                         what=f"the consumer to reconnect after forced close {closed}")
+        await wait_until(
+            reconnected,
+            timeout=30,
+            interval=0.1,
+            what=f"the consumer to reconnect after forced close {closed}",
+        )
 
     # Every expression returns data (the broker refreshes its statistics every 5 s).
     pending = {q.expr: q for q in dashboard_queries() + rule_queries()}
@@ -425,15 +523,21 @@ async def run_and_check(
         return not pending
 
     try:
-        await wait_until(all_return_data, timeout=60, interval=0.5,
-                         what="every dashboard and alert expression to return data")
+        await wait_until(
+            all_return_data,
+            timeout=60,
+            interval=0.5,
+            what="every dashboard and alert expression to return data",
+        )
     except AssertionError:
         missing = "\n".join(f"  {q.where}: {q.expr}" for q in pending.values())
         raise AssertionError(f"these expressions never returned data:\n{missing}") from None
 
     # Grafana's variable query: label_values(rabbitq_tasks_total, workload).
-    status, body = await get(f"{base}/api/v1/label/workload/values?"
-                             + urllib.parse.urlencode({"match[]": "rabbitq_tasks_total"}))
+    status, body = await get(
+        f"{base}/api/v1/label/workload/values?"
+        + urllib.parse.urlencode({"match[]": "rabbitq_tasks_total"})
+    )
     assert status == 200 and WORKLOAD in json.loads(body)["data"]
 
     await assert_values(base, work, idle)
@@ -443,28 +547,37 @@ async def assert_values(base: str, work: Any, idle: Any) -> None:
     """What Prometheus holds is what the test did."""
     expected: dict[str, tuple[tuple[str, ...], dict[tuple[str, ...], float]]] = {
         "sum(rabbitq_tasks_parked_total)": ((), {(): DOOMED + UNKNOWN + INVALID}),
-        "sum by (reason, task) (rabbitq_tasks_parked_total) > 0":
-            (("reason", "task"), {k: float(v) for k, v in PARKED.items()}),
-        "sum by (outcome) (rabbitq_tasks_total)":
-            (("outcome",), {(o,): float(n) for o, n in OUTCOMES.items()}),
+        "sum by (reason, task) (rabbitq_tasks_parked_total) > 0": (
+            ("reason", "task"),
+            {k: float(v) for k, v in PARKED.items()},
+        ),
+        "sum by (outcome) (rabbitq_tasks_total)": (
+            ("outcome",),
+            {(o,): float(n) for o, n in OUTCOMES.items()},
+        ),
         "sum(rabbitq_task_duration_seconds_count)": ((), {(): RUNS}),
         "sum(rabbitq_task_queue_latency_seconds_count)": ((), {(): RUNS}),
         # only the backdated tasks waited over a minute
-        'sum(rabbitq_task_queue_latency_seconds_count)'
+        "sum(rabbitq_task_queue_latency_seconds_count)"
         ' - sum(rabbitq_task_queue_latency_seconds_bucket{le="60.0"})': ((), {(): LATE}),
-        'sum by (kind) (rabbitq_publishes_total{outcome="confirmed"})': (("kind",), {
-            ("task",): OK + FLAKY + DOOMED + IDLE,
-            ("retry",): FLAKY + DOOMED,
-            ("park",): DOOMED + UNKNOWN + INVALID,
-            ("redeliver",): 0,
-        }),
+        'sum by (kind) (rabbitq_publishes_total{outcome="confirmed"})': (
+            ("kind",),
+            {
+                ("task",): OK + FLAKY + DOOMED + IDLE,
+                ("retry",): FLAKY + DOOMED,
+                ("park",): DOOMED + UNKNOWN + INVALID,
+                ("redeliver",): 0,
+            },
+        ),
         # no failed publish (those series exist only once one happens)
         'sum(rabbitq_publishes_total{outcome!="confirmed"}) or vector(0)': ((), {(): 0}),
         "sum(rabbitq_reconnects_total)": ((), {(): CLOSES}),
         "sum(rabbitq_capacity)": ((), {(): CAPACITY}),
         "sum(rabbitq_connected)": ((), {(): 1}),
-        f'rabbitmq_detailed_queue_messages{{queue="{work.parking_queue}"}}':
-            ((), {(): DOOMED + UNKNOWN + INVALID}),
+        f'rabbitmq_detailed_queue_messages{{queue="{work.parking_queue}"}}': (
+            (),
+            {(): DOOMED + UNKNOWN + INVALID},
+        ),
         f'rabbitmq_detailed_queue_messages_ready{{queue="{idle.work_queue}"}}': ((), {(): IDLE}),
         f'rabbitmq_detailed_queue_consumers{{queue="{work.work_queue}"}}': ((), {(): 1}),
         f'rabbitmq_detailed_queue_messages{{queue="{work.work_queue}"}}': ((), {(): 0}),
@@ -479,7 +592,9 @@ async def assert_values(base: str, work: Any, idle: Any) -> None:
     try:
         await wait_until(all_match, timeout=20, interval=0.5, what="the values to match")
     except AssertionError:
-        wrong = "\n".join(f"  {e}: found {found[e]}, expected {want}"
-                          for e, (_, want) in expected.items() if found[e] != want)
+        wrong = "\n".join(
+            f"  {e}: found {found[e]}, expected {want}"
+            for e, (_, want) in expected.items()
+            if found[e] != want
+        )
         raise AssertionError(f"Prometheus holds other values than the run made:\n{wrong}") from None
-

@@ -74,7 +74,6 @@ def test_bad_workload_name_is_a_config_error(workload: str) -> None:
         App(namespace="shop").task("emails.send", workload=workload)
 
 
-
 # message() ------------------------------------------------------------------------------------
 
 

@@ -233,7 +233,9 @@ def test_new_task_headers_decode_back() -> None:
     headers = new_task_headers(1_700_000_000.5, 1_600_000_000.25)
     envelope = decode(**(VALID | {"headers": headers}))
     assert (envelope.attempt, envelope.deadline, envelope.ready_ms) == (
-        1, 1_700_000_000.5, 1_600_000_000_250,
+        1,
+        1_700_000_000.5,
+        1_600_000_000_250,
     )
 
 
@@ -325,12 +327,18 @@ def test_retry_headers_decode_as_the_next_attempt() -> None:
     """A retried copy decodes as the next attempt with its failure history, ready once its
     tier's delay ends (not since its first publish)."""
     headers = retry_headers(
-        {HEADER_ATTEMPT: 1, HEADER_PUBLISHED_AT: 5}, _envelope(attempt=1), FAILED_AT,
-        "KeyError: 'k'", 2.0,
+        {HEADER_ATTEMPT: 1, HEADER_PUBLISHED_AT: 5},
+        _envelope(attempt=1),
+        FAILED_AT,
+        "KeyError: 'k'",
+        2.0,
     )
     envelope = decode(**(VALID | {"headers": headers}))
     assert (
-        envelope.attempt, envelope.first_failure_ms, envelope.last_failure_ms, envelope.ready_ms
+        envelope.attempt,
+        envelope.first_failure_ms,
+        envelope.last_failure_ms,
+        envelope.ready_ms,
     ) == (2, FAILED_AT_MS, FAILED_AT_MS, FAILED_AT_MS + 2000)
 
 

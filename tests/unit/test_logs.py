@@ -13,14 +13,20 @@ from rabbitq import _logs as logs
 URL = "amqp://worker:S3cret%2Fpw@broker:5672/"
 PASSWORDS = ("S3cret%2Fpw", "S3cret/pw")
 FACTS = {
-    "workload": "emails", "task": "emails.send", "message_id": "m-1", "attempt": 2,
-    "outcome": "parked", "reason": "retries_exhausted", "duration_seconds": 0.25,
+    "workload": "emails",
+    "task": "emails.send",
+    "message_id": "m-1",
+    "attempt": 2,
+    "outcome": "parked",
+    "reason": "retries_exhausted",
+    "duration_seconds": 0.25,
     "error": "ValueError: smtp said no",
 }
 
 
-def _record(msg: str = "task parked", exc: BaseException | None = None, /,
-            **extra: object) -> logging.LogRecord:
+def _record(
+    msg: str = "task parked", exc: BaseException | None = None, /, **extra: object
+) -> logging.LogRecord:
     record = logging.LogRecord("rabbitq.settle", logging.ERROR, __file__, 1, msg, (), None)
     if exc is not None:
         record.exc_info = (type(exc), exc, exc.__traceback__)

@@ -29,10 +29,14 @@ def test_two_registries_hold_their_own_metrics() -> None:
     a, b = CollectorRegistry(), CollectorRegistry()
     _workload(a).task("emails.send").succeeded.inc()
     _workload(b)
-    assert _value(a, "rabbitq_tasks_total", workload="emails", task="emails.send",
-                  outcome="succeeded") == 1
-    assert _value(b, "rabbitq_tasks_total", workload="emails", task="emails.send",
-                  outcome="succeeded") == 0
+    assert (
+        _value(a, "rabbitq_tasks_total", workload="emails", task="emails.send", outcome="succeeded")
+        == 1
+    )
+    assert (
+        _value(b, "rabbitq_tasks_total", workload="emails", task="emails.send", outcome="succeeded")
+        == 0
+    )
 
 
 @pytest.mark.parametrize("task", ["emails.send", UNKNOWN_TASK])
@@ -40,21 +44,30 @@ def test_two_registries_hold_their_own_metrics() -> None:
 def test_every_outcome_series_exists_at_zero_before_the_first_task(task: str, outcome: str) -> None:
     registry = CollectorRegistry()
     _workload(registry)
-    assert _value(registry, "rabbitq_tasks_total", workload="emails", task=task,
-                  outcome=outcome) == 0
+    assert (
+        _value(registry, "rabbitq_tasks_total", workload="emails", task=task, outcome=outcome) == 0
+    )
 
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("emails.send", "emails.send"), ("forged.name", UNKNOWN_TASK), (None, UNKNOWN_TASK),
-     ("", UNKNOWN_TASK)],
+    [
+        ("emails.send", "emails.send"),
+        ("forged.name", UNKNOWN_TASK),
+        (None, UNKNOWN_TASK),
+        ("", UNKNOWN_TASK),
+    ],
 )
 def test_a_task_label_is_a_registered_name_or_unknown(name: str | None, expected: str) -> None:
     """Poison names anything; only registered names become label values (bounded)."""
     registry = CollectorRegistry()
     _workload(registry).task(name).succeeded.inc()
-    assert _value(registry, "rabbitq_tasks_total", workload="emails", task=expected,
-                  outcome="succeeded") == 1
+    assert (
+        _value(
+            registry, "rabbitq_tasks_total", workload="emails", task=expected, outcome="succeeded"
+        )
+        == 1
+    )
 
 
 @pytest.mark.parametrize(
@@ -64,10 +77,20 @@ def test_a_task_label_is_a_registered_name_or_unknown(name: str | None, expected
 def test_a_park_counts_its_reason_and_one_outcome(reason: str, outcome: str) -> None:
     registry = CollectorRegistry()
     _workload(registry).task("emails.send").park(reason)
-    assert _value(registry, "rabbitq_tasks_parked_total", workload="emails", task="emails.send",
-                  reason=reason) == 1
-    outcomes = {o: _value(registry, "rabbitq_tasks_total", workload="emails",
-                          task="emails.send", outcome=o) for o in OUTCOMES}
+    assert (
+        _value(
+            registry,
+            "rabbitq_tasks_parked_total",
+            workload="emails",
+            task="emails.send",
+            reason=reason,
+        )
+        == 1
+    )
+    outcomes = {
+        o: _value(registry, "rabbitq_tasks_total", workload="emails", task="emails.send", outcome=o)
+        for o in OUTCOMES
+    }
     assert outcomes == {o: (1 if o == outcome else 0) for o in OUTCOMES}
 
 
@@ -96,8 +119,9 @@ def test_publish_metrics_count_confirms_and_failures() -> None:
     assert _value(registry, "rabbitq_publishes_total", kind="park", outcome="failed") == 1
     assert _value(registry, "rabbitq_publishes_total", kind="task", outcome="failed") == 1
     assert _value(registry, "rabbitq_publish_confirm_seconds_count", kind="retry") == 1
-    assert _value(registry, "rabbitq_publish_confirm_seconds_bucket", kind="retry",
-                  le="0.0025") == 1
+    assert (
+        _value(registry, "rabbitq_publish_confirm_seconds_bucket", kind="retry", le="0.0025") == 1
+    )
 
 
 def test_names_follow_prometheus_conventions() -> None:
@@ -121,14 +145,24 @@ def test_every_park_reason_and_publish_outcome_series_exists_at_zero() -> None:
     registry = CollectorRegistry()
     _workload(registry)
     for reason in ParkReason:
-        assert _value(registry, "rabbitq_tasks_parked_total", workload="emails",
-                      task="emails.send", reason=str(reason)) == 0
+        assert (
+            _value(
+                registry,
+                "rabbitq_tasks_parked_total",
+                workload="emails",
+                task="emails.send",
+                reason=str(reason),
+            )
+            == 0
+        )
     publishing_registry = CollectorRegistry()
     Metrics(publishing_registry).publishing()
     for kind in PUBLISH_KINDS:
         for outcome in PUBLISH_OUTCOMES:
-            assert _value(publishing_registry, "rabbitq_publishes_total", kind=kind,
-                          outcome=outcome) == 0
+            assert (
+                _value(publishing_registry, "rabbitq_publishes_total", kind=kind, outcome=outcome)
+                == 0
+            )
 
 
 def test_own_histograms_and_counters_expose_what_prometheus_client_would() -> None:
@@ -141,8 +175,13 @@ def test_own_histograms_and_counters_expose_what_prometheus_client_would() -> No
     values = [0.0, 0.001, 0.0011, 0.5, 1.0, 59.9, 60.0, 3600.0, 4000.0, 0.25]
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     task = Metrics(ours).workload("emails", ["emails.send"], 8, lambda: 0).task("emails.send")
-    reference = Histogram("rabbitq_task_queue_latency_seconds", "x", ["workload", "task"],
-                          buckets=LATENCY_BUCKETS, registry=theirs).labels("emails", "emails.send")
+    reference = Histogram(
+        "rabbitq_task_queue_latency_seconds",
+        "x",
+        ["workload", "task"],
+        buckets=LATENCY_BUCKETS,
+        registry=theirs,
+    ).labels("emails", "emails.send")
     counter = Counter("rabbitq_tasks", "x", ["workload", "task", "outcome"], registry=theirs)
     for value in values:
         task.queue_latency.observe(value)
@@ -153,14 +192,17 @@ def test_own_histograms_and_counters_expose_what_prometheus_client_would() -> No
     def samples(registry: CollectorRegistry, prefix: str) -> dict[tuple[str, str], float]:
         return {
             (s.name, s.labels.get("le", "")): s.value
-            for m in registry.collect() for s in m.samples
-            if s.name.startswith(prefix) and not s.name.endswith("_created")
+            for m in registry.collect()
+            for s in m.samples
+            if s.name.startswith(prefix)
+            and not s.name.endswith("_created")
             and s.labels.get("task") == "emails.send"
             and s.labels.get("outcome", "succeeded") == "succeeded"
         }
 
     assert samples(ours, "rabbitq_task_queue_latency") == samples(
-        theirs, "rabbitq_task_queue_latency")
+        theirs, "rabbitq_task_queue_latency"
+    )
     assert samples(ours, "rabbitq_tasks_total") == samples(theirs, "rabbitq_tasks_total")
 
 

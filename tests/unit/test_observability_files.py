@@ -62,7 +62,6 @@ BROKER_METRICS = {
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
 
-
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     data: dict[str, Any] = load_yaml(COMPOSE)
@@ -106,7 +105,11 @@ def test_docker_compose_accepts_the_compose_file():
     binary = require("docker-compose", "docker-compose")
     result = subprocess.run(
         [binary, "-f", str(COMPOSE), "config", "--quiet"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
 
@@ -123,8 +126,9 @@ def test_every_file_the_compose_file_mounts_or_builds_from_exists(services):
         build = service.get("build")
         if build is not None:
             context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
-            dockerfile = "Dockerfile" if isinstance(build, str) else build.get(
-                "dockerfile", "Dockerfile")
+            dockerfile = (
+                "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+            )
             assert (context / dockerfile).is_file(), f"service {name!r} builds from nothing"
             checked += 1
     assert checked >= 8
@@ -186,7 +190,9 @@ def test_the_broker_is_scraped_on_the_detailed_endpoint_of_the_spec(scrape):
     (job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "rabbitmq"]
     assert job["metrics_path"] == "/metrics/detailed"
     assert set(job["params"]["family"]) == {
-        "queue_coarse_metrics", "queue_consumer_count", "queue_metrics"
+        "queue_coarse_metrics",
+        "queue_consumer_count",
+        "queue_metrics",
     }
     assert job["static_configs"][0]["targets"] == ["rabbitmq:15692"]
 
@@ -211,8 +217,7 @@ def test_the_containers_log_in_with_a_user_the_broker_defines(compose, services)
     raw = base64.b64decode(user["password_hash"])
     salt, digest = raw[:4], raw[4:]
     assert hashlib.sha256(salt + (url.password or "").encode()).digest() == digest
-    assert any(p["user"] == url.username and p["vhost"] == "/"
-               for p in definitions["permissions"])
+    assert any(p["user"] == url.username and p["vhost"] == "/" for p in definitions["permissions"])
     conf = (ROOT / "rabbitmq" / "rabbitmq.conf").read_text()
     assert "load_definitions = /etc/rabbitmq/definitions.json" in conf
 
@@ -281,10 +286,18 @@ def test_the_dashboard_covers_the_requested_panels():
     """Throughput, parking, latencies, capacity, depths, consumers, publishes and reconnects."""
     titles = {p["title"] for p in panels(load_dashboard())}
     assert {
-        "Throughput by outcome", "Parked by reason", "Handler duration", "Queue latency",
-        "Running handlers against capacity", "Queue depths", "Parking lot growth",
-        "Oldest parked task", "Consumers per work queue", "Publishes by kind and outcome",
-        "Publish confirm latency p99", "Reconnects",
+        "Throughput by outcome",
+        "Parked by reason",
+        "Handler duration",
+        "Queue latency",
+        "Running handlers against capacity",
+        "Queue depths",
+        "Parking lot growth",
+        "Oldest parked task",
+        "Consumers per work queue",
+        "Publishes by kind and outcome",
+        "Publish confirm latency p99",
+        "Reconnects",
     } <= titles
 
 
@@ -328,8 +341,10 @@ def test_the_requested_alerts_are_there():
     """Parking growth, no consumer, queue latency over 60 s, frequent reconnects."""
     by_name = {rule["alert"]: rule["expr"] for rule in rules()}
     assert set(by_name) == {
-        "RabbitqParkingLotGrowing", "RabbitqWorkQueueWithoutConsumer",
-        "RabbitqQueueLatencyHigh", "RabbitqConsumerReconnecting",
+        "RabbitqParkingLotGrowing",
+        "RabbitqWorkQueueWithoutConsumer",
+        "RabbitqQueueLatencyHigh",
+        "RabbitqConsumerReconnecting",
     }
     assert "rabbitmq_detailed_queue_consumers" in by_name["RabbitqWorkQueueWithoutConsumer"]
     assert re.search(r"\)\s*>\s*60\s*$", by_name["RabbitqQueueLatencyHigh"])
@@ -357,6 +372,9 @@ def test_promtool_parses_every_dashboard_expression(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": recording}]}))
     result = subprocess.run(
         [promtool, "check", "rules", str(path)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -181,8 +181,12 @@ SPEC = WorkloadSpec.model_validate(
 
 def _env(attempt: int = 1, **changes: object) -> Envelope:
     fields: dict[str, object] = {
-        "task": "emails.send", "message_id": "m-1", "attempt": attempt, "deadline": None,
-        "first_failure_ms": None, "last_failure_ms": None,
+        "task": "emails.send",
+        "message_id": "m-1",
+        "attempt": attempt,
+        "deadline": None,
+        "first_failure_ms": None,
+        "last_failure_ms": None,
     }
     fields.update(changes)
     return Envelope(**fields)  # type: ignore[arg-type]  # the table sets each field's type
@@ -196,47 +200,104 @@ POISON = Poison(ParkReason.UNDECODABLE, "body is not JSON")
     [
         # before the handler runs
         pytest.param(_env(), {}, Run(), id="a-fresh-task-runs"),
-        pytest.param(POISON, {}, ParkNow(ParkReason.UNDECODABLE, "body is not JSON"),
-                     id="poison-parks-with-its-reason-and-detail"),
-        pytest.param(Poison(ParkReason.TOO_LARGE, "big"), {"redelivered": True},
-                     ParkNow(ParkReason.TOO_LARGE, "big"), id="poison-parks-even-redelivered"),
-        pytest.param(_env(), {"registered": False},
-                     ParkNow(ParkReason.UNKNOWN_TASK, "no task is registered as 'emails.send'"),
-                     id="unregistered-task-parks"),
-        pytest.param(_env(deadline=NOW - 1), {},
-                     ParkNow(ParkReason.EXPIRED, "its deadline passed before it could run"),
-                     id="past-deadline-parks-as-expired-unrun"),
+        pytest.param(
+            POISON,
+            {},
+            ParkNow(ParkReason.UNDECODABLE, "body is not JSON"),
+            id="poison-parks-with-its-reason-and-detail",
+        ),
+        pytest.param(
+            Poison(ParkReason.TOO_LARGE, "big"),
+            {"redelivered": True},
+            ParkNow(ParkReason.TOO_LARGE, "big"),
+            id="poison-parks-even-redelivered",
+        ),
+        pytest.param(
+            _env(),
+            {"registered": False},
+            ParkNow(ParkReason.UNKNOWN_TASK, "no task is registered as 'emails.send'"),
+            id="unregistered-task-parks",
+        ),
+        pytest.param(
+            _env(deadline=NOW - 1),
+            {},
+            ParkNow(ParkReason.EXPIRED, "its deadline passed before it could run"),
+            id="past-deadline-parks-as-expired-unrun",
+        ),
         pytest.param(_env(deadline=NOW + 1), {}, Run(), id="deadline-ahead-runs"),
-        pytest.param(_env(), {"redelivered": True}, Recount(1),
-                     id="classic-redelivery-is-recounted-first"),
-        pytest.param(_env(redeliveries=1), {"redelivered": True}, Recount(2),
-                     id="classic-second-redelivery-recounted"),
-        pytest.param(_env(redeliveries=2), {"redelivered": True}, ParkNow(
-            ParkReason.CRASH_LOOP, "cut off 3 times while running (its consumer died or lost "
-            "its connection); not run again"), id="classic-crash-loop-parks"),
+        pytest.param(
+            _env(), {"redelivered": True}, Recount(1), id="classic-redelivery-is-recounted-first"
+        ),
+        pytest.param(
+            _env(redeliveries=1),
+            {"redelivered": True},
+            Recount(2),
+            id="classic-second-redelivery-recounted",
+        ),
+        pytest.param(
+            _env(redeliveries=2),
+            {"redelivered": True},
+            ParkNow(
+                ParkReason.CRASH_LOOP,
+                "cut off 3 times while running (its consumer died or lost "
+                "its connection); not run again",
+            ),
+            id="classic-crash-loop-parks",
+        ),
         pytest.param(_env(redeliveries=2), {}, Run(), id="recounted-copy-runs"),
-        pytest.param(_env(delivery_count=2), {"redelivered": True}, Run(),
-                     id="quorum-below-limit-runs"),
-        pytest.param(_env(delivery_count=3), {"redelivered": True, "registered": False},
-                     ParkNow(ParkReason.CRASH_LOOP, "cut off 3 times while running (its "
-                             "consumer died or lost its connection); not run again"),
-                     id="crash-loop-checked-before-the-task-name"),
+        pytest.param(
+            _env(delivery_count=2), {"redelivered": True}, Run(), id="quorum-below-limit-runs"
+        ),
+        pytest.param(
+            _env(delivery_count=3),
+            {"redelivered": True, "registered": False},
+            ParkNow(
+                ParkReason.CRASH_LOOP,
+                "cut off 3 times while running (its "
+                "consumer died or lost its connection); not run again",
+            ),
+            id="crash-loop-checked-before-the-task-name",
+        ),
         # after it ran
         pytest.param(_env(), {"ran": Ran()}, Succeeded(), id="returned-succeeds"),
-        pytest.param(_env(deadline=NOW - 1), {"ran": Ran()}, Succeeded(),
-                     id="returned-after-deadline-still-succeeds"),
+        pytest.param(
+            _env(deadline=NOW - 1),
+            {"ran": Ran()},
+            Succeeded(),
+            id="returned-after-deadline-still-succeeds",
+        ),
         pytest.param(_env(1), {"ran": Ran(ValueError())}, RetryIn(0), id="attempt-1-tier-1"),
         pytest.param(_env(2), {"ran": Ran(ValueError())}, RetryIn(1), id="attempt-2-tier-2"),
-        pytest.param(_env(3), {"ran": Ran(ValueError())},
-                     ParkNow(ParkReason.RETRIES_EXHAUSTED), id="last-attempt-parks"),
-        pytest.param(_env(1), {"ran": Ran(Retry(delay_seconds=5))}, RetryIn(1),
-                     id="retry-signal-picks-tier-by-delay"),
-        pytest.param(_env(1), {"ran": Ran(Park("no"))}, ParkNow(ParkReason.PARKED_BY_HANDLER),
-                     id="park-signal-parks"),
-        pytest.param(_env(1, deadline=NOW + 0.5), {"ran": Ran(ValueError())},
-                     ParkNow(ParkReason.EXPIRED), id="deadline-before-tier-returns-parks"),
-        pytest.param(_env(1), {"ran": Ran(ValueError()), "redelivered": True}, RetryIn(0),
-                     id="after-running-the-crash-guard-is-not-asked-again"),
+        pytest.param(
+            _env(3),
+            {"ran": Ran(ValueError())},
+            ParkNow(ParkReason.RETRIES_EXHAUSTED),
+            id="last-attempt-parks",
+        ),
+        pytest.param(
+            _env(1),
+            {"ran": Ran(Retry(delay_seconds=5))},
+            RetryIn(1),
+            id="retry-signal-picks-tier-by-delay",
+        ),
+        pytest.param(
+            _env(1),
+            {"ran": Ran(Park("no"))},
+            ParkNow(ParkReason.PARKED_BY_HANDLER),
+            id="park-signal-parks",
+        ),
+        pytest.param(
+            _env(1, deadline=NOW + 0.5),
+            {"ran": Ran(ValueError())},
+            ParkNow(ParkReason.EXPIRED),
+            id="deadline-before-tier-returns-parks",
+        ),
+        pytest.param(
+            _env(1),
+            {"ran": Ran(ValueError()), "redelivered": True},
+            RetryIn(0),
+            id="after-running-the-crash-guard-is-not-asked-again",
+        ),
     ],
 )
 def test_decide_gives_the_outcome_of_every_kind_of_delivery(

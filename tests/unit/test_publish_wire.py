@@ -44,8 +44,9 @@ header_values = st.one_of(
 timestamps = st.one_of(
     st.none(),
     st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1)),
-    st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1),
-                 timezones=st.just(UTC)),
+    st.datetimes(
+        min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+    ),
     st.just(datetime(2026, 11, 28, 12, 0, tzinfo=timezone(timedelta(hours=5)))),
 )
 outgoing = st.builds(
@@ -84,10 +85,14 @@ def test_marshal_writes_what_basic_publish_writes(
 def test_a_task_message_as_task_message_builds_it() -> None:
     """The common case, spelled out: rabbitq's own properties and headers."""
     out = Outgoing(
-        exchange="ns.tasks", routing_key="emails", body=b'{"to":"a@b.c"}',
+        exchange="ns.tasks",
+        routing_key="emails",
+        body=b'{"to":"a@b.c"}',
         message_id="0123456789abcdef0123456789abcdef",
         headers={"rabbitq-attempt": 1, "rabbitq-published-at": 1_795_000_000_000},
-        task="emails.send", priority=None, timestamp=datetime.now(UTC),
+        task="emails.send",
+        priority=None,
+        timestamp=datetime.now(UTC),
     )
     assert ours(out, 1, DEFAULT_MAX_BODY) == reference(out, 1, DEFAULT_MAX_BODY)
 

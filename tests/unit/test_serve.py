@@ -45,8 +45,11 @@ async def test_probes_answer_with_state(
     healthy: bool, ready: bool, path: str, status: int, body: dict[str, object]
 ) -> None:
     server = await serve.start(
-        0, _registry(), lambda: (healthy, {"connected": healthy}),
-        lambda: (ready, {"consuming": ready}), host="127.0.0.1",
+        0,
+        _registry(),
+        lambda: (healthy, {"connected": healthy}),
+        lambda: (ready, {"consuming": ready}),
+        host="127.0.0.1",
     )
     port = server.sockets[0].getsockname()[1]
     try:
@@ -59,8 +62,9 @@ async def test_probes_answer_with_state(
 
 
 async def test_metrics_serves_the_registry_and_nothing_else_is_served() -> None:
-    server = await serve.start(0, _registry(), lambda: (True, {}), lambda: (True, {}),
-                               host="127.0.0.1")
+    server = await serve.start(
+        0, _registry(), lambda: (True, {}), lambda: (True, {}), host="127.0.0.1"
+    )
     port = server.sockets[0].getsockname()[1]
     try:
         status, headers, body = await _get(port, "/metrics")
@@ -80,5 +84,6 @@ async def test_a_port_in_use_is_a_config_error() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"--metrics-port {port}: cannot listen"):
-            await serve.start(port, _registry(), lambda: (True, {}), lambda: (True, {}),
-                              host="127.0.0.1")
+            await serve.start(
+                port, _registry(), lambda: (True, {}), lambda: (True, {}), host="127.0.0.1"
+            )
