@@ -32,6 +32,7 @@ from typing import Any
 
 from aiormq.abc import DeliveredMessage
 
+from rabbitq import _wire as wire
 from rabbitq._ack import Acker
 from rabbitq._app import App
 from rabbitq._connection import scrub
@@ -41,17 +42,6 @@ from rabbitq._metrics import WorkloadMetrics
 from rabbitq._outcome import Outcome, ParkNow, Ran, Recount, RetryIn, Run, Succeeded, decide
 from rabbitq._publish import Publisher
 from rabbitq._topology import Workload
-from rabbitq._wire import (
-    Envelope,
-    Outgoing,
-    copy,
-    decode,
-    error_text,
-    park_headers,
-    recount_headers,
-    retry_headers,
-    timestamp_seconds,
-)
 
 logger = logging.getLogger("rabbitq.settle")
 
@@ -83,11 +73,11 @@ class Settler:
         props = message.header.properties
         spec = self.workload.spec
         redelivered = bool(getattr(message.delivery, "redelivered", False))
-        envelope: Envelope | None = None
+        envelope: wire.Envelope | None = None
         error: BaseException | None = None
         duration: float | None = None
         try:
-            envelope = decode(
+            envelope = wire.decode(
                 body_size=len(message.body),
                 task=props.message_type,
                 message_id=props.message_id,
@@ -120,7 +110,7 @@ class Settler:
     async def _run(
         self,
         message: DeliveredMessage,
-        envelope: Envelope,
+        envelope: wire.Envelope,
         definition: TaskDef[Any, Any],
         payload: Any,
     ) -> tuple[Exception | None, float]:
@@ -146,7 +136,7 @@ class Settler:
         now = time.time()
         if envelope.ready_ms is not None:
             metrics.queue_latency.observe(max(0.0, now - envelope.ready_ms / 1000))
-        elif (published := timestamp_seconds(props)) is not None:  # a foreign publisher
+        elif (published := wire.timestamp_seconds(props)) is not None:  # a foreign publisher
             metrics.queue_latency.observe(max(0.0, now - published))
         started = time.monotonic()
         error: Exception | None = None
@@ -164,7 +154,7 @@ class Settler:
         self,
         message: DeliveredMessage,
         acker: Acker,
-        envelope: Envelope | None,
+        envelope: wire.Envelope | None,
         outcome: Outcome,
         error: BaseException | None,
         duration: float | None,
@@ -178,7 +168,7 @@ class Settler:
                 await self.publisher.send(self._copy(message, envelope, outcome, error))
             except (PublishError, ConnectionFailed) as exc:
                 if isinstance(exc, Unroutable) and isinstance(outcome, RetryIn) and error:
-                    why = f"{error_text(error)}; then the retry copy was unroutable: {exc}"
+                    why = f"{wire.error_text(error)}; then the retry copy was unroutable: {exc}"
                     park = ParkNow(ParkReason.UNROUTABLE_RETRY, self._clean(why))
                     await self._carry_out(message, acker, envelope, park, error, duration)
                     return
@@ -198,27 +188,33 @@ class Settler:
     def _copy(
         self,
         message: DeliveredMessage,
-        envelope: Envelope | None,
+        envelope: wire.Envelope | None,
         outcome: Outcome,
         error: BaseException | None,
-    ) -> Outgoing:
+    ) -> wire.Outgoing:
         """The copy an outcome sends: to a tier, back to the work queue, or to the parking lot."""
         props, body, workload = message.header.properties, message.body, self.workload
         now = time.time()
         if isinstance(outcome, RetryIn):
             assert envelope is not None and error is not None
             tier = workload.tiers[outcome.tier_index]
-            headers = retry_headers(
-                props.headers, envelope, now, self._clean(error_text(error)), tier.delay_seconds
+            headers = wire.retry_headers(
+                props.headers,
+                envelope,
+                now,
+                self._clean(wire.error_text(error)),
+                tier.delay_seconds,
             )
-            return copy(props, body, workload.retry_exchange, tier.routing_key, headers, "retry")
+            return wire.copy(
+                props, body, workload.retry_exchange, tier.routing_key, headers, "retry"
+            )
         if isinstance(outcome, Recount):
-            headers = recount_headers(props.headers, outcome.redeliveries)
-            return copy(
+            headers = wire.recount_headers(props.headers, outcome.redeliveries)
+            return wire.copy(
                 props, body, workload.task_exchange, workload.routing_key, headers, "redeliver"
             )
         assert isinstance(outcome, ParkNow) and error is not None
-        headers = park_headers(
+        headers = wire.park_headers(
             props.headers,
             reason=outcome.reason,
             error_type=_error_type(error),
@@ -229,11 +225,11 @@ class Settler:
             failed_at=now,
             host=self.host,
             workload=workload.name,
-            published_at=timestamp_seconds(props),
+            published_at=wire.timestamp_seconds(props),
         )
         # the broker reports the head message's timestamp: with the park time there, the age
         # of the oldest parked task is one PromQL expression
-        return copy(
+        return wire.copy(
             props,
             body,
             workload.parking_exchange,
@@ -246,7 +242,7 @@ class Settler:
     def _record(
         self,
         message: DeliveredMessage,
-        envelope: Envelope | None,
+        envelope: wire.Envelope | None,
         outcome: Outcome,
         error: BaseException | None,
         duration: float | None,
@@ -282,7 +278,7 @@ class Settler:
             self.counts["retried"] += 1
             metrics.retried.inc()
             tier = self.workload.tiers[outcome.tier_index].label
-            text = self._clean(error_text(error))
+            text = self._clean(wire.error_text(error))
             facts |= {"outcome": "retried", "tier": tier, "error": text}
             logger.info("task failed; retrying in %s", tier, extra=facts)
             self._report(task, facts, None, error)
