@@ -8,6 +8,7 @@ from rabbitq._consume import Consumer
 from rabbitq._errors import (
     ConfigError,
     ConnectionFailed,
+    HandlerTimeout,
     NotConfirmed,
     Park,
     ParkReason,
@@ -35,6 +36,7 @@ __all__ = [
     "ConnectionFailed",
     "Consumer",
     "Failure",
+    "HandlerTimeout",
     "Metrics",
     "NotConfirmed",
     "Outgoing",

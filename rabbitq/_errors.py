@@ -13,7 +13,8 @@ The tree::
     │   ├── NotConfirmed           the broker nacked, or the confirm did not come in time
     │   └── Unroutable             the message was returned: no queue is bound for it
     ├── TaskError
-    │   └── Poison                 a message that cannot be run; parked at once with a reason
+    │   ├── Poison                 a message that cannot be run; parked at once with a reason
+    │   └── HandlerTimeout         a handler outran its timeout (also a TimeoutError)
     └── ConfigError                an App, task or option is used wrongly
         └── UsageError             a command line is wrong (the CLI exits 2)
 
@@ -160,6 +161,10 @@ class Poison(TaskError):
     def __init__(self, reason: ParkReason, detail: str) -> None:
         self.reason, self.detail = reason, detail
         super().__init__(f"{reason}: {detail}")
+
+
+class HandlerTimeout(TaskError, TimeoutError):
+    """A handler ran longer than its task's `timeout_seconds`; the task takes the retry path."""
 
 
 class Retry(Exception):

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar, get_type_hints
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from rabbitq._errors import ConfigError, ParkReason, Poison
+from rabbitq._errors import ConfigError, HandlerTimeout, ParkReason, Poison
 from rabbitq._wire import error_text
 
 P = TypeVar("P", bound=BaseModel)
@@ -154,7 +154,7 @@ class TaskDef(Generic[P, R]):
             except TimeoutError:
                 if not scope.expired():
                     raise  # the handler's own TimeoutError, not ours
-                raise TimeoutError(
+                raise HandlerTimeout(
                     f"handler ran longer than its timeout of {self.timeout_seconds}s"
                 ) from None
         if self._result_adapter is not None:

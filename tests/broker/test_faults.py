@@ -451,7 +451,7 @@ def failed_since(ledger: Ledger, since: float) -> bool:
 
 
 async def test_a_hanging_handler_is_timed_out_and_retried(setup, ledger, publisher, consumers, url):
-    """A handler that hangs is ended by its timeout: retried, then parked with TimeoutError."""
+    """A handler that hangs is ended by its timeout: retried, then parked with HandlerTimeout."""
     workload, directory = await setup(**SPEC)
     max_attempts = SPEC["retry"]["max_attempts"]
     messages = [publisher.message(i, sleep_ms=10) for i in task_ids("valid", 20)]
@@ -469,7 +469,7 @@ async def test_a_hanging_handler_is_timed_out_and_retried(setup, ledger, publish
     assert report.ok, report.details()
     assert report.completed == 21
     assert [(p.id, p.reason, p.error_type) for p in report.parked_copies] == [
-        ("hangs-always", "retries_exhausted", "TimeoutError")
+        ("hangs-always", "retries_exhausted", "HandlerTimeout")
     ]
     hangs = [(e.id, e.attempt) for e in ledger.executions("hang")]
     assert sorted(hangs) == [("hangs-always", a) for a in range(1, max_attempts + 1)] + [

@@ -228,6 +228,6 @@ async def test_handler_timeout_takes_the_retry_path_and_parks_as_timeout_error(
     assert len(parked) == 1
     headers: dict[str, Any] = dict(parked[0].headers or {})
     assert headers[HEADER_PARK_REASON] == "retries_exhausted"
-    assert headers[HEADER_PARK_ERROR_TYPE] == "TimeoutError"
+    assert headers[HEADER_PARK_ERROR_TYPE] == "HandlerTimeout"
     assert "0.2" in headers[HEADER_PARK_ERROR]
     assert headers[HEADER_PARK_ATTEMPTS] == 2
