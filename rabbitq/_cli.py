@@ -299,23 +299,8 @@ def consume(
             consumer = Consumer(app, spec, url, grace_seconds=grace, burst=burst, metrics=metrics)
             server = None
             if metrics_port is not None:
-                facts = {"workload": workload}
                 server = await serve.start(
-                    metrics_port,
-                    registry,
-                    healthy=lambda: (
-                        consumer.connected,
-                        {**facts, "connected": consumer.connected},
-                    ),
-                    ready=lambda: (
-                        consumer.ready.is_set(),
-                        {
-                            **facts,
-                            "consuming": consumer.ready.is_set(),
-                            "running": consumer.running,
-                            "capacity": spec.capacity,
-                        },
-                    ),
+                    metrics_port, registry, healthy=consumer.health, ready=consumer.readiness
                 )
                 logger.info("serving /metrics, /healthz and /readyz on port %d", metrics_port)
             loop = asyncio.get_running_loop()

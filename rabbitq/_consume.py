@@ -121,6 +121,18 @@ class Consumer:
         """Handlers running now."""
         return len(self._running)
 
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """For a liveness probe (`/healthz`): whether the broker connection is open."""
+        return self.connected, {"workload": self.workload.name, "connected": self.connected}
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """For a readiness probe (`/readyz`): whether it is consuming, and how busy."""
+        facts = {"workload": self.workload.name, "consuming": self.ready.is_set()}
+        return self.ready.is_set(), facts | {
+            "running": self.running,
+            "capacity": self.workload.capacity,
+        }
+
     def stop(self) -> None:
         """Stop taking deliveries; running handlers get `grace_seconds` to finish."""
         self._stop.set()

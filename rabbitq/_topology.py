@@ -23,7 +23,7 @@ import difflib
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, NewType
 
@@ -340,23 +340,9 @@ class Topology:
         """A JSON-ready description, stable snake_case keys."""
         return {
             "namespace": self.namespace,
-            "exchanges": [
-                {"name": e.name, "type": e.type, "durable": e.durable} for e in self.exchanges()
-            ],
-            "queues": [
-                {
-                    "name": q.name,
-                    "role": q.role,
-                    "workload": q.workload,
-                    "durable": q.durable,
-                    "arguments": q.arguments,
-                }
-                for q in self.queues()
-            ],
-            "bindings": [
-                {"exchange": b.exchange, "queue": b.queue, "routing_key": b.routing_key}
-                for b in self.bindings()
-            ],
+            "exchanges": [asdict(e) for e in self.exchanges()],
+            "queues": [asdict(q) for q in self.queues()],
+            "bindings": [asdict(b) for b in self.bindings()],
             "workloads": {
                 w.name: {
                     "source": w.source,
