@@ -193,51 +193,37 @@ class Settler:
         error: BaseException | None,
     ) -> wire.Outgoing:
         """The copy an outcome sends: to a tier, back to the work queue, or to the parking lot."""
-        props, body, workload = message.header.properties, message.body, self.workload
-        now = time.time()
+        props, workload, now = message.header.properties, self.workload, time.time()
+        stamp = None
         if isinstance(outcome, RetryIn):
             assert envelope is not None and error is not None
             tier = workload.tiers[outcome.tier_index]
-            headers = wire.retry_headers(
-                props.headers,
-                envelope,
-                now,
-                self._clean(wire.error_text(error)),
-                tier.delay_seconds,
-            )
-            return wire.copy(
-                props, body, workload.retry_exchange, tier.routing_key, headers, "retry"
-            )
-        if isinstance(outcome, Recount):
+            text = self._clean(wire.error_text(error))
+            headers = wire.retry_headers(props.headers, envelope, now, text, tier.delay_seconds)
+            to, kind = (workload.retry_exchange, tier.routing_key), "retry"
+        elif isinstance(outcome, Recount):
             headers = wire.recount_headers(props.headers, outcome.redeliveries)
-            return wire.copy(
-                props, body, workload.task_exchange, workload.routing_key, headers, "redeliver"
+            to, kind = (workload.task_exchange, workload.routing_key), "redeliver"
+        else:
+            assert isinstance(outcome, ParkNow) and error is not None
+            headers = wire.park_headers(
+                props.headers,
+                reason=outcome.reason,
+                error_type=_error_type(error),
+                error_message=outcome.detail or self._clean(str(error)),
+                traceback=self._traceback(error),
+                attempts=envelope.attempt if envelope is not None else 0,
+                first_failure_ms=envelope.first_failure_ms if envelope else None,
+                failed_at=now,
+                host=self.host,
+                workload=workload.name,
+                published_at=wire.timestamp_seconds(props),
             )
-        assert isinstance(outcome, ParkNow) and error is not None
-        headers = wire.park_headers(
-            props.headers,
-            reason=outcome.reason,
-            error_type=_error_type(error),
-            error_message=outcome.detail or self._clean(str(error)),
-            traceback=self._traceback(error),
-            attempts=envelope.attempt if envelope is not None else 0,
-            first_failure_ms=envelope.first_failure_ms if envelope else None,
-            failed_at=now,
-            host=self.host,
-            workload=workload.name,
-            published_at=wire.timestamp_seconds(props),
-        )
-        # the broker reports the head message's timestamp: with the park time there, the age
-        # of the oldest parked task is one PromQL expression
-        return wire.copy(
-            props,
-            body,
-            workload.parking_exchange,
-            workload.routing_key,
-            headers,
-            "park",
-            timestamp=datetime.fromtimestamp(now, UTC),
-        )
+            to, kind = (workload.parking_exchange, workload.routing_key), "park"
+            # the broker reports the head message's timestamp: with the park time there, the
+            # age of the oldest parked task is one PromQL expression
+            stamp = datetime.fromtimestamp(now, UTC)
+        return wire.copy(props, message.body, *to, headers, kind, timestamp=stamp)
 
     def _record(
         self,
