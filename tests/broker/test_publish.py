@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
@@ -26,6 +27,7 @@ from rabbitq._metrics import Metrics
 from rabbitq._pipeline import PIPELINE_CHUNK
 from rabbitq._publish import Outgoing
 from tests.helpers import drain_queue, queue_depth, running_consumer, wait_until
+from tests.proxy import Proxy
 
 WORKLOAD = {"capacity": 4, "retry": {"tiers": ["50ms"], "max_attempts": 2}}
 
@@ -220,7 +222,7 @@ async def test_publish_sync_from_a_script_without_an_event_loop(
         timeout=20,
     )
 
-    assert result.returncode == 0, result.stderr
+    assert (result.returncode, result.stderr) == (0, "")
     published_id = result.stdout.strip()
     assert published_id
     app = App(namespace=namespace, url=url)
@@ -233,6 +235,94 @@ async def test_publish_sync_from_a_script_without_an_event_loop(
     async with running_consumer(app, topology.workload("w"), url):
         await wait_until(lambda: bool(ran), what="the task published by the script to run")
     assert ran == [(published_id, 41)]
+
+
+ASYNC_SCRIPT = textwrap.dedent(
+    """\
+    import asyncio
+    import sys
+
+    import uvloop
+    from pydantic import BaseModel
+
+    import rabbitq
+
+    namespace, url, loop = sys.argv[1:]
+    app = rabbitq.App(namespace=namespace, url=url)
+
+
+    class Item(BaseModel):
+        n: int
+
+
+    @app.task("sync.item", workload="w")
+    async def item(payload: Item) -> None:
+        pass
+
+
+    async def main() -> None:
+        print(await item.publish(Item(n=1)), flush=True)
+        if loop == "asyncio-then-broker-gone":
+            await asyncio.to_thread(sys.stdin.readline)  # meanwhile the test cuts the broker off
+
+
+    if loop == "asyncio-after-publish-sync":  # the app's publisher moves to another loop
+        item.publish_sync(Item(n=0))
+    (uvloop.run if loop == "uvloop" else asyncio.run)(main())
+    """
+)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop", "asyncio-after-publish-sync"])
+async def test_a_script_that_publishes_and_never_closes_the_app_exits_quietly(
+    make_topology, tmp_path, url, namespace, loop
+):
+    """`await publish()` under asyncio.run (or uvloop.run) without `app.close()` exits 0 and
+    prints nothing: the app closes its publisher when the loop cancels the tasks left (and the
+    one `publish_sync` opened before, when it moves to the new loop)."""
+    await make_topology(w=WORKLOAD)
+    script = tmp_path / "publish_async.py"
+    script.write_text(ASYNC_SCRIPT)
+
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(script), namespace, url, loop],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.strip()
+
+
+async def test_a_script_whose_broker_is_gone_exits_at_once_without_closing_the_app(
+    make_topology, tmp_path, url, namespace
+):
+    """The app's own close at exit does not wait for a broker that dropped the connection."""
+    await make_topology(w=WORKLOAD)
+    parts = urlsplit(url)
+    proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    await proxy.start()
+    netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"
+    script = tmp_path / "publish_async.py"
+    script.write_text(ASYNC_SCRIPT)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), namespace, urlunsplit(parts._replace(netloc=netloc)),
+        "asyncio-then-broker-gone", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert (await asyncio.wait_for(proc.stdout.readline(), 20)).strip()
+        await proxy.cut()
+        proc.stdin.write(b"exit now\n")
+        await proc.stdin.drain()
+        assert await asyncio.wait_for(proc.wait(), 5) == 0
+    finally:
+        await proxy.cut()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def close_sync_and_its_loop(app: App) -> None:
