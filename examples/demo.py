@@ -53,7 +53,7 @@ async def peek_parked(queue_name: str, run_id: str) -> list[aio_pika.abc.Abstrac
 
 
 async def prepare(run_id: str) -> str:
-    topology = load_topology(ROOT / "topology")
+    topology = load_topology(ROOT / "topology", app.namespace)
     try:
         connection = await connect(URL, "demo")
     except ConnectionFailed as exc:
