@@ -1,6 +1,6 @@
 # Two commands on a fresh machine with a RabbitMQ at RABBITQ_URL:
 #   make demo   run the demo workload end to end
-#   make test   lint, type-check and run every test against the broker
+#   make test   lint, check formatting, type-check and run every test against the broker
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -20,5 +20,6 @@ demo: install
 
 test: install
 	$(BIN)/ruff check rabbitq tests examples scripts benchmarks
+	$(BIN)/ruff format --check rabbitq tests examples scripts benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest

@@ -53,7 +53,7 @@ async def peek_parked(queue_name: str, run_id: str) -> list[aio_pika.abc.Abstrac
 
 
 async def prepare(run_id: str) -> str:
-    topology = load_topology(ROOT / "topology")
+    topology = load_topology(ROOT / "topology", app.namespace)
     try:
         connection = await connect(URL, "demo")
     except ConnectionFailed as exc:
@@ -64,17 +64,25 @@ async def prepare(run_id: str) -> str:
     finally:
         await connection.close()
     created = sum(1 for i in items if i.action == "create")
-    print(f"1. topology applied: {len(items)} objects ({created} created, "
-          f"{len(items) - created} already there)")
+    print(
+        f"1. topology applied: {len(items)} objects ({created} created, "
+        f"{len(items) - created} already there)"
+    )
     app.url = URL
-    messages = [greet.message(Greeting(name=f"guest {i}"), idempotency_key=f"{run_id}-greet-{i}",
-                              priority=i % 3) for i in range(20)]
+    messages = [
+        greet.message(
+            Greeting(name=f"guest {i}"), idempotency_key=f"{run_id}-greet-{i}", priority=i % 3
+        )
+        for i in range(20)
+    ]
     messages += [flaky.message(Flaky(n=i), idempotency_key=f"{run_id}-flaky-{i}") for i in range(5)]
     messages.append(doomed.message(Greeting(name="nobody"), idempotency_key=f"{run_id}-doomed"))
     await app.publish_many(messages)
     await app.close()
-    print(f"2. published {len(messages)} tasks, every one confirmed by the broker: "
-          "20 succeed, 5 fail once and retry, 1 always fails")
+    print(
+        f"2. published {len(messages)} tasks, every one confirmed by the broker: "
+        "20 succeed, 5 fail once and retry, 1 always fails"
+    )
     return topology.workload("demo").parking_queue
 
 
@@ -87,9 +95,26 @@ def main() -> None:
     started = time.monotonic()
     env = {**os.environ, "RABBITQ_URL": URL}
     result = subprocess.run(
-        [sys.executable, "-m", "rabbitq", "consume", "demo", "--app", "examples.demo_app:app",
-         "--topology", str(ROOT / "topology"), "--burst", "--grace", "10", "--json"],
-        cwd=ROOT, env=env, check=False, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "rabbitq",
+            "consume",
+            "demo",
+            "--app",
+            "examples.demo_app:app",
+            "--topology",
+            str(ROOT / "topology"),
+            "--burst",
+            "--grace",
+            "10",
+            "--json",
+        ],
+        cwd=ROOT,
+        env=env,
+        check=False,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     if result.returncode != 0:
         print(f"error: the consumer exited with {result.returncode}", file=sys.stderr)
@@ -97,13 +122,17 @@ def main() -> None:
     outcomes = json.loads(result.stdout.strip().splitlines()[-1])["outcomes"]
     parked = asyncio.run(peek_parked(parking_queue, run_id))
     print(f"4. summary (consumer ran {time.monotonic() - started:.1f}s):")
-    print(f"   {outcomes.get('succeeded', 0)} succeeded; {outcomes.get('retried', 0)} retries "
-          "went through a tier and came back")
+    print(
+        f"   {outcomes.get('succeeded', 0)} succeeded; {outcomes.get('retried', 0)} retries "
+        "went through a tier and came back"
+    )
     print(f"   {len(parked)} parked in {parking_queue}:")
     for message in parked:
         headers = message.headers or {}
-        print(f"     {message.type} {message.message_id}: reason={headers[HEADER_PARK_REASON]!s} "
-              f"attempts={headers[HEADER_PARK_ATTEMPTS]!s} error={headers[HEADER_PARK_ERROR]!r}")
+        print(
+            f"     {message.type} {message.message_id}: reason={headers[HEADER_PARK_REASON]!s} "
+            f"attempts={headers[HEADER_PARK_ATTEMPTS]!s} error={headers[HEADER_PARK_ERROR]!r}"
+        )
     if len(parked) != 1:
         print("error: expected exactly one parked task from this run", file=sys.stderr)
         raise SystemExit(1)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 from pydantic import BaseModel
 
 import rabbitq
 
-app = rabbitq.App(namespace="demo")
+# RABBITQ_NAMESPACE, as `rabbitq consume` reads it: a test run gets queues of its own
+app = rabbitq.App(namespace=os.environ.get("RABBITQ_NAMESPACE", "demo"))
 
 
 class Greeting(BaseModel):

@@ -79,8 +79,12 @@ async def main_async(rate: float, url: str, namespace: str | None) -> None:
     app.url = url
     if namespace is not None:
         app.namespace = namespace
-    logger.info("publishing %.1f demo tasks a second to namespace %s at %s", rate,
-                app.namespace, mask_url(url))
+    logger.info(
+        "publishing %.1f demo tasks a second to namespace %s at %s",
+        rate,
+        app.namespace,
+        mask_url(url),
+    )
     try:
         n = await feed(rate, stop)
     finally:
@@ -91,12 +95,20 @@ async def main_async(rate: float, url: str, namespace: str | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=10.0, help="tasks a second (default 10)")
-    parser.add_argument("--metrics-port", type=int, default=None,
-                        help="serve the publish metrics on this port (default: none)")
-    parser.add_argument("--url", default=os.environ.get("RABBITQ_URL", DEFAULT_URL),
-                        help="broker URL (default: $RABBITQ_URL, then guest on localhost)")
-    parser.add_argument("--namespace", default=None,
-                        help=f"publish into this namespace (default {app.namespace!r})")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve the publish metrics on this port (default: none)",
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("RABBITQ_URL", DEFAULT_URL),
+        help="broker URL (default: $RABBITQ_URL, then guest on localhost)",
+    )
+    parser.add_argument(
+        "--namespace", default=None, help=f"publish into this namespace (default {app.namespace!r})"
+    )
     args = parser.parse_args()
     if args.rate <= 0:
         parser.error("--rate must be positive")

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import re
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
@@ -39,7 +39,6 @@ from rabbitq._wire import Outgoing, new_task_headers
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
 T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
 
 SYNC_PUBLISH_TIMEOUT_SECONDS = 60.0
 MAX_PRIORITY = 255
@@ -141,8 +140,9 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="rabbitq-publish",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="rabbitq-publish", daemon=True
+        )
         self.thread.start()
 
     def stop(self) -> None:
@@ -163,7 +163,10 @@ class App:
     """
 
     def __init__(
-        self, namespace: str | None = None, *, url: str | None = None,
+        self,
+        namespace: str | None = None,
+        *,
+        url: str | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.namespace = namespace
@@ -174,7 +177,7 @@ class App:
         self._publisher: Publisher | None = None
         # a consumer's namespace, while the app publishes over that consumer's connection
         self._consumer_namespace: str | None = None
-        self._owns_publisher = False
+        self._closer: asyncio.Task[None] | None = None  # only while the app owns the publisher
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: _LoopThread | None = None
         self._sync_lock = threading.Lock()
@@ -233,8 +236,7 @@ class App:
         if self._publisher is publisher:
             return
         await self.close()
-        self._publisher, self._owns_publisher = publisher, False
-        self._loop = asyncio.get_running_loop()
+        self._publisher, self._loop = publisher, asyncio.get_running_loop()
 
     def unbind_publisher(self, publisher: Publisher) -> None:
         """Stop using a consumer's publisher (it is closing); the app opens its own again."""
@@ -244,15 +246,14 @@ class App:
     async def publisher(self) -> Publisher:
         """The publisher of this app, connecting on first use."""
         loop = asyncio.get_running_loop()
-        if self._publisher is not None and (self._loop is loop or not self._owns_publisher):
+        if self._publisher is not None and (self._loop is loop or self._closer is None):
             return self._publisher
         # A publisher belongs to the loop it connected on; a new loop gets its own.
-        self._publisher = Publisher(
-            self.url or DEFAULT_URL, name="app-publisher",
-            metrics=self.metrics.publishing() if self.metrics is not None else None,
-        )
-        self._owns_publisher = True
-        self._loop = loop
+        await self.close()
+        metrics = self.metrics.publishing() if self.metrics is not None else None
+        self._publisher = Publisher(self.url or DEFAULT_URL, name="app-publisher", metrics=metrics)
+        # asyncio.run() cancels the tasks left at exit: the closer closes the connection in time
+        self._loop, self._closer = loop, loop.create_task(_close_when_cancelled(self._publisher))
         return self._publisher
 
     async def publish_many(self, messages: Sequence[Outgoing]) -> list[str]:
@@ -273,10 +274,12 @@ class App:
 
     async def close(self) -> None:
         """Close the publishing connection this app opened (not a consumer's)."""
-        publisher, self._publisher = self._publisher, None
-        if publisher is not None and self._owns_publisher and self._loop is _running_loop():
-            await publisher.close()
-        self._loop = None
+        closer, self._closer, self._publisher, self._loop = self._closer, None, None, None
+        if closer is not None:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nothing left to close
+                closer.get_loop().call_soon_threadsafe(closer.cancel)  # it closes on its loop
+            if closer.get_loop() is _running_loop():
+                await asyncio.wait([closer])
 
     async def __aenter__(self) -> App:
         await (await self.publisher()).start()
@@ -286,7 +289,9 @@ class App:
         await self.close()
 
     def run_sync(
-        self, make: Callable[[], Awaitable[T]], timeout: float = SYNC_PUBLISH_TIMEOUT_SECONDS
+        self,
+        make: Callable[[], Coroutine[Any, Any, T]],
+        timeout: float = SYNC_PUBLISH_TIMEOUT_SECONDS,
     ) -> T:
         """Run a coroutine on the app's publishing loop from synchronous code, and wait."""
         loop = self._loop
@@ -303,26 +308,27 @@ class App:
 
     @staticmethod
     def _submit(
-        loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[T]], timeout: float
+        loop: asyncio.AbstractEventLoop, make: Callable[[], Coroutine[Any, Any, T]], timeout: float
     ) -> T:
-        async def call() -> T:
-            return await make()
-
-        future: Future[T] = asyncio.run_coroutine_threadsafe(call(), loop)
-        return future.result(timeout)
+        return asyncio.run_coroutine_threadsafe(make(), loop).result(timeout)
 
     def close_sync(self) -> None:
         """Close the connection and thread that `publish_sync` opened."""
         thread = self._loop_thread
         if thread is None:
             return
-        if self._owns_publisher and self._publisher is not None and self._loop is thread.loop:
-            try:
+        if self._closer is not None and self._loop is thread.loop:
+            with contextlib.suppress(Exception):  # closing at exit: no one left to report it to
                 self._submit(thread.loop, self.close, 10)
-            except Exception:  # closing at exit: nothing left to report it to
-                pass
         thread.stop()
         self._loop_thread = None
+
+
+async def _close_when_cancelled(publisher: Publisher) -> None:
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await publisher.close()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

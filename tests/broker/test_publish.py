@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
@@ -30,6 +31,7 @@ from rabbitq._pipeline import PIPELINE_CHUNK
 from rabbitq._publish import Publisher
 from tests.helpers import drain_queue, queue_depth, running_consumer, wait_until
 from tests.ledger import close_connections_named
+from tests.proxy import Proxy
 
 WORKLOAD = {"capacity": 4, "retry": {"tiers": ["50ms"], "max_attempts": 2}}
 
@@ -44,8 +46,7 @@ async def _noop(item: Item) -> None:
 
 def item_tasks(app: App) -> tuple[Task[Item, None], Task[Item, None]]:
     """`a.item` for workload a (the tests declare it) and `b.item` for b (never declared)."""
-    return (app.task("a.item", workload="a")(_noop),
-            app.task("b.item", workload="b")(_noop))
+    return (app.task("a.item", workload="a")(_noop), app.task("b.item", workload="b")(_noop))
 
 
 @contextlib.asynccontextmanager
@@ -224,7 +225,7 @@ async def test_publish_sync_from_a_script_without_an_event_loop(
         timeout=20,
     )
 
-    assert result.returncode == 0, result.stderr
+    assert (result.returncode, result.stderr) == (0, "")
     published_id = result.stdout.strip()
     assert published_id
     app = App(namespace=namespace, url=url)
@@ -237,6 +238,99 @@ async def test_publish_sync_from_a_script_without_an_event_loop(
     async with running_consumer(app, topology.workload("w"), url):
         await wait_until(lambda: bool(ran), what="the task published by the script to run")
     assert ran == [(published_id, 41)]
+
+
+ASYNC_SCRIPT = textwrap.dedent(
+    """\
+    import asyncio
+    import sys
+
+    import uvloop
+    from pydantic import BaseModel
+
+    import rabbitq
+
+    namespace, url, loop = sys.argv[1:]
+    app = rabbitq.App(namespace=namespace, url=url)
+
+
+    class Item(BaseModel):
+        n: int
+
+
+    @app.task("sync.item", workload="w")
+    async def item(payload: Item) -> None:
+        pass
+
+
+    async def main() -> None:
+        print(await item.publish(Item(n=1)), flush=True)
+        if loop == "asyncio-then-broker-gone":
+            await asyncio.to_thread(sys.stdin.readline)  # meanwhile the test cuts the broker off
+
+
+    if loop == "asyncio-after-publish-sync":  # the app's publisher moves to another loop
+        item.publish_sync(Item(n=0))
+    (uvloop.run if loop == "uvloop" else asyncio.run)(main())
+    """
+)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop", "asyncio-after-publish-sync"])
+async def test_a_script_that_publishes_and_never_closes_the_app_exits_quietly(
+    make_topology, tmp_path, url, namespace, loop
+):
+    """`await publish()` under asyncio.run (or uvloop.run) without `app.close()` exits 0 and
+    prints nothing: the app closes its publisher when the loop cancels the tasks left (and the
+    one `publish_sync` opened before, when it moves to the new loop)."""
+    await make_topology(w=WORKLOAD)
+    script = tmp_path / "publish_async.py"
+    script.write_text(ASYNC_SCRIPT)
+
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(script), namespace, url, loop],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.strip()
+
+
+async def test_a_script_whose_broker_is_gone_exits_at_once_without_closing_the_app(
+    make_topology, tmp_path, url, namespace
+):
+    """The app's own close at exit does not wait for a broker that dropped the connection."""
+    await make_topology(w=WORKLOAD)
+    parts = urlsplit(url)
+    proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    await proxy.start()
+    netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"
+    script = tmp_path / "publish_async.py"
+    script.write_text(ASYNC_SCRIPT)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        namespace,
+        urlunsplit(parts._replace(netloc=netloc)),
+        "asyncio-then-broker-gone",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert (await asyncio.wait_for(proc.stdout.readline(), 20)).strip()
+        await proxy.cut()
+        proc.stdin.write(b"exit now\n")
+        await proc.stdin.drain()
+        assert await asyncio.wait_for(proc.wait(), 5) == 0
+    finally:
+        await proxy.cut()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def close_sync_and_its_loop(app: App) -> None:
@@ -442,8 +536,10 @@ async def test_publish_many_reports_every_message_in_order(
         channel = publisher._underlay
         assert isinstance(channel, aiormq.Channel)
         # nothing is left in aiormq's bookkeeping once the batch is settled
-        await wait_until(lambda: not channel.confirmations and not channel.message_id_delivery_tag,
-                         what="the channel's confirm bookkeeping to empty")
+        await wait_until(
+            lambda: not channel.confirmations and not channel.message_id_delivery_tag,
+            what="the channel's confirm bookkeeping to empty",
+        )
     finally:
         await app.close()
     assert [n for n, e in enumerate(errors) if e is not None] == lost
@@ -499,8 +595,9 @@ async def test_publish_many_into_a_missing_exchange_fails_every_message_at_once(
         await app.close()
 
 
-async def test_publish_many_sends_bodies_larger_than_a_frame(make_topology, connection, url,
-                                                             namespace):
+async def test_publish_many_sends_bodies_larger_than_a_frame(
+    make_topology, connection, url, namespace
+):
     """Bodies over the negotiated frame size go out split, among small ones, intact."""
     topology = await make_topology(a=WORKLOAD)
     app = App(namespace=namespace, url=url)
@@ -568,8 +665,9 @@ async def test_publish_many_fails_what_is_in_flight_at_once_when_the_connection_
         batch = [a_item.message(Item(n=n)) for n in range(5000)]
         started = time.monotonic()
         sending = asyncio.create_task(publisher.send_many(batch))
-        await wait_until(lambda: channel.delivery_tag > 0, interval=0.001,
-                         what="the first chunk to be written")
+        await wait_until(
+            lambda: channel.delivery_tag > 0, interval=0.001, what="the first chunk to be written"
+        )
         await publisher._connection.close()
         errors = await sending
         assert time.monotonic() - started < 10
@@ -596,16 +694,19 @@ async def test_a_cancelled_publish_many_leaves_the_publisher_usable(make_topolog
         sending = asyncio.create_task(
             publisher.send_many([a_item.message(Item(n=n)) for n in range(3000)])
         )
-        await wait_until(lambda: channel.delivery_tag > 0, interval=0.001,
-                         what="the first chunk to be written")
+        await wait_until(
+            lambda: channel.delivery_tag > 0, interval=0.001, what="the first chunk to be written"
+        )
         sending.cancel()
         with pytest.raises(asyncio.CancelledError):
             await sending
-        assert await publisher.send_many([a_item.message(Item(n=n)) for n in range(10)]) == [
-            None
-        ] * 10
-        await wait_until(lambda: not channel.confirmations and not channel.message_id_delivery_tag,
-                         what="the channel's confirm bookkeeping to empty")
+        assert (
+            await publisher.send_many([a_item.message(Item(n=n)) for n in range(10)]) == [None] * 10
+        )
+        await wait_until(
+            lambda: not channel.confirmations and not channel.message_id_delivery_tag,
+            what="the channel's confirm bookkeeping to empty",
+        )
     finally:
         await app.close()
 
@@ -617,9 +718,7 @@ async def test_publish_many_counts_every_message_like_publish_does(
     await make_topology(a=WORKLOAD)
     registry = CollectorRegistry()
     app = App(namespace=namespace, url=url, metrics=Metrics(registry))
-    tasks = {
-        name: app.task(f"{name}.item", workload=name)(_noop) for name in ("a", "b", "full")
-    }
+    tasks = {name: app.task(f"{name}.item", workload=name)(_noop) for name in ("a", "b", "full")}
     kinds = ["a"] * 250 + ["b"] * 30 + ["full"] * 20
     async with refusing_queue(connection, namespace, "full"):
         try:
