@@ -11,6 +11,7 @@ The consumer never declares; it checks that its queues exist and stops if not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -102,6 +103,8 @@ class Consumer:
             workload.capacity,
             lambda: len(self._running),
         )
+        # the workload rides on every line as a field (text: workload=NAME; json: "workload")
+        self._log = logging.LoggerAdapter(logger, {"workload": workload.name})
         self.publisher = Publisher(
             url, name=f"consumer-publisher {workload.name}", metrics=self.metrics.publishing()
         )
@@ -127,11 +130,9 @@ class Consumer:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """For a readiness probe (`/readyz`): whether it is consuming, and how busy."""
-        facts = {"workload": self.workload.name, "consuming": self.ready.is_set()}
-        return self.ready.is_set(), facts | {
-            "running": self.running,
-            "capacity": self.workload.capacity,
-        }
+        ready, busy = self.ready.is_set(), {"running": self.running}
+        busy["capacity"] = self.workload.capacity
+        return ready, {"workload": self.workload.name, "consuming": ready, **busy}
 
     def stop(self) -> None:
         """Stop taking deliveries; running handlers get `grace_seconds` to finish."""
@@ -159,16 +160,9 @@ class Consumer:
                         delay = RECONNECT_MIN_SECONDS
                     self.reconnects += 1
                     self._metrics.reconnects.inc()
-                    logger.warning(
-                        "workload %s: connection lost (%s); reconnecting in %.1fs",
-                        self.workload.name,
-                        exc,
-                        delay,
-                    )
-                    try:
+                    self._log.warning("connection lost (%s); reconnecting in %.1fs", exc, delay)
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), delay)
-                    except TimeoutError:
-                        pass
                     delay = min(delay * 2, RECONNECT_MAX_SECONDS)
         finally:
             watchdog.cancel()
@@ -187,13 +181,11 @@ class Consumer:
                 self.counts["loop_blocked"] += 1
                 self.loop_blocked_seconds += blocked
                 self._metrics.loop_blocked.inc(blocked)
-                logger.warning(
-                    "workload %s: the event loop was blocked for %.1fs, so no heartbeat or ack "
-                    "went out; an async handler is running blocking code (declare it as a "
-                    "plain def: sync handlers run in threads). If this outlasts the heartbeat "
-                    "timeout the broker drops the connection and every running task is "
-                    "redelivered",
-                    self.workload.name,
+                self._log.warning(
+                    "the event loop was blocked for %.1fs, so no heartbeat or ack went out; an "
+                    "async handler is running blocking code (declare it as a plain def: sync "
+                    "handlers run in threads). If this outlasts the heartbeat timeout the "
+                    "broker drops the connection and every running task is redelivered",
                     blocked,
                 )
 
@@ -238,13 +230,9 @@ class Consumer:
             consume_ok = await underlay.basic_consume(
                 self.workload.work_queue, partial(self._on_delivery, acker), no_ack=False
             )
-            logger.info(
-                "workload %s: consuming %s with capacity %d (tiers: %s)",
-                self.workload.name,
-                self.workload.work_queue,
-                self.workload.capacity,
-                ", ".join(t.label for t in self.workload.tiers) or "none",
-            )
+            tiers = ", ".join(t.label for t in self.workload.tiers) or "none"
+            queue, capacity = self.workload.work_queue, self.workload.capacity
+            self._log.info("consuming %s with capacity %d (tiers: %s)", queue, capacity, tiers)
             self._set_ready(True)
             self._established_at = time.monotonic()
             done = await self._wait(connection)
@@ -311,19 +299,14 @@ class Consumer:
         except Exception:  # the channel may be closing already; the broker requeues then
             logger.debug("cancel of consumer %s failed", consumer_tag, exc_info=True)
         if self._running:
-            logger.info(
-                "workload %s: stopping; waiting up to %gs for %d running tasks",
-                self.workload.name,
-                self.grace_seconds,
-                len(self._running),
-            )
+            grace, running = self.grace_seconds, len(self._running)
+            self._log.info("stopping; waiting up to %gs for %d running tasks", grace, running)
             _, late = await asyncio.wait(set(self._running), timeout=self.grace_seconds)
             if late:
-                logger.warning(
-                    "workload %s: %d tasks did not finish within %gs; returning them to the queue",
-                    self.workload.name,
+                self._log.warning(
+                    "%d tasks did not finish within %gs; returning them to the queue",
                     len(late),
-                    self.grace_seconds,
+                    grace,
                 )
                 for task in late:
                     task.cancel()
