@@ -83,7 +83,6 @@ class Consumer:
         #: settled deliveries by outcome (`parked:<reason>` for the parking lot), and
         #: `loop_blocked`
         self.counts: Counter[str] = Counter()
-        self.loop_blocked_seconds = 0.0
         self.connected = False
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -179,7 +178,6 @@ class Consumer:
             blocked = loop.time() - before - LOOP_WATCH_SECONDS
             if blocked >= LOOP_BLOCKED_SECONDS:
                 self.counts["loop_blocked"] += 1
-                self.loop_blocked_seconds += blocked
                 self._metrics.loop_blocked.inc(blocked)
                 self._log.warning(
                     "the event loop was blocked for %.1fs, so no heartbeat or ack went out; an "
