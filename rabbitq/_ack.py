@@ -60,11 +60,9 @@ class Acker:
                 "returned" if requeue else "acked",
             )
             return False
-        assert message.delivery_tag is not None
-        if requeue:
-            self.nack(message.delivery_tag)
-        else:
-            self.ack(message.delivery_tag)
+        tag = message.delivery_tag
+        assert tag is not None
+        (self.nack if requeue else self.ack)(tag)
         return True
 
     def ack(self, tag: int) -> None:

@@ -55,6 +55,8 @@ class Ran:
 
 
 Outcome = Run | Succeeded | RetryIn | ParkNow | Recount
+# the outcomes and the result that carry nothing, made once: decide runs twice per task
+RUN, SUCCEEDED, RAN = Run(), Succeeded(), Ran()
 
 
 def decide(
@@ -77,7 +79,7 @@ def decide(
         return ParkNow(carried.reason, carried.detail)
     if ran is not None:
         if ran.error is None:
-            return Succeeded()
+            return SUCCEEDED
         return retry_or_park(carried.attempt, ran.error, spec.retry, now, carried.deadline)
     guard = crash_guard(
         redelivered, carried.redeliveries, carried.delivery_count, spec.max_redeliveries
@@ -88,7 +90,7 @@ def decide(
         return ParkNow(ParkReason.UNKNOWN_TASK, f"no task is registered as {carried.task!r}")
     if carried.deadline is not None and now > carried.deadline:
         return ParkNow(ParkReason.EXPIRED, "its deadline passed before it could run")
-    return Run()
+    return RUN
 
 
 def crash_guard(

@@ -39,7 +39,7 @@ from rabbitq._connection import scrub
 from rabbitq._errors import ConnectionFailed, ParkReason, Poison, PublishError, Unroutable
 from rabbitq._handlers import Failure, TaskContext, TaskDef
 from rabbitq._metrics import WorkloadMetrics
-from rabbitq._outcome import Outcome, ParkNow, Ran, Recount, RetryIn, Run, Succeeded, decide
+from rabbitq._outcome import RAN, Outcome, ParkNow, Ran, Recount, RetryIn, Run, Succeeded, decide
 from rabbitq._publish import Publisher
 from rabbitq._topology import Workload
 
@@ -104,7 +104,8 @@ class Settler:
                 error, outcome = poison, decide(poison, spec, time.time())
             else:
                 error, duration = await self._run(message, envelope, definition, payload)
-                outcome = decide(envelope, spec, time.time(), ran=Ran(error))
+                ran = RAN if error is None else Ran(error)
+                outcome = decide(envelope, spec, time.time(), ran=ran)
         await self._carry_out(message, acker, envelope, outcome, error, duration)
 
     async def _run(
@@ -163,7 +164,7 @@ class Settler:
         then settle the delivery on its own channel, count, log and report."""
         if isinstance(outcome, ParkNow) and error is None:  # stopped before it ran
             error = Poison(outcome.reason, outcome.detail)
-        if not isinstance(outcome, Succeeded | Run):
+        if type(outcome) is not Succeeded:  # Run never reaches here
             try:
                 await self.publisher.send(self._copy(message, envelope, outcome, error))
             except (PublishError, ConnectionFailed) as exc:
@@ -238,6 +239,11 @@ class Settler:
         # a task name is a label only if the app registered it: poison names anything
         task = envelope.task if envelope is not None else None
         metrics = self.metrics.task(task)
+        if type(outcome) is Succeeded:  # the common case: count it, log only if asked
+            self.counts["succeeded"] += 1
+            metrics.succeeded.inc()
+            if not logger.isEnabledFor(logging.DEBUG):
+                return
         facts: dict[str, Any] = {
             "workload": self.workload.name,
             "task": task or props.message_type,
@@ -246,10 +252,7 @@ class Settler:
             "duration_seconds": None if duration is None else round(duration, 6),
         }
         if isinstance(outcome, Succeeded):
-            self.counts["succeeded"] += 1
-            metrics.succeeded.inc()
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("task succeeded", extra={**facts, "outcome": "succeeded"})
+            logger.debug("task succeeded", extra={**facts, "outcome": "succeeded"})
         elif isinstance(outcome, Recount):
             self.counts["redelivered"] += 1
             metrics.redelivered.inc()

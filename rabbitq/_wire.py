@@ -133,7 +133,11 @@ def decode(
         raise Poison(ParkReason.BAD_ENVELOPE, "the 'type' property (task name) is missing")
     if not message_id:
         raise Poison(ParkReason.BAD_ENVELOPE, "the 'message_id' property is missing")
-    if content_type and content_type.partition(";")[0].strip().lower() != CONTENT_TYPE:
+    if (
+        content_type
+        and content_type != CONTENT_TYPE
+        and content_type.partition(";")[0].strip().lower() != CONTENT_TYPE
+    ):
         raise Poison(
             ParkReason.BAD_ENVELOPE,
             f"content_type is {_short(content_type)}; a task body is {CONTENT_TYPE}",
