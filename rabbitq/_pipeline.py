@@ -117,7 +117,7 @@ class Pipeline:
         if not chunk:
             return True
         indexes = [i for i, _ in chunk.values()]
-        payload = b"".join(data for _, data in chunk.values())
+        payload = b"".join([data for _, data in chunk.values()])
         try:
             async with asyncio.timeout_at(self.deadline):
                 futures = await write_pipelined(self.channel, payload, list(chunk))
