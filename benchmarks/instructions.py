@@ -10,7 +10,10 @@ the cost of one task, start-up and imports cancelled out:
 
 * `drain`: `publish_many` the tasks, then a `Consumer` drains them (a no-op handler);
 * `batch`: `publish_many` in batches of 1,000;
-* `one`: `await task.publish(...)` one at a time.
+* `one`: `await task.publish(...)` one at a time;
+* `ceiling`: `publish_many` the tasks, then the hand-tuned aiormq loop of
+  `benchmarks/aiormq_worker.py` drains them (no-op, one multiple-ack per 16): what `drain`
+  costs beyond it is rabbitq's own.
 
 `--tree` runs another checkout's rabbitq (its directory comes first on `sys.path`), so two
 versions are compared on one broker in one run. Needs `valgrind` (Debian: valgrind).
@@ -27,9 +30,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("drain", "batch", "one")
+SCENARIOS = ("drain", "ceiling", "batch", "one")
 # tasks in the small and the large run; one-at-a-time publishing is slow under callgrind
-SIZES = {"drain": (2000, 8000), "batch": (2000, 8000), "one": (300, 1200)}
+SIZES = {"drain": (2000, 8000), "ceiling": (2000, 8000), "batch": (2000, 8000), "one": (300, 1200)}
 
 # Runs in the child, against whichever rabbitq its working directory holds (old or new layout).
 CHILD = """
@@ -69,6 +72,25 @@ async def main(scenario, n, url):
             consumer = rabbitq.Consumer(app, topology.workload("w"), url, burst=True)
             await consumer.run()
             assert consumer.counts["succeeded"] == n, consumer.counts
+        if scenario == "ceiling":
+            import aiormq
+            conn = await aiormq.connect(url)
+            channel = await conn.channel()
+            await channel.basic_qos(prefetch_count=64)
+            done, count = asyncio.Event(), 0
+
+            async def handle(message):
+                nonlocal count
+                count += 1
+                if count == n:
+                    await channel.basic_ack(message.delivery_tag, multiple=True)
+                    done.set()
+                elif count % 16 == 0:
+                    asyncio.ensure_future(channel.basic_ack(message.delivery_tag, multiple=True))
+
+            await channel.basic_consume(topology.workload("w").work_queue, handle)
+            await done.wait()
+            await conn.close()
     finally:
         channel = await connection.channel()
         for queue in topology.queues():

@@ -31,7 +31,7 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def describe(rabbitmq_version: str, raw_loop: str, rabbitq_loop: str) -> dict[str, Any]:
+def describe(rabbitmq_version: str, loop: str, systems: dict[str, str]) -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),
         "cpu": _cpu_model(),
@@ -44,8 +44,10 @@ def describe(rabbitmq_version: str, raw_loop: str, rabbitq_loop: str) -> dict[st
         "pydantic": _version("pydantic"),
         "rabbitq": _version("rabbitq"),
         "uvloop": _version("uvloop"),
-        "raw_loop": raw_loop,
-        "rabbitq_loop": rabbitq_loop,
+        "faststream": _version("faststream"),
+        "dramatiq": _version("dramatiq"),
+        "loop": loop,
+        "systems": systems,
     }
 
 
@@ -56,5 +58,6 @@ def header(info: dict[str, Any]) -> str:
         f"software: Python {info['python']}, RabbitMQ {info['rabbitmq']}, "
         f"aio-pika {info['aio_pika']} (aiormq {info['aiormq']}), pydantic {info['pydantic']}, "
         f"rabbitq {info['rabbitq']}, uvloop {info['uvloop']}\n"
-        f"consumer event loops: raw on {info['raw_loop']}, rabbitq on {info['rabbitq_loop']}"
+        f"every consumer and the runner on {info['loop']}; systems: "
+        + ", ".join(info["systems"].values())
     )

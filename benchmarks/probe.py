@@ -113,14 +113,16 @@ class Probe:
             self._said_ready = True
             print("ready", flush=True)
 
-    async def admit(self) -> None:
-        """Called as a handler starts: the first ones wait for "go"."""
+    def admit(self) -> bool:
+        """Called as a handler starts; True while the gate is shut: the handler then awaits
+        `self.gate.wait()`. A plain call, so after "go" a handler pays no coroutine for it."""
         self.started += 1
         if self.started == 1:
             self.first_at = time.monotonic()
-        if not self.gate.is_set():
-            self.ready()
-            await self.gate.wait()
+        if self.gate.is_set():
+            return False
+        self.ready()
+        return True
 
     def finished(self) -> None:
         """Called once a task is settled (acked, or forwarded and acked)."""

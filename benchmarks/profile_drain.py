@@ -26,13 +26,12 @@ from pathlib import Path
 import aiormq
 
 from benchmarks import broker
-from benchmarks.names import RawQueues, drain_workload, new_namespace, topology_toml
-from benchmarks.probe import LOOPS
+from benchmarks.names import drain_workload, new_namespace, topology_toml
+from benchmarks.probe import LOOPS, uvloop_installed
 from benchmarks.procs import Disturbed
-from benchmarks.run import BROKER_DOWN_SECONDS, DEFAULT_URL, delete_namespace, loops
-from benchmarks.systems import RabbitqSide, RawSide, RunContext, Side
+from benchmarks.run import BROKER_DOWN_SECONDS, DEFAULT_URL, context, delete_namespace
+from benchmarks.systems import RunContext, all_sides
 from rabbitq._errors import RabbitqError
-from rabbitq._topology import parse_topology
 
 # A raw py-spy line: "frame;frame;...;leaf count", each frame "function (file:line)".
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*)(?::\d+)?\)$")
@@ -62,7 +61,7 @@ def parse_args() -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--url", default=os.environ.get("RABBITQ_URL", DEFAULT_URL))
-    p.add_argument("--side", choices=("rabbitq", "raw"), default="rabbitq")
+    p.add_argument("--side", default="rabbitq", help="a system of `run --systems` that consumes")
     p.add_argument("--capacity", type=int, choices=(1, 16, 64, 256), default=64)
     p.add_argument("--n", type=int, default=50_000)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -70,8 +69,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--loop",
         choices=LOOPS,
-        default=None,
-        help="default: the side's loop as `run --loop shipped` picks it",
+        default="uvloop" if uvloop_installed() else "asyncio",
+        help="the consumer's event loop (default: uvloop, as `run` picks it)",
     )
     p.add_argument(
         "--focus",
@@ -158,13 +157,13 @@ def read_samples(path: Path) -> dict[str, int]:
 
 
 async def profile(args: argparse.Namespace, ctx: RunContext, out: Path) -> dict[str, int]:
-    side: Side = RabbitqSide(ctx) if args.side == "rabbitq" else RawSide(ctx)
+    [side] = [s for s in all_sides(ctx) if s.name == args.side and "drain" in s.measures]
     workload = drain_workload(args.capacity)
     worker = side.worker("drain", workload, args.capacity, expect=args.n)
     spy = None
     try:
         await worker.start()
-        await broker.fill(ctx.url, side.target(workload), workload, args.n)
+        await side.fill(workload, args.n)
         await worker.ready()
         spy_bin = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
         spy = await asyncio.create_subprocess_exec(
@@ -237,16 +236,13 @@ async def main(args: argparse.Namespace) -> None:
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     namespace = new_namespace()
-    topology = parse_topology({"bench.toml": topology_toml(namespace)})
-    raw = RawQueues.of(namespace)
     with tempfile.TemporaryDirectory(prefix="rabbitq-profile-") as tmp:
         topology_file = Path(tmp) / "bench.toml"
         topology_file.write_text(topology_toml(namespace))
-        raw_loop, rabbitq_loop = loops(args.loop or "shipped")
-        ctx = RunContext(args.url, namespace, topology, topology_file, raw, raw_loop, rabbitq_loop)
+        ctx = context(args.url, namespace, topology_file, args.loop)
         out = Path(tmp) / "samples.txt"
         try:
-            await broker.set_up(args.url, topology, raw.all())
+            await broker.set_up(args.url, ctx.topology, ctx.raw.all())
             samples = await _profile_undisturbed(args, ctx, out)
             if args.keep:
                 shutil.copy(out, args.keep)

@@ -52,19 +52,22 @@ async def main(args: Any) -> None:
     queue = await channel.get_queue(args.queue, ensure=False)
 
     async def drain(message: AbstractIncomingMessage) -> None:
-        await probe.admit()
+        if probe.admit():
+            await probe.gate.wait()
         await message.ack()
         probe.finished()
 
     async def latency(message: AbstractIncomingMessage) -> None:
         now = time.time()
-        await probe.admit()
+        if probe.admit():
+            await probe.gate.wait()
         probe.latency(sent_at_of(message.body), now)
         await message.ack()
         probe.finished()
 
     async def forward(message: AbstractIncomingMessage) -> None:
-        await probe.admit()
+        if probe.admit():
+            await probe.gate.wait()
         if (message.headers or {}).get(HEADER_ATTEMPT, 1) == 1:
             copy = aio_pika.Message(
                 message.body,

@@ -1,9 +1,10 @@
 """Figures from every repetition, their medians with min and max, ratios, the table and JSON.
 
-A ratio is always rabbitq's figure over the raw baseline's from the same repetition; its
+A ratio is always rabbitq's figure over a baseline's from the same repetition (the raw
+aio-pika floor, the raw publisher sending rabbitq's message, the hand-tuned aiormq loop); its
 median, min and max are taken over the repetitions' ratios (not a ratio of medians). A figure
 that is itself a percentage (RSS growth) is compared as a difference in percentage points
-instead, since a ratio of two numbers near zero says nothing.
+instead, since a ratio of two numbers near zero says nothing. The peers are shown, not divided.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-SIDES = ("raw", "rabbitq")
+OURS = "rabbitq"
+BASELINES = ("raw", "raw-task-message", "aiormq")
 SCENARIOS = ("publish", "drain", "latency", "retry", "memory", "scale")
 # Where a smaller number is better; `offered` is an input, and machine and broker CPU (scale)
 # are context, not outcomes.
@@ -53,33 +55,35 @@ class Results:
         for metric, value in figures.items():
             self.reps[-1][scenario][prefix + metric][side] = value
 
+    def sides(self) -> list[str]:
+        """Every side that has a figure, in the order first measured."""
+        seen: dict[str, None] = {}
+        for rep in self.reps:
+            for metrics in rep.values():
+                for values in metrics.values():
+                    seen.update(dict.fromkeys(values))
+        return list(seen)
+
     def summary(self) -> dict[str, dict[str, dict[str, Any]]]:
         out: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in SCENARIOS}
         for rep in self.reps:
             for scenario, metrics in rep.items():
                 for metric in metrics:
                     out.setdefault(scenario, {}).setdefault(metric, {})
+        sides = self.sides()
         for scenario, metrics in out.items():
             for metric in metrics:
-                per_side = {
-                    side: [
-                        r[scenario][metric][side]
-                        for r in self.reps
-                        if side in r.get(scenario, {}).get(metric, {})
-                    ]
-                    for side in SIDES
-                }
-                pairs = [
-                    (r[scenario][metric]["rabbitq"], r[scenario][metric]["raw"])
-                    for r in self.reps
-                    if set(SIDES) <= set(r.get(scenario, {}).get(metric, {}))
-                ]
+                cells = [r.get(scenario, {}).get(metric, {}) for r in self.reps]
                 row: dict[str, Any] = {"better": better(metric)}
-                row |= {side: _spread(v) for side, v in per_side.items()}
-                if is_percentage(metric):
-                    row["difference_pp"] = _spread([rq - raw for rq, raw in pairs])
-                else:
-                    row["ratio"] = _spread([rq / raw for rq, raw in pairs if raw])
+                row |= {side: _spread([c[side] for c in cells if side in c]) for side in sides}
+                for base in BASELINES:
+                    pairs = [(c[OURS], c[base]) for c in cells if OURS in c and base in c]
+                    if not pairs:
+                        continue
+                    if is_percentage(metric):
+                        row[f"difference_pp/{base}"] = _spread([rq - b for rq, b in pairs])
+                    else:
+                        row[f"ratio/{base}"] = _spread([rq / b for rq, b in pairs if b])
                 metrics[metric] = row
         return out
 
@@ -105,27 +109,29 @@ def _cell(spread: dict[str, float] | None, suffix: str = "") -> str:
     return f"{_fmt(spread['median'])}{suffix} [{_fmt(spread['min'])}-{_fmt(spread['max'])}]"
 
 
-def _compare(row: dict[str, Any]) -> str:
-    if "difference_pp" in row:
-        spread = row["difference_pp"]
-        return "-" if spread is None else f"{spread['median']:+.2f} pp (difference)"
-    return _cell(row["ratio"], "x")
+def _compare(row: dict[str, Any], base: str) -> str:
+    if f"difference_pp/{base}" in row:
+        spread = row[f"difference_pp/{base}"]
+        return "-" if spread is None else f"{spread['median']:+.2f} pp"
+    return _cell(row.get(f"ratio/{base}"), "x")
 
 
-def table(summary: dict[str, dict[str, dict[str, Any]]], reps: int) -> str:
-    """A Markdown table: medians, [min-max] over the repetitions, and the ratio to raw."""
+def table(summary: dict[str, dict[str, dict[str, Any]]], reps: int, titles: dict[str, str]) -> str:
+    """A Markdown table: medians, [min-max] over the repetitions, and rabbitq's ratios."""
+    sides = list(titles)
+    bases = [b for b in BASELINES if b in titles]
+    head = [titles[s] for s in sides] + [f"rabbitq / {b}" for b in bases]
     lines = [
-        f"medians of {reps} repetition(s), [min-max]; ratio = rabbitq / raw within a repetition",
+        f"medians of {reps} repetition(s), [min-max]; a ratio is rabbitq / that system "
+        "within a repetition",
         "",
-        "| scenario | metric | better | raw aio-pika | rabbitq | rabbitq / raw |",
-        "|---|---|---|---|---|---|",
+        "| scenario | metric | better | " + " | ".join(head) + " |",
+        "|---|---|---|" + "---|" * len(head),
     ]
     for scenario, metrics in summary.items():
         if not metrics:
-            lines.append(f"| {scenario} | (skipped) | | | | |")
+            lines.append(f"| {scenario} | (skipped) |" + " |" * (len(head) + 1))
         for metric, row in metrics.items():
-            lines.append(
-                f"| {scenario} | {metric} | {row['better']} | {_cell(row['raw'])} | "
-                f"{_cell(row['rabbitq'])} | {_compare(row)} |"
-            )
+            cells = [_cell(row.get(s)) for s in sides] + [_compare(row, b) for b in bases]
+            lines.append(f"| {scenario} | {metric} | {row['better']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -47,24 +47,28 @@ def build_app(
     seen = probe or Probe(expect=0, idle_seconds=0, gated=False)
 
     async def noop(msg: Job) -> None:
-        await seen.admit()
+        if seen.admit():
+            await seen.gate.wait()
         seen.finished()
 
     async def timed(msg: Job) -> None:
         now = time.time()
-        await seen.admit()
+        if seen.admit():
+            await seen.gate.wait()
         seen.latency(msg.sent_at, now)
         seen.finished()
 
     async def fail_once(msg: Job, ctx: rabbitq.TaskContext) -> None:
-        await seen.admit()
+        if seen.admit():
+            await seen.gate.wait()
         if ctx.attempt == 1:
             raise FailOnce("first attempt fails by design")
         seen.finished()
 
     async def forward(msg: Job, ctx: rabbitq.TaskContext) -> None:
         # Counted as it raises: the forward and its ack happen just after, in rabbitq.
-        await seen.admit()
+        if seen.admit():
+            await seen.gate.wait()
         if ctx.attempt == 1:
             seen.finished()
             raise FailOnce("first attempt fails by design")

@@ -1,13 +1,16 @@
-"""The benchmark runner: rabbitq against the raw aio-pika floor, interleaved, in one run.
+"""The benchmark runner: rabbitq against its baselines and peers, interleaved, in one run.
 
     python -m benchmarks.run --n 20000 --reps 3 --json benchmarks/results.json
     python -m benchmarks.run --quick          # tiny N, one repetition: does it still run?
 
-For each repetition, each scenario is measured on the raw baseline and then on rabbitq, on the
-same broker; the table shows medians with min and max, and every figure as a ratio to the raw
-baseline of the same repetition. Everything lives in a fresh namespace that is deleted at the
-end, also on Ctrl-C or SIGTERM. A measurement disturbed by something outside it (a broker
-restart, a forced close) is measured again, up to `--attempts` times, and noted in the JSON.
+For each repetition, each scenario is measured on every system that takes part in it, one after
+the other, on the same broker and the same event loop: the raw aio-pika floor, the raw
+publisher sending rabbitq's message, the hand-tuned aiormq loop, rabbitq, and FastStream and
+Dramatiq where installed (the `bench` extra). The table shows medians with min and max, and
+rabbitq's figures as ratios to each baseline of the same repetition. Everything lives in a
+fresh namespace that is deleted at the end, also on Ctrl-C or SIGTERM. A measurement disturbed
+by something outside it (a broker restart, a forced close) is measured again, up to
+`--attempts` times, and noted in the JSON.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from benchmarks.probe import LOOPS, uvloop_installed
 from benchmarks.probe import run as run_loop
 from benchmarks.procs import Disturbed
 from benchmarks.report import SCENARIOS, Results, table
-from benchmarks.systems import RabbitqSide, RawSide, RunContext, Side
+from benchmarks.systems import RunContext, Side, all_sides
 from rabbitq._errors import RabbitqError
 from rabbitq._topology import parse_topology
 
@@ -109,12 +112,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--loop",
-        choices=("shipped", *LOOPS),
-        default="shipped",
-        help="consumer event loops. shipped (default): raw on asyncio, as a "
-        "hand-written asyncio.run program gets; rabbitq on what `rabbitq "
-        "consume` picks (uvloop where installed). asyncio or uvloop: both "
-        "sides on that loop, to compare like with like",
+        choices=LOOPS,
+        default="uvloop" if uvloop_installed() else "asyncio",
+        help="the event loop of every consumer process and of the runner's publishers "
+        "(default: uvloop, what `rabbitq consume` runs on, where installed)",
+    )
+    p.add_argument(
+        "--systems",
+        default="",
+        help="comma-separated system names to measure (default: all that are installed): "
+        "raw, raw-task-message, aiormq, rabbitq, faststream, dramatiq",
+    )
+    p.add_argument(
+        "--publishers",
+        type=int,
+        default=8,
+        help="concurrent one-at-a-time publishers in the concurrent publish scenario",
     )
     p.add_argument(
         "--attempts",
@@ -156,13 +169,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def loops(choice: str) -> tuple[str, str]:
-    """The consumer event loops of the raw and the rabbitq side for `--loop`."""
-    if choice == "shipped":
-        return "asyncio", "uvloop" if uvloop_installed() else "asyncio"
-    return choice, choice
-
-
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -171,12 +177,12 @@ Measure = Callable[[Side], Awaitable[dict[str, float]]]
 
 
 class Runner:
-    """The repetitions of one run, each scenario measured raw first, then rabbitq."""
+    """The repetitions of one run, each scenario measured on every system in turn."""
 
-    def __init__(self, args: argparse.Namespace, ctx: RunContext) -> None:
+    def __init__(self, args: argparse.Namespace, ctx: RunContext, sides: list[Side]) -> None:
         self.args = args
         self.ctx = ctx
-        self.sides: list[Side] = [RawSide(ctx), RabbitqSide(ctx)]
+        self.sides = sides
         self.results = Results()
         self.disturbed: list[str] = []
         self.drain_rate: dict[str, float] = {}  # capacity 64, this repetition, by side
@@ -208,9 +214,14 @@ class Runner:
             return figures
         raise AssertionError("unreachable")
 
-    async def both(self, what: str, make: Measure) -> dict[str, dict[str, float]]:
-        """Raw, then rabbitq: the interleaving that keeps both under the same conditions."""
-        return {side.name: await self.measure(what, side, make) for side in self.sides}
+    async def each(self, what: str, key: str, make: Measure) -> dict[str, dict[str, float]]:
+        """Every system that takes part in `key`, in turn: the interleaving that keeps them
+        under the same conditions."""
+        return {
+            side.name: await self.measure(what, side, make)
+            for side in self.sides
+            if key in side.measures
+        }
 
     def record(self, scenario: str, figures: dict[str, dict[str, float]], prefix: str = "") -> None:
         for side_name, values in figures.items():
@@ -223,14 +234,25 @@ class Runner:
         if "publish" in wants:
             self.record(
                 "publish",
-                await self.both(
-                    "publish one at a time", partial(scenarios.publish_one_at_a_time, n=a.n)
+                await self.each(
+                    "publish one at a time",
+                    "publish_one",
+                    partial(scenarios.publish_one_at_a_time, n=a.n),
                 ),
             )
             self.record(
                 "publish",
-                await self.both(
+                await self.each(
+                    f"publish from {a.publishers} concurrent publishers",
+                    "publish_concurrent",
+                    partial(scenarios.publish_concurrent, n=a.n, publishers=a.publishers),
+                ),
+            )
+            self.record(
+                "publish",
+                await self.each(
                     f"publish in batches of {a.batch}",
+                    "publish_batch",
                     partial(scenarios.publish_batches, n=a.n, batch=a.batch),
                 ),
             )
@@ -243,15 +265,16 @@ class Runner:
         if "retry" in wants:
             self.record(
                 "retry",
-                await self.both(
-                    "retry path (fail once, 50ms tier)", partial(scenarios.retry, n=a.n)
+                await self.each(
+                    "retry path (fail once, 50ms tier)", "retry", partial(scenarios.retry, n=a.n)
                 ),
             )
         if "memory" in wants and not a.skip_memory:
             self.record(
                 "memory",
-                await self.both(
+                await self.each(
                     f"{a.tier_n:,} tasks into a long tier",
+                    "tiers",
                     partial(scenarios.tiers, n=a.tier_n, early=a.tier_early),
                 ),
                 "tiers ",
@@ -259,8 +282,9 @@ class Runner:
         if "scale" in wants:
             self.record(
                 "scale",
-                await self.both(
+                await self.each(
                     "scale: 1 then 2 consumer processes",
+                    "scale",
                     partial(scenarios.scale, n=a.n, idle=a.idle),
                 ),
             )
@@ -268,8 +292,10 @@ class Runner:
     async def drains(self, capacities: tuple[int, ...]) -> None:
         a = self.args
         for capacity in capacities:
-            figures = await self.both(
-                f"drain capacity {capacity}", partial(scenarios.drain, capacity=capacity, n=a.n)
+            figures = await self.each(
+                f"drain capacity {capacity}",
+                "drain",
+                partial(scenarios.drain, capacity=capacity, n=a.n),
             )
             for name, fig in figures.items():
                 self.results.add(
@@ -288,8 +314,9 @@ class Runner:
 
     async def latencies(self) -> None:
         a = self.args
-        steady = await self.both(
+        steady = await self.each(
             f"latency at {STEADY_RATE:.0f}/s",
+            "latency",
             partial(scenarios.latency, rate=STEADY_RATE, seconds=a.latency_seconds),
         )
         for values in steady.values():
@@ -297,6 +324,8 @@ class Runner:
         self.record("latency", steady, "500/s ")
         # Near saturation, each side at 80% of its own capacity-64 drain rate of this rep.
         for side in self.sides:
+            if side.name not in self.drain_rate or "latency" not in side.measures:
+                continue
             rate = NEAR_SATURATION * self.drain_rate[side.name]
             near = await self.measure(
                 f"latency at 80% of drain ({rate:,.0f}/s)",
@@ -311,15 +340,22 @@ class Runner:
             await self.repetition()
 
 
-async def delete_namespace(url: str, namespace: str) -> None:
-    """Delete every queue and exchange a run makes under `namespace` (they are all derived)."""
+def context(url: str, namespace: str, topology_file: Path, loop: str) -> RunContext:
     topology = parse_topology({"bench.toml": topology_toml(namespace)})
-    queues = [q.name for q in topology.queues()] + [q.name for q in RawQueues.of(namespace).all()]
-    exchanges = [e.name for e in topology.exchanges()]
+    return RunContext(url, namespace, topology, topology_file, RawQueues.of(namespace), loop)
+
+
+async def delete_namespace(url: str, namespace: str, sides: list[Side] | None = None) -> None:
+    """Delete every queue and exchange a run makes under `namespace` (they are all derived)."""
+    ctx = context(url, namespace, Path(), "asyncio")
+    queues = [q.name for q in ctx.topology.queues()] + [q.name for q in ctx.raw.all()]
+    exchanges = [e.name for e in ctx.topology.exchanges()]
     try:
         if not await broker.wait_until_up(url, BROKER_DOWN_SECONDS):
             raise ConnectionError("the broker did not come back")
         left = await broker.delete_everything(url, queues, exchanges)
+        for side in sides if sides is not None else all_sides(ctx):
+            await side.tear_down()
     except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
         say(
             f"could not delete namespace {namespace} ({exc}); once the broker is back, run:\n"
@@ -340,29 +376,36 @@ async def main(args: argparse.Namespace) -> int:
         await delete_namespace(args.url, args.delete_namespace)
         return 0
     namespace = new_namespace()
-    topology = parse_topology({"bench.toml": topology_toml(namespace)})
-    raw = RawQueues.of(namespace)
     with tempfile.TemporaryDirectory(prefix="rabbitq-bench-") as tmp:
         topology_file = Path(tmp) / "bench.toml"
         topology_file.write_text(topology_toml(namespace))
-        raw_loop, rabbitq_loop = loops(args.loop)
-        ctx = RunContext(args.url, namespace, topology, topology_file, raw, raw_loop, rabbitq_loop)
-        info = machine.describe(await broker.server_version(args.url), raw_loop, rabbitq_loop)
+        ctx = context(args.url, namespace, topology_file, args.loop)
+        sides = all_sides(ctx)
+        if args.systems:
+            wanted = {name.strip() for name in args.systems.split(",")}
+            if unknown := wanted - {side.name for side in sides}:
+                say(f"error: --systems: {', '.join(sorted(unknown))} not known or not installed")
+                return 2
+            sides = [side for side in sides if side.name in wanted]
+        titles = {side.name: side.title for side in sides}
+        info = machine.describe(await broker.server_version(args.url), args.loop, titles)
         say(machine.header(info))
         say(
             f"namespace {namespace}: n={args.n}, reps={args.reps}, batch={args.batch}, "
             f"latency {args.latency_seconds:g}s, tier-n={args.tier_n}"
         )
-        runner = Runner(args, ctx)
+        runner = Runner(args, ctx, sides)
         started = time.monotonic()
         try:
-            await broker.set_up(args.url, topology, raw.all())
+            await broker.set_up(args.url, ctx.topology, ctx.raw.all())
+            for side in sides:
+                await side.set_up()
             await runner.run()
         finally:
-            await asyncio.shield(delete_namespace(args.url, namespace))
+            await asyncio.shield(delete_namespace(args.url, namespace, sides))
     summary = runner.results.summary()
     print(machine.header(info))
-    print(table(summary, args.reps))
+    print(table(summary, args.reps, titles))
     if runner.disturbed:
         print(f"\n{len(runner.disturbed)} measurement(s) were disturbed and repeated:")
         for note in runner.disturbed:
@@ -386,8 +429,8 @@ async def main(args: argparse.Namespace) -> int:
 def cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        # The runner publishes for both sides on one loop: uvloop only when both are asked to.
-        return int(run_loop(lambda: main(args), "uvloop" if args.loop == "uvloop" else "asyncio"))
+        # The runner publishes for every system on the loop their consumers run on.
+        return int(run_loop(lambda: main(args), args.loop))
     except KeyboardInterrupt:
         say("interrupted; the run's queues and exchanges were deleted")
         return 130

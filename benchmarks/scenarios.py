@@ -10,6 +10,7 @@ the runner repeats it).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from benchmarks import broker
@@ -39,7 +40,7 @@ async def _gated(
     await broker.purge(side.ctx.url, side.queues(workload))
     try:
         await asyncio.gather(*(w.start() for w in workers))
-        await broker.fill(side.ctx.url, side.target(workload), workload, count)
+        await side.fill(workload, count)
         await asyncio.gather(*(w.ready() for w in workers))
         if cpu is not None:
             cpu.start()
@@ -152,25 +153,35 @@ async def latency(side: Side, rate: float, seconds: float) -> dict[str, float]:
         "p50_ms": lat["p50"],
         "p95_ms": lat["p95"],
         "p99_ms": lat["p99"],
+        "max_ms": lat["max"],
     }
+
+
+async def _publishing(side: Side, n: int, publish: Any, key: str) -> dict[str, float]:
+    """Time `publish()` (n tasks into the side's publish queue) and this process's CPU."""
+    queue = side.work_queue("publish")
+    await broker.purge(side.ctx.url, [queue])
+    cpu = time.process_time()
+    seconds = await publish()
+    cpu = time.process_time() - cpu
+    await _expect_and_purge(side, queue, n)
+    return {f"{key}_per_s": n / seconds, f"{key}_cpu_us_per_msg": cpu / n * 1e6}
 
 
 async def publish_one_at_a_time(side: Side, n: int) -> dict[str, float]:
     """N tasks, each publish waiting for its confirm."""
-    queue = side.work_queue("publish")
-    await broker.purge(side.ctx.url, [queue])
-    seconds = await side.publish_one_at_a_time(n)
-    await _expect_and_purge(side, queue, n)
-    return {"one_at_a_time_per_s": n / seconds}
+    return await _publishing(side, n, lambda: side.publish_one_at_a_time(n), "one_at_a_time")
+
+
+async def publish_concurrent(side: Side, n: int, publishers: int) -> dict[str, float]:
+    """N tasks from `publishers` concurrent one-at-a-time publishers."""
+    key = f"{publishers}_concurrent"
+    return await _publishing(side, n, lambda: side.publish_concurrent(n, publishers), key)
 
 
 async def publish_batches(side: Side, n: int, batch: int) -> dict[str, float]:
     """N tasks in batches of `batch`, each batch's confirms pipelined."""
-    queue = side.work_queue("publish")
-    await broker.purge(side.ctx.url, [queue])
-    seconds = await side.publish_batches(n, batch)
-    await _expect_and_purge(side, queue, n)
-    return {"batch_per_s": n / seconds}
+    return await _publishing(side, n, lambda: side.publish_batches(n, batch), "batch")
 
 
 async def _expect_and_purge(side: Side, queue: str, n: int) -> None:

@@ -1,15 +1,18 @@
-"""The two sides of every comparison, behind one interface: the raw aio-pika floor and rabbitq.
+"""The systems of every comparison, behind one interface: the raw aio-pika floor, the same
+publisher sending rabbitq's message, the hand-tuned aiormq loop, rabbitq, and the peers.
 
-A side knows where a scenario's tasks go, how to start its consumer process for a scenario,
-and how to publish: one at a time with a confirm each, in batches with pipelined confirms, or
-paced. Connections are opened before the clock starts; building each message is timed (it is
-part of publishing).
+A side knows which measurements it takes part in (`measures`), where a scenario's tasks go,
+how to fill its queues, how to start its consumer process for a scenario, and how to publish:
+one at a time with a confirm each, from several concurrent publishers, in batches with
+pipelined confirms, or paced. Connections are opened before the clock starts; building each
+message is timed (it is part of publishing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import aio_pika
 from aio_pika.abc import AbstractExchange
 
 import rabbitq
-from benchmarks import broker
+from benchmarks import broker, wire
 from benchmarks.names import RawQueues
 from benchmarks.pacing import paced
 from benchmarks.procs import Worker
@@ -36,8 +39,7 @@ class RunContext:
     topology: Topology
     topology_file: Path
     raw: RawQueues
-    raw_loop: str  # "asyncio" or "uvloop", per side: see `run --loop`
-    rabbitq_loop: str
+    loop: str  # "asyncio" or "uvloop": every consumer process and the runner (`run --loop`)
 
 
 def _worker_common(
@@ -59,10 +61,30 @@ def _worker_common(
     ]
 
 
+# What a side can take part in (a scenario may hold several).
+PUBLISH = frozenset({"publish_one", "publish_concurrent", "publish_batch"})
+CONSUME = frozenset({"drain", "latency"})
+EVERYTHING = PUBLISH | CONSUME | {"retry", "tiers", "scale"}
+
+
+async def _concurrently(send: Any, n: int, publishers: int) -> float:
+    """Seconds for `publishers` coroutines to call `await send(i)` for i in 0..n-1 between them."""
+
+    async def one(first: int) -> None:
+        for i in range(first, n, publishers):
+            await send(i)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(k) for k in range(publishers)))
+    return time.perf_counter() - started
+
+
 class RawSide:
     """The minimal aio-pika programs, written in this folder."""
 
     name = "raw"
+    title = "raw (aio-pika)"
+    measures = EVERYTHING
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -98,15 +120,37 @@ class RawSide:
         rss_at: tuple[int, ...] = (),
         label: str = "",
     ) -> Worker:
-        args = _worker_common(mode, self.ctx.url, self.ctx.raw_loop, expect, idle, rss_at)
+        args = _worker_common(mode, self.ctx.url, self.ctx.loop, expect, idle, rss_at)
         args += ["--queue", self.work_queue(workload), "--prefetch", str(capacity)]
         if workload in self._delay:
             args += ["--delay-queue", self._delay[workload]]
         return Worker("benchmarks.raw_worker", args, label or f"raw {mode} {workload}")
 
+    async def set_up(self) -> None:
+        """The raw queues are declared by the runner with rabbitq's topology (`broker.set_up`)."""
+
+    async def tear_down(self) -> None:
+        """Deleted by the runner with the namespace."""
+
+    async def fill(self, workload: str, count: int) -> None:
+        await broker.fill(self.ctx.url, self.target(workload), workload, count)
+
     async def _exchange(self, conn: aio_pika.abc.AbstractConnection) -> AbstractExchange:
         channel = await conn.channel(publisher_confirms=True)
         return channel.default_exchange
+
+    async def publish_concurrent(self, n: int, publishers: int) -> float:
+        """Seconds for `publishers` concurrent one-at-a-time publishers on one channel."""
+        queue = self.work_queue("publish")
+        bodies = [body(i) for i in range(n)]
+        async with broker.connection(self.ctx.url, "bench raw publisher") as conn:
+            exchange = await self._exchange(conn)
+
+            async def send(i: int) -> None:
+                message = aio_pika.Message(bodies[i], delivery_mode=PERSISTENT)
+                await exchange.publish(message, routing_key=queue)
+
+            return await _concurrently(send, n, publishers)
 
     async def publish_one_at_a_time(self, n: int) -> float:
         """Seconds to publish n tasks, each waiting for its confirm."""
@@ -155,6 +199,8 @@ class RabbitqSide:
     """rabbitq through its public API: `Task.publish`, `App.publish_many`, `Consumer`."""
 
     name = "rabbitq"
+    title = "rabbitq"
+    measures = EVERYTHING
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -170,6 +216,15 @@ class RabbitqSide:
         spec = self.ctx.topology.workload(workload)
         return spec.task_exchange, spec.routing_key
 
+    async def set_up(self) -> None:
+        """The topology is declared by the runner (`broker.set_up`)."""
+
+    async def tear_down(self) -> None:
+        """Deleted by the runner with the namespace."""
+
+    async def fill(self, workload: str, count: int) -> None:
+        await broker.fill(self.ctx.url, self.target(workload), workload, count)
+
     def worker(
         self,
         mode: str,
@@ -183,7 +238,7 @@ class RabbitqSide:
     ) -> Worker:
         # capacity is the workload's (see benchmarks.names); the argument keeps one signature
         assert self.ctx.topology.workload(workload).capacity == capacity
-        args = _worker_common(mode, self.ctx.url, self.ctx.rabbitq_loop, expect, idle, rss_at)
+        args = _worker_common(mode, self.ctx.url, self.ctx.loop, expect, idle, rss_at)
         args += ["--workload", workload, "--topology", str(self.ctx.topology_file)]
         return Worker("benchmarks.rq_worker", args, label or f"rabbitq {mode} {workload}")
 
@@ -201,6 +256,17 @@ class RabbitqSide:
             for payload in payloads:
                 await task.publish(payload)
             return time.perf_counter() - started
+
+    async def publish_concurrent(self, n: int, publishers: int) -> float:
+        app, tasks = self._app()
+        task = tasks["publish"]
+        payloads = [Job.make(i) for i in range(n)]
+        async with app:
+
+            async def send(i: int) -> None:
+                await task.publish(payloads[i])
+
+            return await _concurrently(send, n, publishers)
 
     async def publish_batches(self, n: int, batch: int) -> float:
         app, tasks = self._app()
@@ -223,4 +289,99 @@ class RabbitqSide:
             return await paced(send, rate, count)
 
 
-Side = RawSide | RabbitqSide
+class RawTaskMessageSide(RawSide):
+    """The raw aio-pika publisher sending rabbitq's message: its properties and headers,
+    `mandatory`, through the task exchange into rabbitq's work queue. What rabbitq's publish
+    adds over this is rabbitq's own code; what this adds over `raw` is the message."""
+
+    name = "raw-task-message"
+    title = "raw-task-message (aio-pika, rabbitq's message)"
+    measures = PUBLISH
+
+    def work_queue(self, workload: str) -> str:
+        return self.ctx.topology.workload(workload).work_queue
+
+    def queues(self, workload: str) -> list[str]:
+        return [self.work_queue(workload)]
+
+    def target(self, workload: str) -> tuple[str, str]:
+        spec = self.ctx.topology.workload(workload)
+        return spec.task_exchange, spec.routing_key
+
+    async def _sender(self, conn: aio_pika.abc.AbstractConnection) -> Any:
+        exchange_name, routing_key = self.target("publish")
+        channel = await conn.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(exchange_name, ensure=False)
+        props = wire.task_properties("publish")
+        del props["message_id"], props["timestamp"]
+
+        async def send(data: bytes) -> None:
+            # a fresh id and timestamp per message, as rabbitq writes them
+            message = aio_pika.Message(
+                data, message_id=uuid.uuid4().hex, timestamp=int(time.time()), **props
+            )
+            await exchange.publish(message, routing_key=routing_key, mandatory=True)
+
+        return send
+
+    async def publish_one_at_a_time(self, n: int) -> float:
+        bodies = [body(i) for i in range(n)]
+        async with broker.connection(self.ctx.url, "bench raw publisher") as conn:
+            send = await self._sender(conn)
+            started = time.perf_counter()
+            for data in bodies:
+                await send(data)
+            return time.perf_counter() - started
+
+    async def publish_concurrent(self, n: int, publishers: int) -> float:
+        bodies = [body(i) for i in range(n)]
+        async with broker.connection(self.ctx.url, "bench raw publisher") as conn:
+            send = await self._sender(conn)
+            return await _concurrently(lambda i: send(bodies[i]), n, publishers)
+
+    async def publish_batches(self, n: int, batch: int) -> float:
+        bodies = [body(i) for i in range(n)]
+        async with broker.connection(self.ctx.url, "bench raw publisher") as conn:
+            send = await self._sender(conn)
+            started = time.perf_counter()
+            for start in range(0, n, batch):
+                await asyncio.gather(*(send(data) for data in bodies[start : start + batch]))
+            return time.perf_counter() - started
+
+
+class AiormqSide(RawSide):
+    """The hand-tuned ceiling: a plain aiormq loop with one multiple-ack per 16 deliveries
+    (`aiormq_worker.py`), consuming the raw queues. It publishes nothing of its own."""
+
+    name = "aiormq"
+    title = "aiormq (hand-tuned, ack per 16)"
+    measures = CONSUME
+
+    def worker(
+        self,
+        mode: str,
+        workload: str,
+        capacity: int,
+        *,
+        expect: int = 0,
+        idle: float = 1.0,
+        rss_at: tuple[int, ...] = (),
+        label: str = "",
+    ) -> Worker:
+        args = _worker_common(mode, self.ctx.url, self.ctx.loop, expect, idle, rss_at)
+        args += ["--queue", self.work_queue(workload), "--prefetch", str(capacity)]
+        return Worker("benchmarks.aiormq_worker", args, label or f"aiormq {mode} {workload}")
+
+
+Side = Any  # RawSide, RawTaskMessageSide, AiormqSide, RabbitqSide, or a peer (benchmarks.peers)
+
+
+def all_sides(ctx: RunContext) -> list[Side]:
+    """Every system in the order each scenario measures them; peers only where installed
+    (`pip install -e '.[bench]'`)."""
+    sides: list[Side] = [RawSide(ctx), RawTaskMessageSide(ctx), AiormqSide(ctx), RabbitqSide(ctx)]
+    try:
+        from benchmarks.peers import DramatiqSide, FastStreamSide  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return sides
+    return [*sides, FastStreamSide(ctx), DramatiqSide(ctx)]

@@ -19,7 +19,7 @@ from rabbitq._errors import ConnectionFailed
 logger = logging.getLogger("rabbitq.connection")
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
-CONNECT_TIMEOUT_SECONDS = 10.0
+CONNECT_SECONDS = 10.0
 
 
 def mask_url(url: str) -> str:
@@ -57,16 +57,20 @@ def is_open(connection: AbstractConnection) -> bool:
     return not connection.is_closed and connection.connected.is_set()
 
 
+def client_name(name: str) -> str:
+    """What the broker lists a connection as (`rabbitmqctl list_connections`)."""
+    return f"rabbitq {name} on {socket.gethostname()}"
+
+
 async def connect(url: str, name: str) -> AbstractConnection:
     """A plain (not robust) connection; rabbitq runs its own reconnect loop.
 
     Raises:
         ConnectionFailed: with the masked URL and the reason.
     """
-    client_name = f"rabbitq {name} on {socket.gethostname()}"
     try:
         return await aio_pika.connect(
-            url, timeout=CONNECT_TIMEOUT_SECONDS, client_properties={"connection_name": client_name}
+            url, timeout=CONNECT_SECONDS, client_properties={"connection_name": client_name(name)}
         )
     except asyncio.CancelledError:
         raise

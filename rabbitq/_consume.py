@@ -21,12 +21,12 @@ from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from aiormq.abc import DeliveredMessage
 from prometheus_client import CollectorRegistry
 
 from rabbitq._ack import Acker
+from rabbitq._amqp import ClosedByBroker, ConsumeConnection, Delivery, open_consumer
 from rabbitq._app import App
-from rabbitq._connection import connect
+from rabbitq._connection import client_name, connect, scrub
 from rabbitq._declare import check_exists
 from rabbitq._errors import ConfigError, ConnectionFailed, SessionLost
 from rabbitq._metrics import Metrics
@@ -203,45 +203,48 @@ class Consumer:
     async def _connected_session(self) -> bool:
         self._lost.clear()
         self._loop = asyncio.get_running_loop()
-        connection = await connect(self.url, f"consumer {self.workload.name}")
+        # aio-pika for the checks (and burst's queue depths); the deliveries come on a
+        # connection of rabbitq's own (`_amqp.py`)
+        control = await connect(self.url, f"consumer-check {self.workload.name}")
         # The URL works: from now on an unreachable broker is an outage to wait out, not a
         # mistake to report by exiting.
         self._established = True
-        self._set_connected(True)
-        connection.close_callbacks.add(
-            lambda _c, exc=None: self._lose(f"connection closed: {exc or 'by us'}")
-        )
+        consuming = ConsumeConnection(_ignore, self._lose)
+        acker = Acker(consuming, self.workload.capacity)
+        consuming.on_delivery = partial(self._dispatch, acker)
         try:
-            await check_exists(connection, self.workload)
-            channel = await connection.channel(publisher_confirms=False)
-            channel.close_callbacks.add(
-                lambda _c, exc=None: self._lose(f"channel closed: {exc or 'by us'}")
-            )
-            # Prefetch is the capacity: every delivery runs at once, none waits in a buffer
-            # where it would age toward consumer_timeout or jump ahead of a higher priority.
-            await channel.set_qos(prefetch_count=self.workload.capacity)
+            await check_exists(control, self.workload)
+            if self.burst:
+                control.close_callbacks.add(
+                    lambda _c, exc=None: self._lose(f"connection closed: {exc or 'by us'}")
+                )
+            else:
+                await control.close()
             await self.publisher.start()
             await self.app.bind_publisher(self.publisher, self.workload.namespace)
-            underlay = await channel.get_underlay_channel()
-            # this channel's deliveries are settled by this channel's acker, and no other
-            acker = Acker(underlay, self.workload.capacity)
-            consume_ok = await underlay.basic_consume(
-                self.workload.work_queue, partial(self._on_delivery, acker), no_ack=False
-            )
-            tiers = ", ".join(t.label for t in self.workload.tiers) or "none"
             queue, capacity = self.workload.work_queue, self.workload.capacity
+            # Prefetch is the capacity: every delivery runs at once, none waits in a buffer
+            # where it would age toward consumer_timeout or jump ahead of a higher priority.
+            try:
+                name = client_name(f"consumer {self.workload.name}")
+                await open_consumer(consuming, self.url, name, queue, capacity)
+            except (OSError, TimeoutError, ClosedByBroker) as exc:
+                raise SessionLost(scrub(f"{type(exc).__name__}: {exc}", self.url)) from None
+            self._set_connected(True)
+            tiers = ", ".join(t.label for t in self.workload.tiers) or "none"
             self._log.info("consuming %s with capacity %d (tiers: %s)", queue, capacity, tiers)
             self._set_ready(True)
             self._established_at = time.monotonic()
-            done = await self._wait(connection)
+            done = await self._wait(control)
             if self._lost.is_set() and not done:
                 raise SessionLost(self._lost_reason)
-            await self._drain(underlay, consume_ok.consumer_tag or "", acker)
+            await self._drain(consuming, acker)
             return True
         finally:
             self._set_ready(False)
-            if not connection.is_closed:
-                await connection.close()
+            await consuming.close()
+            if not control.is_closed:
+                await control.close()
             self._set_connected(False)
 
     def _set_ready(self, ready: bool) -> None:
@@ -288,14 +291,12 @@ class Consumer:
             if not channel.is_closed:
                 await channel.close()
 
-    async def _drain(
-        self, channel: aiormq.abc.AbstractChannel, consumer_tag: str, acker: Acker
-    ) -> None:
+    async def _drain(self, consuming: ConsumeConnection, acker: Acker) -> None:
         """Stop deliveries, give running handlers the grace period, return the rest."""
         try:
-            await channel.basic_cancel(consumer_tag)
-        except Exception:  # the channel may be closing already; the broker requeues then
-            logger.debug("cancel of consumer %s failed", consumer_tag, exc_info=True)
+            await consuming.cancel()
+        except Exception:  # the connection may be closing already; the broker requeues then
+            logger.debug("cancel of consumer %s failed", consuming.consumer_tag, exc_info=True)
         if self._running:
             grace, running = self.grace_seconds, len(self._running)
             self._log.info("stopping; waiting up to %gs for %d running tasks", grace, running)
@@ -309,30 +310,36 @@ class Consumer:
                 for task in late:
                     task.cancel()
                 await asyncio.wait(late, timeout=5)
-        # Acks still batched must reach the broker before the connection closes, or finished
-        # tasks would be redelivered.
-        await acker.settled()
+        # Acks still batched must be written before the connection closes, or finished tasks
+        # would be redelivered.
+        acker.flush()
 
     # One delivery ----------------------------------------------------------------------------
 
-    async def _on_delivery(self, acker: Acker, message: DeliveredMessage) -> None:
-        # passing the loop skips a get_running_loop() per delivery (Python 3.11)
-        task = asyncio.current_task(self._loop)
-        assert task is not None
+    def _dispatch(self, acker: Acker, delivery: Delivery) -> None:
+        assert self._loop is not None
+        if self._lost.is_set():
+            return  # the session is ending: not run, and requeued when the connection closes
+        task = self._loop.create_task(self._settle_one(acker, delivery))
         self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _settle_one(self, acker: Acker, message: Delivery) -> None:
         try:
             await self._settler.handle(message, acker)
         except asyncio.CancelledError:
-            # Stopping after the grace period, or the channel died: give the delivery back if
-            # its channel still lives; otherwise the broker already requeued it.
+            # Stopping after the grace period, or the connection died: give the delivery back
+            # if its connection still lives; otherwise the broker already requeued it.
             acker.settle(message, requeue=True)
             raise
         except Exception:
             logger.exception("unexpected error handling message; returning it to the queue")
             acker.settle(message, requeue=True)
             self._lose("unexpected error in the consume path")
-        finally:
-            self._running.discard(task)
+
+
+def _ignore(_: Delivery) -> None:
+    """Until the acker exists (it needs the connection) there is nowhere to deliver."""
 
 
 async def _never() -> None:

@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from aiormq.abc import DeliveredMessage
-
 from rabbitq import _wire as wire
 from rabbitq._ack import Acker
+from rabbitq._amqp import Delivery
 from rabbitq._app import App
 from rabbitq._connection import scrub
 from rabbitq._errors import ConnectionFailed, ParkReason, Poison, PublishError, Unroutable
@@ -69,14 +68,16 @@ class Settler:
     counts: Counter[str]
     host: str = field(default_factory=socket.gethostname)
 
-    async def handle(self, message: DeliveredMessage, acker: Acker) -> None:
-        props = message.header.properties
+    async def handle(self, message: Delivery, acker: Acker) -> None:
+        props = message.properties
         spec = self.workload.spec
-        redelivered = bool(getattr(message.delivery, "redelivered", False))
+        redelivered = message.redelivered
         envelope: wire.Envelope | None = None
         error: BaseException | None = None
         duration: float | None = None
         try:
+            if props.broken:
+                raise Poison(ParkReason.BAD_ENVELOPE, props.broken)
             envelope = wire.decode(
                 body_size=len(message.body),
                 task=props.message_type,
@@ -110,13 +111,13 @@ class Settler:
 
     async def _run(
         self,
-        message: DeliveredMessage,
+        message: Delivery,
         envelope: wire.Envelope,
         definition: TaskDef[Any, Any],
         payload: Any,
     ) -> tuple[Exception | None, float]:
         """Run the handler; what it raised (None if it returned) and how long it took."""
-        props = message.header.properties
+        props = message.properties
         # built only for handlers that take it: most do not, and it is per-task work
         ctx = (
             TaskContext(
@@ -125,7 +126,7 @@ class Settler:
                 workload=self.workload.name,
                 attempt=envelope.attempt,
                 deadline=envelope.deadline,
-                redelivered=bool(getattr(message.delivery, "redelivered", False))
+                redelivered=message.redelivered
                 or envelope.redeliveries > 0
                 or bool(envelope.delivery_count),
                 priority=props.priority or 0,
@@ -153,7 +154,7 @@ class Settler:
 
     async def _carry_out(
         self,
-        message: DeliveredMessage,
+        message: Delivery,
         acker: Acker,
         envelope: wire.Envelope | None,
         outcome: Outcome,
@@ -177,7 +178,7 @@ class Settler:
                 logger.error(
                     "message %s could not be moved (%s); returning it to the queue and "
                     "reconnecting",
-                    message.header.properties.message_id,
+                    message.properties.message_id,
                     exc,
                 )
                 acker.settle(message, requeue=True)
@@ -188,13 +189,13 @@ class Settler:
 
     def _copy(
         self,
-        message: DeliveredMessage,
+        message: Delivery,
         envelope: wire.Envelope | None,
         outcome: Outcome,
         error: BaseException | None,
     ) -> wire.Outgoing:
         """The copy an outcome sends: to a tier, back to the work queue, or to the parking lot."""
-        props, workload, now = message.header.properties, self.workload, time.time()
+        props, workload, now = message.properties, self.workload, time.time()
         stamp = None
         if isinstance(outcome, RetryIn):
             assert envelope is not None and error is not None
@@ -228,14 +229,14 @@ class Settler:
 
     def _record(
         self,
-        message: DeliveredMessage,
+        message: Delivery,
         envelope: wire.Envelope | None,
         outcome: Outcome,
         error: BaseException | None,
         duration: float | None,
     ) -> None:
         """Count, log and report a settled outcome."""
-        props = message.header.properties
+        props = message.properties
         # a task name is a label only if the app registered it: poison names anything
         task = envelope.task if envelope is not None else None
         metrics = self.metrics.task(task)

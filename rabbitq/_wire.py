@@ -26,7 +26,7 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import pamqp.encode
@@ -35,6 +35,7 @@ from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
+from rabbitq._amqp import Properties
 from rabbitq._errors import ParkReason, Poison
 
 CONTENT_TYPE = "application/json"
@@ -283,10 +284,9 @@ def park_headers(
     }
 
 
-def timestamp_seconds(props: Basic.Properties) -> float | None:
-    """The AMQP `timestamp` property in seconds since the epoch, if set (pamqp gives UTC)."""
-    stamp = props.timestamp
-    return stamp.replace(tzinfo=UTC).timestamp() if isinstance(stamp, datetime) else None
+def timestamp_seconds(props: Properties) -> float | None:
+    """The AMQP `timestamp` property in seconds since the epoch, if set."""
+    return props.timestamp_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +319,7 @@ class Outgoing:
 
 
 def copy(
-    props: Basic.Properties,
+    props: Properties,
     body: bytes,
     exchange: str,
     routing_key: str,

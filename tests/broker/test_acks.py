@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import random
-from collections.abc import Callable
-from typing import Any
 
-import aiormq
-import aiormq.abc
-import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 from rabbitq import App, Consumer
 from rabbitq._ack import Acker
+from rabbitq._amqp import ConsumeConnection, Delivery, open_consumer
+from tests.conftest import broker_url
 from tests.helpers import plain_message, queue_depth, running_consumer, wait_until
 
 
@@ -104,63 +100,57 @@ async def test_graceful_stop_sends_the_acks_still_batched(
     assert await queue_depth(connection, workload.work_queue) == 0
 
 
-async def _held_delivery(
-    connection: AbstractConnection, namespace: str
-) -> tuple[aiormq.abc.AbstractChannel, Acker, int, str]:
-    """A message taken (unacked) on a channel of its own, with that channel's acker."""
+async def _held(
+    connection: AbstractConnection, namespace: str, count: int
+) -> tuple[ConsumeConnection, Acker, list[Delivery], str]:
+    """`count` messages delivered (unacked) on a consuming connection, with its acker."""
     setup = await connection.channel()
-    queue = (await setup.declare_queue(f"{namespace}.held", exclusive=True)).name
-    await setup.default_exchange.publish(plain_message(b"held"), routing_key=queue)
+    queue = (await setup.declare_queue(f"{namespace}.held")).name
+    for n in range(count):
+        await setup.default_exchange.publish(plain_message(b"%d" % n), routing_key=queue)
     await setup.close()
-    channel = await (await connection.channel(publisher_confirms=False)).get_underlay_channel()
-    delivery = await channel.basic_get(queue, no_ack=False)
-    assert delivery.delivery_tag is not None
-    return channel, Acker(channel, prefetch=1), delivery.delivery_tag, queue
+    held: list[Delivery] = []
+    lost: list[str] = []
+    consuming = ConsumeConnection(held.append, lost.append)
+    await open_consumer(consuming, broker_url(), "test held", queue, prefetch=count)
+    await wait_until(lambda: len(held) == count, timeout=5, what="the deliveries")
+    return consuming, Acker(consuming, prefetch=count), held, queue
 
 
-def is_dead(acker: Acker) -> Callable[[], bool]:
-    return lambda: acker.dead
+async def requeued(connection: AbstractConnection, queue: str, count: int) -> bool:
+    return await queue_depth(connection, queue) == count
 
 
-async def requeued(connection: AbstractConnection, queue: str) -> bool:
-    return await queue_depth(connection, queue) == 1
-
-
-async def test_an_ack_after_the_broker_closed_the_channel_marks_the_acker_dead(
+async def test_an_ack_the_broker_refuses_closes_the_channel_and_the_acker_is_dead(
     connection, namespace
 ):
-    """An ack for a channel the broker closed: the acker is dead, no task error goes unseen."""
-    unseen: list[dict[str, Any]] = []
-    # The loop is this test's own: the handler stays, so a task collected late (after a
-    # failure) is recorded here rather than logged while pytest reports.
-    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: unseen.append(context))
-    channel, acker, tag, queue = await _held_delivery(connection, namespace)
-    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):  # a 404 closes the channel
-        await channel.queue_declare(f"{namespace}.missing", passive=True)
-    acker.ack(tag)  # aiormq refuses it with ChannelInvalidStateError, a RuntimeError
-    await wait_until(is_dead(acker), timeout=5, what="the acker to give up its channel")
-    del acker  # with it goes its sender task
-    gc.collect()  # a task whose exception nobody retrieved says so when it is collected
-    assert unseen == []
-    await wait_until(
-        lambda: requeued(connection, queue), timeout=5, what="the unacked message to be requeued"
-    )
+    """The broker closes the channel on an unknown tag: the acker is dead, settle says so,
+    and every held delivery is requeued, never acked elsewhere."""
+    consuming, acker, held, queue = await _held(connection, namespace, 2)
+    try:
+        consuming.ack(10_000)  # no such delivery: PRECONDITION_FAILED closes the channel
+        await wait_until(lambda: acker.dead, timeout=5, what="the acker to see the close")
+        assert acker.settle(held[0]) is False
+        await wait_until(
+            lambda: requeued(connection, queue, 2), timeout=5, what="both to be requeued"
+        )
+    finally:
+        await consuming.close()
+        await (await connection.channel()).queue_delete(queue)
 
 
-async def test_an_ack_that_fails_on_an_open_channel_closes_the_channel(
-    connection, namespace, monkeypatch
-):
-    """Whatever stops an ack, the acker closes its channel, so the broker requeues the delivery."""
-    channel, acker, tag, queue = await _held_delivery(connection, namespace)
-
-    async def broken(*_args: Any, **_kwargs: Any) -> None:
-        raise ValueError("the frame could not be written")
-
-    monkeypatch.setattr(channel, "basic_ack", broken)
-    acker.ack(tag)
-    await wait_until(
-        lambda: acker.dead and channel.is_closed, timeout=5, what="the acker to close its channel"
-    )
-    await wait_until(
-        lambda: requeued(connection, queue), timeout=5, what="the unacked message to be requeued"
-    )
+async def test_acks_and_a_nack_written_before_a_close_reach_the_broker(connection, namespace):
+    """A multiple-ack and a nack written just before a graceful close: nothing is lost or
+    redelivered beyond the nacked one."""
+    consuming, acker, held, queue = await _held(connection, namespace, 3)
+    try:
+        acker.ack(held[0].tag)
+        acker.ack(held[1].tag)
+        acker.settle(held[2], requeue=True)  # flushes the acks first, then the nack
+        await consuming.close()
+        await wait_until(
+            lambda: requeued(connection, queue, 1), timeout=5, what="only the nacked one back"
+        )
+    finally:
+        await consuming.close()
+        await (await connection.channel()).queue_delete(queue)

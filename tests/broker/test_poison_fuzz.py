@@ -1007,33 +1007,18 @@ FOREIGN_WIRE_CASES = [
     ),
     pytest.param(
         _c(NOT_JSON, headers={HEADER_ATTEMPT: 1, b"\xff\xfe": 1}),
-        {ParkReason.UNDECODABLE},
+        {ParkReason.BAD_ENVELOPE},  # the headers cannot be read at all
         id="header_key_not_utf8",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="bug (aiormq/pamqp): a header key that is not UTF-8 fails to unmarshal, "
-            "aiormq closes the consumer's connection, the broker redelivers: reconnect loop",
-        ),
     ),
     pytest.param(
         _c(message_id=Raw(b"\x02\xff\xfe")),
         {ParkReason.BAD_ENVELOPE},
         id="message_id_not_utf8",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="bug (aiormq/pamqp): a shortstr property that is not UTF-8 fails to "
-            "unmarshal, aiormq closes the consumer's connection: reconnect loop",
-        ),
     ),
     pytest.param(
         _c(properties={"timestamp": Raw(struct.pack(">Q", 2**63))}),
         {COMPLETED},
         id="timestamp_beyond_year_9999",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="bug (pamqp): a timestamp past year 9999 fails to unmarshal (datetime "
-            "out of range), aiormq closes the consumer's connection: reconnect loop",
-        ),
     ),
 ]
 
