@@ -17,7 +17,6 @@ one line per task configures it.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import sys
 import time
@@ -58,16 +57,6 @@ def queue(name: str) -> RabbitQueue:
     return RabbitQueue(name)
 
 
-async def admit(probe: Probe) -> None:
-    """The probe's admit in either of its forms: a coroutine that waits at the gate, or a
-    plain call saying the gate is shut (then the handler waits for it)."""
-    shut = probe.admit()
-    if inspect.isawaitable(shut):
-        await shut
-    elif shut:
-        await probe.gate.wait()
-
-
 async def main(args: Any) -> None:
     gated = args.mode != "latency"
     probe = Probe(
@@ -88,12 +77,14 @@ async def main(args: Any) -> None:
     subscriber = broker.subscriber(queue(args.queue), channel=Channel(prefetch_count=args.prefetch))
 
     async def drain(job: Job) -> None:
-        await admit(probe)
+        if probe.admit():
+            await probe.gate.wait()
         probe.finished()
 
     async def latency(job: Job) -> None:
         now = time.time()
-        await admit(probe)
+        if probe.admit():
+            await probe.gate.wait()
         probe.latency(job.sent_at, now)
         probe.finished()
 

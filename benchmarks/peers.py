@@ -57,11 +57,6 @@ def _queue_name(ctx: RunContext, system: str, role: str) -> str:
     return f"{ctx.namespace}.{system}.{role}"
 
 
-def _loop(ctx: RunContext) -> str:
-    # `raw_loop` until the runner's one `loop` for every system lands; either names the loop.
-    return str(getattr(ctx, "loop", None) or getattr(ctx, "raw_loop"))  # noqa: B009
-
-
 def _fields(task_id: int, sent_at: float = 0.0) -> dict[str, Any]:
     """The task's fields: what `wire.body` encodes."""
     return {"id": task_id, "sent_at": sent_at, "pad": pad_for(task_id, sent_at)}
@@ -77,7 +72,7 @@ def _worker_args(
     rss_at: tuple[int, ...],
 ) -> list[str]:
     return [
-        *("--mode", mode, "--url", ctx.url, "--loop", _loop(ctx)),
+        *("--mode", mode, "--url", ctx.url, "--loop", ctx.loop),
         *("--expect", str(expect), "--idle", str(idle), "--rss-at", ",".join(map(str, rss_at))),
         *("--queue", queue_name, "--prefetch", str(capacity)),
     ]

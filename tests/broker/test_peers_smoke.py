@@ -3,7 +3,6 @@ tear down. Benchmarks are not tests: no time is asserted, only the counts."""
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,10 +11,9 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from benchmarks import broker
-from benchmarks.names import RawQueues, topology_toml
 from benchmarks.probe import uvloop_installed
+from benchmarks.run import context
 from benchmarks.systems import RunContext
-from rabbitq._topology import parse_topology
 from tests.conftest import broker_url
 
 pytest.importorskip("faststream.rabbit", reason="the bench extra is not installed")
@@ -29,24 +27,12 @@ PUBLISHERS = 8
 PACED_RATE = 200.0
 # Generous: a worker process imports its framework and connects before it is ready.
 WORKER_SECONDS = 20.0
+LOOP = "uvloop" if uvloop_installed() else "asyncio"
 
 
-def context(url: str, namespace: str) -> RunContext:
-    """A RunContext by field name, so it holds across the runner's one-loop and two-loop
-    versions of it (the peers read only url, namespace and the loop)."""
-    loop = "uvloop" if uvloop_installed() else "asyncio"
-    values: dict[str, Any] = {
-        "url": url,
-        "namespace": namespace,
-        "topology": parse_topology({"bench.toml": topology_toml(namespace)}),
-        "topology_file": Path("unused.toml"),
-        "raw": RawQueues.of(namespace),
-        "loop": loop,
-        "raw_loop": loop,
-        "rabbitq_loop": loop,
-    }
-    names = {field.name for field in dataclasses.fields(RunContext)}
-    return RunContext(**{k: v for k, v in values.items() if k in names})
+def peer_context(url: str, namespace: str) -> RunContext:
+    """The run context the peers see (they read only the URL, the namespace and the loop)."""
+    return context(url, namespace, Path("unused.toml"), LOOP)
 
 
 async def queue_exists(url: str, name: str) -> bool:
@@ -64,7 +50,7 @@ async def test_peer_drains_publishes_and_tears_down(
     """A fill is drained to the last task, every publish mode arrives in full, the latency
     worker sees every paced task, and tear-down leaves none of the side's queues."""
     url = broker_url()
-    side = side_class(context(url, f"bench-t{uuid.uuid4().hex[:8]}"))
+    side = side_class(peer_context(url, f"bench-t{uuid.uuid4().hex[:8]}"))
     await side.set_up()
     try:
         assert "drain" in side.measures and "latency" in side.measures
