@@ -53,7 +53,7 @@ class Acker:
         (the broker has requeued the delivery already)."""
         if self.connection.is_closed:
             logger.info(
-                "message %s not %s: its connection is closed; the broker redelivers it",
+                "message %s not %s: its channel is closed; the broker redelivers it",
                 message.properties.message_id,
                 "returned" if requeue else "acked",
             )

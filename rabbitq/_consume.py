@@ -242,6 +242,10 @@ class Consumer:
             return True
         finally:
             self._set_ready(False)
+            # Handlers still running lose their deliveries with the connection (the broker
+            # redelivers them): cancel them, so a copy does not run beside its original.
+            for task in self._running:
+                task.cancel()
             await consuming.close()
             if not control.is_closed:
                 await control.close()
