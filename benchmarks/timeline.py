@@ -5,7 +5,8 @@
 Runs a `rabbitq.Consumer` in this process (on uvloop by default) over N pre-published tasks,
 with the acker and the delivery callback wrapped to stamp each event, then reports what the
 consumer waited on: how long the prefetch window was full (every slot delivered but not yet
-acked on the wire: waiting for its own acks), how long it held no delivery at all (waiting
+acked on the wire), how long it had nothing to run while finished tasks waited for their ack
+frame (waiting on its own acks), how long it had nothing to run and nothing unacked (waiting
 for the broker), the gaps between arrivals, how many deliveries each ack frame settled, and
 how long a finished task waited for its ack frame. Wrapping costs a little; the rate shown is
 for orientation, not a benchmark figure (`benchmarks.run` is).
@@ -26,7 +27,7 @@ from pydantic import BaseModel
 import rabbitq
 from benchmarks import broker
 from benchmarks.probe import LOOPS, run, uvloop_installed
-from rabbitq import _ack, _amqp, _consume
+from rabbitq import _ack, _consume
 from rabbitq import _declare as declare
 
 
@@ -41,26 +42,52 @@ Event = tuple[int, str, int, bool]  # (ns, kind, delivery tag, multiple)
 
 def instrument(events: list[Event]) -> None:
     """Stamp arrivals, handler ends and ack frames as they are written."""
-    dispatch = _consume.Consumer._dispatch
-    ack = _ack.Acker.ack
-    ack_frame = _amqp.ConsumeConnection.ack
     now = time.perf_counter_ns
-
-    def delivered(self: Any, acker: Any, delivery: Any) -> None:
-        events.append((now(), "arrive", delivery.tag, False))
-        dispatch(self, acker, delivery)
+    ack = _ack.Acker.ack
 
     def finished(self: Any, tag: int) -> None:
         events.append((now(), "finish", tag, False))
         ack(self, tag)
 
+    setattr(_ack.Acker, "ack", finished)  # noqa: B010  # wrapping for the stamps
+    if not hasattr(_consume.Consumer, "_dispatch"):  # before rabbitq/_amqp.py: on aiormq
+        _instrument_aiormq(events)
+        return
+    from rabbitq import _amqp
+
+    dispatch, ack_frame = _consume.Consumer._dispatch, _amqp.ConsumeConnection.ack
+
+    def delivered(self: Any, acker: Any, delivery: Any) -> None:
+        events.append((now(), "arrive", delivery.tag, False))
+        dispatch(self, acker, delivery)
+
     def written(self: Any, tag: int, multiple: bool = False) -> bool:
         events.append((now(), "ack", tag, multiple))
         return ack_frame(self, tag, multiple)
 
-    setattr(_consume.Consumer, "_dispatch", delivered)  # noqa: B010  # wrapping for the stamps
-    setattr(_ack.Acker, "ack", finished)  # noqa: B010
+    setattr(_consume.Consumer, "_dispatch", delivered)  # noqa: B010
     setattr(_amqp.ConsumeConnection, "ack", written)  # noqa: B010
+
+
+def _instrument_aiormq(events: list[Event]) -> None:
+    """The same stamps for a checkout whose consumer read deliveries through aiormq
+    (`--tree`-style comparisons: run this file with PYTHONPATH at that checkout)."""
+    import aiormq
+
+    now = time.perf_counter_ns
+    on_delivery = getattr(_consume.Consumer, "_on_delivery")  # noqa: B009
+    basic_ack = aiormq.Channel.basic_ack
+
+    async def delivered(self: Any, acker: Any, message: Any) -> None:
+        events.append((now(), "arrive", message.delivery_tag, False))
+        await on_delivery(self, acker, message)
+
+    async def written(self: Any, tag: int, multiple: bool = False, wait: bool = True) -> None:
+        await basic_ack(self, tag, multiple, wait)
+        events.append((now(), "ack", tag, multiple))
+
+    setattr(_consume.Consumer, "_on_delivery", delivered)  # noqa: B010
+    setattr(aiormq.Channel, "basic_ack", written)  # noqa: B010
 
 
 def _pct(values: list[int], q: float) -> float:
@@ -72,7 +99,8 @@ def report(events: list[Event], capacity: int) -> str:
     start, end = events[0][0], events[-1][0]
     outstanding: set[int] = set()  # delivered, not yet settled by an ack frame on the wire
     finished_at: dict[int, int] = {}
-    full_ns = empty_ns = 0
+    full_ns = empty_ns = held_ns = 0
+    running = 0  # delivered, handler not finished
     last = start
     arrivals: list[int] = []
     per_frame: list[int] = []
@@ -80,14 +108,18 @@ def report(events: list[Event], capacity: int) -> str:
     for at, kind, tag, multiple in events:
         if len(outstanding) >= capacity:
             full_ns += at - last
-        elif not outstanding:
+        if not outstanding:
             empty_ns += at - last
+        elif not running:
+            held_ns += at - last
         last = at
         if kind == "arrive":
             outstanding.add(tag)
             arrivals.append(at)
+            running += 1
         elif kind == "finish":
             finished_at[tag] = at
+            running -= 1
         else:
             settled = {t for t in outstanding if t <= tag} if multiple else {tag}
             outstanding -= settled
@@ -102,7 +134,9 @@ def report(events: list[Event], capacity: int) -> str:
             f"({len(arrivals) / total * 1e9:,.0f}/s, instrumented)",
             f"window full (all {capacity} delivered, not yet acked on the wire): "
             f"{full_ns / total:.1%} of the time",
-            f"no delivery held (waiting for the broker): {empty_ns / total:.1%}",
+            f"nothing to run, finished tasks not yet acked (waiting on its own acks): "
+            f"{held_ns / total:.1%}",
+            f"nothing to run, everything acked (waiting for the broker): {empty_ns / total:.1%}",
             f"gap between arrivals, us: p50 {_pct(gaps, 0.5):.1f}, p99 {_pct(gaps, 0.99):.1f}, "
             f"max {_pct(gaps, 1.0):.1f}",
             f"ack frames: {len(per_frame):,}; deliveries per frame: median "

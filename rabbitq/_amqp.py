@@ -68,8 +68,13 @@ class Properties:
 
     @property
     def timestamp(self) -> datetime | None:
-        stamp = self.timestamp_s
-        return None if stamp is None else datetime.fromtimestamp(stamp, tz=UTC)
+        """As a datetime (what a copy carries on); None if unset or past what one can hold."""
+        if self.timestamp_s is None:
+            return None
+        try:
+            return datetime.fromtimestamp(self.timestamp_s, tz=UTC)
+        except (OverflowError, ValueError, OSError):
+            return None
 
 
 # (flag bit, attribute, kind): the order and encoding AMQP 0-9-1 gives Basic's properties

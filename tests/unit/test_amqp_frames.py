@@ -8,6 +8,7 @@ raised into the connection.
 
 from __future__ import annotations
 
+import struct
 from datetime import UTC, datetime
 from typing import Any
 
@@ -125,3 +126,9 @@ def test_a_malformed_frame_end_loses_the_connection() -> None:
     bad[-1] = 0
     connection.data_received(bytes(bad))
     assert lost == ["the broker sent a malformed frame"]
+
+
+def test_a_timestamp_past_what_a_datetime_holds_reads_as_none_not_an_error() -> None:
+    props = properties(struct.pack(">Q", 2**62), 0, 1 << 6)
+    assert props.broken is None and props.timestamp_s == 2**62 / 1000
+    assert props.timestamp is None
