@@ -3,8 +3,8 @@
 Every publish goes out persistent and `mandatory` on a channel with publisher confirms; a
 message the broker returns (no queue bound) raises `Unroutable`, a nack or a confirm that does
 not come in time raises `NotConfirmed` (the outcome is then unknown: publishing again may
-duplicate, which at-least-once delivery allows). Batches pipeline their confirms, and are
-written a chunk at a time rather than a `basic_publish` per message (`_pipeline.py`). The
+duplicate, which at-least-once delivery allows). Publishes go out as marshalled frames, not
+through `basic_publish`, and batches pipeline their confirms (`_pipeline.py`). The
 publisher opens its own connection, never the consumer's, and reopens it lazily after a loss;
 it never replays a publish on its own.
 """
