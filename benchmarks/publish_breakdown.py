@@ -2,6 +2,8 @@
 
     python -m benchmarks.publish_breakdown --n 20000 --batch 1000 --reps 3
     python -m benchmarks.publish_breakdown --only rabbitq --reps 1 --cprofile /tmp/pub.prof
+    python -m benchmarks.publish_breakdown --mode one --n 5000 --loop uvloop
+    python -m benchmarks.publish_breakdown --mode concurrent8 --n 5000 --loop uvloop
 
 The same batch publish (batches of `--batch`, each batch's confirms pipelined, N tasks of
 ~100 bytes), in steps from the runner's raw baseline to rabbitq's `publish_many`, interleaved
@@ -18,6 +20,19 @@ within every repetition on the same broker:
 | rabbitq | `App.publish_many([task.message(model) ...])`: pydantic per task, pipelined writes |
 | rabbitq+metrics | with `App(metrics=...)`: a counter and a confirm-latency histogram per message |
 | ...@baseline | with `--baseline-publish FILE`: rabbitq(+metrics) on that file's Publisher |
+
+`--mode one` publishes one message at a time, each awaiting its confirm; `--mode concurrent8`
+has 8 publishers at once (coroutines, or threads for `publish_sync`) on one connection, N in
+all. Their variants:
+
+| variant | what it is |
+|---|---|
+| raw | the runner's: aio-pika's `default_exchange.publish`, body only, into a plain queue |
+| raw-props | aio-pika with rabbitq's properties and headers, mandatory, via the task exchange |
+| aiormq-props | the same on aiormq's `basic_publish` with pamqp properties |
+| rabbitq | `await task.publish(model)` |
+| rabbitq+metrics | the same with `App(metrics=...)` |
+| rabbitq-sync | `task.publish_sync(model)` from plain threads (the app's loop thread publishes) |
 
 For each: the rate, the client's CPU per message (`time.process_time`, this process only) and
 the broker's CPU per message (`beam.smp` utime+stime from /proc; the broker is shared, so other
@@ -40,6 +55,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,6 +89,7 @@ from rabbitq._wire import HEADER_PUBLISHED_AT
 
 WORKLOAD = "publish"
 ATTEMPTS = 5
+MODES = {"batch": 0, "one": 1, "concurrent8": 8}  # publishers at once (0: batches)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +101,7 @@ class Ctx:
     n: int
     batch: int
     baseline: type[Any] | None = None  # the Publisher class of --baseline-publish
+    concurrency: int = 0  # for --mode one and concurrent8: publishers at once
 
     @property
     def work_queue(self) -> str:
@@ -220,7 +238,9 @@ async def aiormq_props(ctx: Ctx, profiler: cProfile.Profile | None, *, wait: boo
             assert isinstance(confirm, Basic.Ack)
 
         with Clock(profiler) as clock:
-            for start in range(0, ctx.n, ctx.batch):
+            if ctx.concurrency:
+                await _spread(one, ctx.n, ctx.concurrency)
+            for start in range(0, ctx.n if not ctx.concurrency else 0, ctx.batch):
                 await asyncio.gather(*(one(i) for i in range(start, min(start + ctx.batch, ctx.n))))
         return clock
 
@@ -269,6 +289,114 @@ async def rabbitq_metrics(ctx: Ctx, profiler: cProfile.Profile | None) -> Clock:
     return await _rabbitq(ctx, profiler, metrics=True)
 
 
+async def _spread(send: Callable[[int], Awaitable[None]], n: int, concurrency: int) -> None:
+    """`send(i)` for every i below n, `concurrency` publishers at once, each awaiting its own."""
+
+    async def publisher(first: int) -> None:
+        for i in range(first, n, concurrency):
+            await send(i)
+
+    await asyncio.gather(*(publisher(k) for k in range(concurrency)))
+
+
+async def _aio_pika_each(ctx: Ctx, profiler: cProfile.Profile | None, *, props: bool) -> Clock:
+    bodies = [body(i) for i in range(ctx.n)]
+    async with broker.connection(ctx.url, "bench breakdown") as conn:
+        channel = await conn.channel(publisher_confirms=True, on_return_raises=props)
+        if props:
+            exchange = await channel.get_exchange(ctx.task_exchange, ensure=False)
+            key = WORKLOAD
+        else:
+            exchange, key = channel.default_exchange, ctx.raw.publish.name
+
+        async def send(i: int) -> None:
+            if props:
+                message = aio_pika.Message(bodies[i], **rabbitq_properties(i))
+                await exchange.publish(message, routing_key=key, mandatory=True)
+            else:  # as the runner's raw publisher does (aio-pika's default is mandatory)
+                await exchange.publish(aio_pika.Message(bodies[i], delivery_mode=PERSISTENT), key)
+
+        with Clock(profiler) as clock:
+            await _spread(send, ctx.n, ctx.concurrency)
+        return clock
+
+
+async def raw_each(ctx: Ctx, profiler: cProfile.Profile | None) -> Clock:
+    return await _aio_pika_each(ctx, profiler, props=False)
+
+
+async def raw_props_each(ctx: Ctx, profiler: cProfile.Profile | None) -> Clock:
+    return await _aio_pika_each(ctx, profiler, props=True)
+
+
+async def aiormq_props_each(ctx: Ctx, profiler: cProfile.Profile | None) -> Clock:
+    return await aiormq_props(ctx, profiler)  # `ctx.concurrency` makes it one at a time
+
+
+def _app(ctx: Ctx, metrics: bool) -> tuple[rabbitq.App, rabbitq.Task[Any, Any]]:
+    app, tasks = build_app()
+    app.namespace, app.url = ctx.namespace, ctx.url
+    if metrics:  # a registry of its own: the default one would refuse a second Metrics
+        app.metrics = Metrics(CollectorRegistry())
+    return app, tasks[WORKLOAD]
+
+
+async def _rabbitq_each(ctx: Ctx, profiler: cProfile.Profile | None, metrics: bool) -> Clock:
+    app, task = _app(ctx, metrics)
+    payloads = [Job.make(i) for i in range(ctx.n)]
+
+    async def send(i: int) -> None:
+        await task.publish(payloads[i])
+
+    async with app:
+        with Clock(profiler) as clock:
+            await _spread(send, ctx.n, ctx.concurrency)
+        return clock
+
+
+async def rabbitq_each_one(ctx: Ctx, profiler: cProfile.Profile | None) -> Clock:
+    return await _rabbitq_each(ctx, profiler, metrics=False)
+
+
+async def rabbitq_each_metrics(ctx: Ctx, profiler: cProfile.Profile | None) -> Clock:
+    return await _rabbitq_each(ctx, profiler, metrics=True)
+
+
+async def _connect(app: rabbitq.App) -> None:
+    await (await app.publisher()).start()
+
+
+async def rabbitq_sync(ctx: Ctx, profiler: cProfile.Profile | None) -> Clock:
+    """`publish_sync` from threads that have no loop: the app publishes on its own thread's."""
+    app, task = _app(ctx, metrics=False)
+    payloads = [Job.make(i) for i in range(ctx.n)]
+
+    def publisher(first: int) -> None:
+        for i in range(first, ctx.n, ctx.concurrency):
+            task.publish_sync(payloads[i])
+
+    loop = asyncio.get_running_loop()
+    await asyncio.to_thread(app.run_sync, lambda: _connect(app))
+    try:
+        with ThreadPoolExecutor(ctx.concurrency) as pool, Clock(profiler) as clock:
+            await asyncio.gather(
+                *(loop.run_in_executor(pool, publisher, k) for k in range(ctx.concurrency))
+            )
+        return clock
+    finally:
+        await asyncio.to_thread(app.close_sync)
+
+
+EACH_VARIANTS: dict[str, Variant] = {
+    "raw": raw_each,
+    "raw-props": raw_props_each,
+    "aiormq-props": aiormq_props_each,
+    "rabbitq": rabbitq_each_one,
+    "rabbitq+metrics": rabbitq_each_metrics,
+    "rabbitq-sync": rabbitq_sync,
+}
+EACH_DEFAULT = ["raw", "raw-props", "rabbitq", "rabbitq-sync"]
+
 VARIANTS: dict[str, Variant] = {
     "raw": raw,
     "raw-prio": raw_prio,
@@ -295,7 +423,7 @@ async def measure(ctx: Ctx, name: str, profiler: cProfile.Profile | None) -> dic
                     ctx, profiler, metrics=BASELINE[name], publisher=ctx.baseline
                 )
             else:
-                clock = await VARIANTS[name](ctx, profiler)
+                clock = await (EACH_VARIANTS if ctx.concurrency else VARIANTS)[name](ctx, profiler)
             found = await broker.message_count(ctx.url, queue)
             await broker.purge(ctx.url, [queue])
         except (
@@ -369,11 +497,16 @@ async def main(args: argparse.Namespace) -> None:
     namespace = new_namespace()
     topology = parse_topology({"bench.toml": topology_toml(namespace)})
     baseline = load_publisher(args.baseline_publish) if args.baseline_publish else None
-    ctx = Ctx(args.url, namespace, topology, RawQueues.of(namespace), args.n, args.batch, baseline)
-    names = args.only or [*VARIANTS, *(BASELINE if baseline else ())]
+    raw = RawQueues.of(namespace)
+    concurrency = MODES[args.mode]
+    ctx = Ctx(args.url, namespace, topology, raw, args.n, args.batch, baseline, concurrency)
+    default = EACH_DEFAULT if concurrency else [*VARIANTS, *(BASELINE if baseline else ())]
+    names = args.only or default
     if baseline is None and set(names) & set(BASELINE):
         raise SystemExit(f"{', '.join(BASELINE)} need --baseline-publish")
-    profiler = cProfile.Profile() if args.cprofile else None
+    if set(names) - set(EACH_VARIANTS if concurrency else [*VARIANTS, *BASELINE]):
+        raise SystemExit(f"--only: not all of {', '.join(names)} are variants of {args.mode}")
+    profiler = cProfile.Profile(time.process_time) if args.cprofile else None
     results: list[dict[str, dict[str, float]]] = []
     try:
         await broker.set_up(args.url, topology, ctx.raw.all())
@@ -388,7 +521,9 @@ async def main(args: argparse.Namespace) -> None:
                 )
     finally:
         await asyncio.shield(delete_namespace(args.url, namespace))
-    print(f"n={args.n}, batch={args.batch}, reps={args.reps}, loop={args.loop}; medians [min-max]")
+    shape = f"batch={args.batch}" if not concurrency else f"publishers={concurrency}"
+    print(f"mode={args.mode}, n={args.n}, {shape}, reps={args.reps}, loop={args.loop}", end="")
+    print("; medians [min-max]")
     print(show(results, names))
     if profiler is not None:
         profiler.dump_stats(args.cprofile)
@@ -408,6 +543,12 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="batch",
+        help="batches, one publish at a time, or 8 publishers at once",
+    )
+    p.add_argument(
         "--loop",
         choices=LOOPS,
         default="asyncio",
@@ -416,7 +557,7 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only",
         action="append",
-        choices=[*VARIANTS, *BASELINE],
+        choices=sorted({*VARIANTS, *BASELINE, *EACH_VARIANTS}),
         help="measure only these variants (repeatable)",
     )
     p.add_argument(

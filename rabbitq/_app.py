@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import os
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from importlib import import_module
 from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
 from pydantic import BaseModel
@@ -101,8 +102,8 @@ class Task(Generic[P, R]):
         return Outgoing(
             exchange=task_exchange(namespace),
             routing_key=RoutingKey(self.workload),
-            body=model.model_dump_json().encode(),
-            message_id=idempotency_key or uuid.uuid4().hex,
+            body=model.__pydantic_serializer__.to_json(model),  # as model_dump_json(), as bytes
+            message_id=idempotency_key or os.urandom(16).hex(),  # uuid4's randomness, 3 us less
             headers=new_task_headers(_deadline_seconds(deadline, now), now),
             task=self.name,
             priority=priority,
@@ -139,7 +140,10 @@ class _LoopThread:
     """An event loop in a daemon thread, for publishing from code that has no loop."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        try:  # uvloop where it is installed, as `rabbitq consume` runs: less CPU a publish
+            self.loop: asyncio.AbstractEventLoop = import_module("uvloop").new_event_loop()
+        except ImportError:
+            self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="rabbitq-publish", daemon=True
         )
@@ -295,21 +299,14 @@ class App:
     ) -> T:
         """Run a coroutine on the app's publishing loop from synchronous code, and wait."""
         loop = self._loop
-        if loop is not None and loop.is_running():
-            if _running_loop() is loop:
-                raise ConfigError("publish_sync was called on the event loop; use await publish()")
-            return self._submit(loop, make, timeout)
-        with self._sync_lock:
-            if self._loop_thread is None:
-                self._loop_thread = _LoopThread()
-                atexit.register(self.close_sync)
-            thread_loop = self._loop_thread.loop
-        return self._submit(thread_loop, make, timeout)
-
-    @staticmethod
-    def _submit(
-        loop: asyncio.AbstractEventLoop, make: Callable[[], Coroutine[Any, Any, T]], timeout: float
-    ) -> T:
+        if loop is None or not loop.is_running():
+            with self._sync_lock:
+                if self._loop_thread is None:
+                    self._loop_thread = _LoopThread()
+                    atexit.register(self.close_sync)
+                loop = self._loop_thread.loop
+        elif _running_loop() is loop:
+            raise ConfigError("publish_sync was called on the event loop; use await publish()")
         return asyncio.run_coroutine_threadsafe(make(), loop).result(timeout)
 
     def close_sync(self) -> None:
@@ -319,7 +316,7 @@ class App:
             return
         if self._closer is not None and self._loop is thread.loop:
             with contextlib.suppress(Exception):  # closing at exit: no one left to report it to
-                self._submit(thread.loop, self.close, 10)
+                asyncio.run_coroutine_threadsafe(self.close(), thread.loop).result(10)
         thread.stop()
         self._loop_thread = None
 

@@ -1,17 +1,18 @@
-"""Writing a batch of publishes at once: the fast path of `Publisher.send_many`.
+"""Publishing as marshalled frames: the fast path of `Publisher.send` and `send_many`.
 
-aiormq's `basic_publish` costs a task, a lock, a timeout, a write-queue put, a socket write and
-a drain wait per message, most of a batch's client CPU (docs/performance.md). Here a batch is
-encoded by `_wire.frames` and written `PIPELINE_CHUNK` messages at a time, one lock, one put
-and one write each, with aiormq's own confirm bookkeeping. `write_pipelined` is the one
-function that reaches into aiormq's Channel internals (7.x); `can_pipeline` falls back to
-`basic_publish` when they are missing. The guarantees are `Publisher.send`'s, per message.
+aiormq's `basic_publish` costs a task, a lock, a timer, a write-queue put, a drain wait and
+pamqp's generic encoder per message (docs/performance.md). Here `_wire.frames` encodes, a
+batch is written `PIPELINE_CHUNK` messages at a time, a single publish without waiting for
+the write, and `Confirms` watches a channel's confirms with one timer. `write_pipelined` is
+the one function that reaches into aiormq's Channel internals (7.x); `can_pipeline` falls back
+to `basic_publish` when they are missing. The guarantees are `Publisher.send`'s, per message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeGuard
@@ -27,70 +28,130 @@ from rabbitq._wire import Outgoing, frames
 # A batch is written in chunks of this many messages: one write-queue put, one socket write
 # and one drain each, so a huge batch never sits in the transport buffer at once.
 PIPELINE_CHUNK = 256
+DEADLINE = "rabbitq: no confirm within the confirm timeout"  # aiormq ignores a late one
+Settled = Callable[[Outgoing, SendError | None, float], None]
+
+
+class Confirms:
+    """The confirms in flight on one aiormq channel (see `can_pipeline`): each fails with the
+    reason when the channel or its connection closes, and is cancelled with `DEADLINE` once
+    `confirm_timeout` passed since its write. Deadlines come in the order of the writes, so
+    one timer, set for the oldest, serves them all (aiormq sets one per publish)."""
+
+    def __init__(self, channel: aiormq.Channel, confirm_timeout: float) -> None:
+        self.channel, self.confirm_timeout, self.loop = channel, confirm_timeout, channel.loop
+        self.method_frames: dict[tuple[str, str], bytes] = {}  # see `frames`
+        self.pending: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self.timer: asyncio.TimerHandle | None = None
+        self.closing = channel.closing
+        self.closing.add_done_callback(self._closed)
+
+    def frames(self, out: Outgoing) -> bytes:
+        return frames(out, self.channel.number, self.channel.max_content_size, self.method_frames)
+
+    async def publish(self, out: Outgoing) -> Any:
+        """Publish and wait: aiormq's Ack, or what `basic_publish` raises, or TimeoutError."""
+        write = self.write(self.frames(out), [out.message_id], drain=False)
+        if self.channel.write_queue.full():  # the put waits for aiormq's writer: not for ever
+            write = asyncio.wait_for(write, self.confirm_timeout)
+        [future] = await write
+        try:
+            return await future
+        except asyncio.CancelledError as exc:
+            if exc.args != (DEADLINE,):
+                raise  # the caller was cancelled
+            raise TimeoutError from None
+
+    async def write(
+        self, payload: bytes, message_ids: list[str], drain: bool
+    ) -> list[asyncio.Future[Any]]:
+        """`write_pipelined`, its confirms watched from now; on a closed channel, why."""
+        if self.closing.done():
+            raise _close_reason(self.closing)
+        deadline = self.loop.time() + self.confirm_timeout
+        futures = await write_pipelined(self.channel, payload, message_ids, drain)
+        pending = self.pending
+        while pending and pending[0][1].done():
+            pending.popleft()
+        pending.extend((deadline, future) for future in futures)
+        if self.closing.done():  # it closed while this waited: nothing else fails them now
+            self._closed(self.closing)
+        elif self.timer is None:
+            self.timer = self.loop.call_at(deadline, self._expire)
+        return futures
+
+    def _expire(self) -> None:
+        self.timer, now, pending = None, self.loop.time(), self.pending
+        while pending:
+            deadline, future = pending[0]
+            if not future.done():
+                if deadline > now:
+                    self.timer = self.loop.call_at(deadline, self._expire)
+                    return
+                future.cancel(DEADLINE)
+            pending.popleft()
+
+    def _closed(self, closing: asyncio.Future[Any]) -> None:
+        reason = _close_reason(closing)
+        for _, future in self.pending:
+            if not future.done():
+                future.set_exception(reason)
+        self.pending.clear()  # (the timer, if set, finds nothing)
+
+
+def _close_reason(closing: asyncio.Future[Any]) -> BaseException:
+    reason = None if closing.cancelled() else closing.exception()
+    return reason or aiormq.exceptions.ChannelClosed()
 
 
 class Pipeline:
-    """One `send_many` on an aiormq channel: marshal, write in chunks, collect the confirms.
+    """One `send_many`: marshal, write in chunks, collect the confirms.
 
     Args:
-        channel: aiormq's channel, with publisher confirms (see `can_pipeline`).
+        confirms: the channel's (`confirm_timeout` runs from each chunk's write).
         batch: the messages, in order.
-        confirm_timeout: seconds for the whole batch to be confirmed.
         error_of: what a failure means to the caller of one message.
         settled: called once per message with its error (None: confirmed) and the seconds from
-            the start of the batch to its confirm; also when the batch is cancelled.
+            the batch's start to its confirm (0: never written), also if it is cancelled.
     """
 
     def __init__(
         self,
-        channel: aiormq.Channel,
+        confirms: Confirms,
         batch: list[Outgoing],
-        confirm_timeout: float,
         error_of: Callable[[Outgoing, BaseException], SendError],
-        settled: Callable[[Outgoing, SendError | None, float], None] | None,
+        settled: Settled | None,
     ) -> None:
-        self.channel, self.batch, self.error_of, self.settled = channel, batch, error_of, settled
-        self.loop = asyncio.get_running_loop()
-        self.deadline = self.loop.time() + confirm_timeout
+        self.confirms, self.batch, self.error_of, self.settled = confirms, batch, error_of, settled
         self.errors: list[SendError | None] = [None] * len(batch)
         self.sent: list[tuple[int, asyncio.Future[Any]]] = []
         self.written: dict[str, asyncio.Future[Any]] = {}  # the latest publish of each id
         self.chunk: dict[str, tuple[int, bytes]] = {}  # by id: index in the batch, frames
-        self.method_frames: dict[tuple[str, str], bytes] = {}
         self.started = time.monotonic()
-        self.settled_at: dict[asyncio.Future[Any], float] = {}  # for the confirm latency
-        # Fires when the channel or its connection closes: the confirm futures are not
-        # aiormq's (see `write_pipelined`), so nothing else fails them then.
-        self.closing = channel.closing
 
     async def run(self) -> list[SendError | None]:
         """Every message's error or None, in order. Unsettled confirms are cancelled on the
         way out (aiormq ignores a confirm that comes after)."""
-        finished = False
         try:
             await self._write_all()
-            unconfirmed = [f for _, f in self.sent if not f.done()]
-            if unconfirmed:
-                await self._until(_all_done(unconfirmed))
+            for _, future in self.sent:  # each settles: confirmed, failed or past its deadline
+                if not future.done():  # (confirms come in bursts: few waits)
+                    await asyncio.wait((future,))
             for i, future in self.sent:
-                out = self.batch[i]
-                if future.done():
-                    self.errors[i] = self._outcome(out, future)
-                else:  # the channel closed, or the deadline passed
-                    self.errors[i] = self.error_of(out, self._stopped())
-            finished = True
+                self.errors[i] = self._outcome(self.batch[i], future)
         finally:
-            if self.settled is not None:
-                self._report(self.settled, finished)
-            self.closing.cancel()  # stops observing (a no-op if it fired)
-            for _, future in self.sent:
-                if not future.cancel() and not future.cancelled():
-                    future.exception()  # settled: seen, so asyncio never logs it as lost
+            sent = dict(self.sent)
+            for i, out in enumerate(self.batch):
+                if (confirm := sent.get(i)) is not None:
+                    if not confirm.cancel() and not confirm.cancelled():
+                        confirm.exception()  # settled: seen, so asyncio never logs it as lost
+                elif self.settled is not None:  # never written: failed, or the batch cancelled
+                    error = self.errors[i] or NotConfirmed(out.message_id, "cancelled")
+                    self.settled(out, error, 0.0)
         return self.errors
 
     async def _write_all(self) -> None:
         """Marshal and write the batch in chunks; stop at the first chunk that fails."""
-        number, max_body = self.channel.number, self.channel.max_content_size
         for i, out in enumerate(self.batch):
             # aiormq matches a return to its publish by message id, so an id must not be in
             # flight twice in a batch: the later one waits for the earlier. (Concurrent
@@ -99,11 +160,10 @@ class Pipeline:
             if message_id in self.chunk and not await self._flush():
                 return
             earlier = self.written.get(message_id)
-            if earlier is not None and not await self._until(earlier):
-                self._fail_from(i, self._stopped())
-                return
+            if earlier is not None and not earlier.done():
+                await asyncio.wait((earlier,))
             try:
-                self.chunk[message_id] = (i, frames(out, number, max_body, self.method_frames))
+                self.chunk[message_id] = (i, self.confirms.frames(out))
             except Exception as exc:  # a header or property AMQP cannot encode
                 self.errors[i] = self.error_of(out, exc)
                 continue
@@ -119,68 +179,36 @@ class Pipeline:
         indexes = [i for i, _ in chunk.values()]
         payload = b"".join([data for _, data in chunk.values()])
         try:
-            async with asyncio.timeout_at(self.deadline):
-                futures = await write_pipelined(self.channel, payload, list(chunk))
+            async with asyncio.timeout(self.confirms.confirm_timeout):
+                futures = await self.confirms.write(payload, list(chunk), drain=True)
         except Exception as exc:  # closed, or the socket did not drain in time
             self._fail_from(indexes[0], exc)
             return False
         self.sent += zip(indexes, futures, strict=True)
         self.written.update(zip(chunk, futures, strict=True))
-        if self.settled is not None:
-            for future in futures:
-                future.add_done_callback(self._confirmed)
+        if (settled := self.settled) is not None:
+            for i, future in zip(indexes, futures, strict=True):
+                future.add_done_callback(partial(self._settle, settled, self.batch[i]))
         return True
 
-    def _confirmed(self, future: asyncio.Future[Any]) -> None:
-        self.settled_at[future] = time.monotonic()
+    def _settle(self, settled: Settled, out: Outgoing, future: asyncio.Future[Any]) -> None:
+        settled(out, self._outcome(out, future), time.monotonic() - self.started)
 
     def _fail_from(self, first: int, exc: BaseException) -> None:
         for i in range(first, len(self.batch)):
             if self.errors[i] is None:
                 self.errors[i] = self.error_of(self.batch[i], exc)
 
-    async def _until(self, future: asyncio.Future[Any]) -> bool:
-        """Wait for `future` while the channel is open, until the deadline; whether it came."""
-        if not future.done():
-            await asyncio.wait(
-                (future, self.closing),
-                timeout=max(0.0, self.deadline - self.loop.time()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        return future.done()
-
-    def _stopped(self) -> BaseException:
-        """Why confirms stopped coming: the channel's close reason, or the deadline."""
-        if not self.closing.done():
-            return TimeoutError()
-        reason = None if self.closing.cancelled() else self.closing.exception()
-        return reason or aiormq.exceptions.ChannelClosed()
-
-    def _report(
-        self, settled: Callable[[Outgoing, SendError | None, float], None], finished: bool
-    ) -> None:
-        """Each message's outcome; if the batch was cancelled, what was not confirmed by then
-        failed."""
-        futures = dict(self.sent)
-        now = time.monotonic()
-        for i, out in enumerate(self.batch):
-            future = futures.get(i)
-            if finished:
-                error = self.errors[i]
-            elif future is not None and future.done() and self._outcome(out, future) is None:
-                error = None
-            else:
-                error = NotConfirmed(out.message_id, "cancelled")
-            at = self.settled_at.get(future, now) if future is not None else now
-            settled(out, error, at - self.started)
-
     def _outcome(self, out: Outgoing, future: asyncio.Future[Any]) -> SendError | None:
-        if future.cancelled():
+        try:
+            confirm = future.result()
+        except asyncio.CancelledError as exc:
+            if exc.args == (DEADLINE,):
+                return self.error_of(out, TimeoutError())
             return NotConfirmed(out.message_id, "the publish was cancelled; outcome unknown")
-        exc = future.exception()
-        if exc is not None:
+        except Exception as exc:
             return self.error_of(out, exc)
-        if not isinstance(future.result(), Basic.Ack):
+        if not isinstance(confirm, Basic.Ack):
             return NotConfirmed(out.message_id, "the broker nacked it", nacked=True)
         return None
 
@@ -202,20 +230,19 @@ _CHANNEL_INTERNALS = (
 
 
 async def write_pipelined(
-    channel: aiormq.Channel, payload: bytes, message_ids: list[str]
+    channel: aiormq.Channel, payload: bytes, message_ids: list[str], drain: bool = True
 ) -> list[asyncio.Future[Any]]:
     """Write a chunk of marshalled publishes at once; a confirm future for each, in order.
 
-    One lock, one put and one write cover the chunk. The bookkeeping is aiormq's (7.x), done
-    as `basic_publish` does it: under the channel lock, delivery tags numbered in the order
-    the frames are written; a future per tag in `confirmations`, which aiormq's reader
-    resolves on an ack and fails on a nack or a return; and `message_id_delivery_tag`, by
-    which the reader finds the publish a return belongs to, dropped once it is settled.
-    Unlike `basic_publish`'s, the futures are plain ones, not registered with aiormq's
-    future store (whose bookkeeping cost ~7 us a message): the store would fail them when
-    the channel closes, so the caller watches `channel.closing` instead. `can_pipeline`
-    falls back to `basic_publish` when these attributes are missing; the broker tests of
-    returns, nacks and closes cover their meaning.
+    One lock, one put and one write cover the chunk; with `drain`, it returns once the socket
+    took it (a batch's backpressure), else once aiormq's writer has it. The bookkeeping is
+    aiormq's (7.x), done as `basic_publish` does it: under the channel lock, delivery tags
+    numbered in the order the frames are written; a future per tag in `confirmations`, which
+    aiormq's reader resolves on an ack and fails on a nack or a return; and
+    `message_id_delivery_tag`, by which the reader finds the publish a return belongs to,
+    dropped once it is settled. The futures are plain ones, not in aiormq's future store
+    (~7 us a message), which would fail them on a close: `Confirms` does. The broker tests of
+    returns, nacks and closes cover what these attributes mean.
     """
     loop = channel.loop
     futures = [loop.create_future() for _ in message_ids]
@@ -228,16 +255,16 @@ async def write_pipelined(
             confirmations[tag] = future
             lookup[message_id] = tag
         channel.delivery_tag = tags[-1]
-        drain = channel.create_future()  # aiormq's: failed if the channel closes meanwhile
+        # aiormq's future: failed if the channel closes meanwhile
+        drained = channel.create_future() if drain else None
         sent = False
         try:
-            await channel.write_queue.put(
-                ChannelFrame(payload=payload, should_close=False, drain_future=drain)
-            )
+            await channel.write_queue.put(ChannelFrame(payload, False, drained))
             sent = True
             for tag, message_id, future in entries:
                 future.add_done_callback(partial(_forget, lookup, message_id, tag))
-            await drain
+            if drained is not None:
+                await drained
         except BaseException:
             if not sent:  # the broker never saw these: take the tags back, as aiormq does
                 channel.delivery_tag = first - 1
@@ -245,7 +272,8 @@ async def write_pipelined(
                     confirmations.pop(tag, None)
                     _forget(lookup, message_id, tag)
                     future.cancel()
-            drain.cancel()
+            if drained is not None:
+                drained.cancel()
             raise
     return futures
 
@@ -254,19 +282,3 @@ def _forget(lookup: dict[str, int], message_id: str, tag: int, *_: object) -> No
     """Drop a settled publish's return lookup, unless a later publish reused its id."""
     if lookup.get(message_id) == tag:
         del lookup[message_id]
-
-
-def _all_done(futures: list[asyncio.Future[Any]]) -> asyncio.Future[None]:
-    """A future that is done once all of `futures` are: one plain callback each (gather's
-    bookkeeping cost 6% of a batched publish's instructions)."""
-    done: asyncio.Future[None] = futures[0].get_loop().create_future()
-    left = [len(futures)]
-
-    def settled(_: object) -> None:
-        left[0] -= 1
-        if not left[0] and not done.done():
-            done.set_result(None)
-
-    for future in futures:
-        future.add_done_callback(settled)
-    return done

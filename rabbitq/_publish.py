@@ -3,8 +3,8 @@
 Every publish goes out persistent and `mandatory` on a channel with publisher confirms; a
 message the broker returns (no queue bound) raises `Unroutable`, a nack or a confirm that does
 not come in time raises `NotConfirmed` (the outcome is then unknown: publishing again may
-duplicate, which at-least-once delivery allows). Batches pipeline their confirms, and are
-written a chunk at a time rather than a `basic_publish` per message (`_pipeline.py`). The
+duplicate, which at-least-once delivery allows). Publishes go out as marshalled frames, not
+through `basic_publish`, and batches pipeline their confirms (`_pipeline.py`). The
 publisher opens its own connection, never the consumer's, and reopens it lazily after a loss;
 it never replays a publish on its own.
 """
@@ -12,7 +12,6 @@ it never replays a publish on its own.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Iterable, Sequence
 
@@ -26,15 +25,12 @@ from rabbitq._errors import (
     ConnectionFailed,
     NotConfirmed,
     PublishError,
-    RabbitqError,
     SendError,
     Unroutable,
 )
 from rabbitq._metrics import PublishMetrics
-from rabbitq._pipeline import Pipeline, can_pipeline
+from rabbitq._pipeline import Confirms, Pipeline, can_pipeline
 from rabbitq._wire import Outgoing
-
-logger = logging.getLogger("rabbitq.publish")
 
 CONFIRM_TIMEOUT_SECONDS = 30.0
 
@@ -62,9 +58,9 @@ class Publisher:
         self.metrics = metrics
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
-        # aiormq's channel under aio-pika's: publishing there skips building an aio-pika
-        # Message per publish (a measurable share of a batch's CPU)
+        # aiormq's channel under aio-pika's: no aio-pika Message to build per publish
         self._underlay: aiormq.abc.AbstractChannel | None = None
+        self._confirms: Confirms | None = None  # None: not connected, or `can_pipeline` said no
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -73,7 +69,7 @@ class Publisher:
 
     async def close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
-        self._underlay = None
+        self._underlay = self._confirms = None
         if connection is not None and not connection.is_closed:
             await connection.close()
 
@@ -100,7 +96,10 @@ class Publisher:
                 self._channel = await self._connection.channel(
                     publisher_confirms=True, on_return_raises=True
                 )
-                self._underlay = await self._channel.get_underlay_channel()
+                self._underlay = underlay = await self._channel.get_underlay_channel()
+                self._confirms = (
+                    Confirms(underlay, self.confirm_timeout) if can_pipeline(underlay) else None
+                )
             except Exception as exc:  # the connection died between the check and the call
                 await self.close()
                 raise ConnectionFailed(mask_url(self.url), f"{type(exc).__name__}: {exc}") from None
@@ -114,13 +113,29 @@ class Publisher:
             NotConfirmed: nacked, no confirm in time, or the connection dropped meanwhile.
             ConnectionFailed: the broker cannot be reached.
         """
-        if self.metrics is None:
-            await self._send(out)
-            return
         started = time.monotonic()
         try:
-            await self._send(out)
-        except BaseException as exc:
+            confirms = self._confirms
+            if confirms is None or confirms.channel.is_closed:  # not yet, closed, or no pipelining
+                channel = await self._ready()
+                if (confirms := self._confirms) is None:
+                    confirm = await channel.basic_publish(
+                        out.body,
+                        exchange=out.exchange,
+                        routing_key=out.routing_key,
+                        properties=out.amqp_properties(),
+                        mandatory=True,
+                        timeout=self.confirm_timeout,
+                    )
+            if confirms is not None:
+                confirm = await confirms.publish(out)
+            if not isinstance(confirm, Basic.Ack):
+                raise NotConfirmed(out.message_id, "the broker nacked it", nacked=True)
+        except Exception as exc:  # returned, nacked, timed out, closed under the publish
+            error = self._error(out, exc)
+            self._count(out, error, 0.0)
+            raise error from None
+        except BaseException as exc:  # cancelled
             self._count(out, exc, 0.0)
             raise
         self._count(out, None, time.monotonic() - started)
@@ -129,47 +144,27 @@ class Publisher:
         if self.metrics is not None:
             self.metrics.count(out.kind, error, seconds)
 
-    async def _send(self, out: Outgoing) -> None:
-        try:
-            channel = await self._ready()
-            confirm = await channel.basic_publish(
-                out.body,
-                exchange=out.exchange,
-                routing_key=out.routing_key,
-                properties=out.amqp_properties(),
-                mandatory=True,
-                timeout=self.confirm_timeout,
-            )
-        except RabbitqError:
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # returned, nacked, timed out, closed under the publish
-            raise self._error(out, exc) from None
-        if not isinstance(confirm, Basic.Ack):
-            raise NotConfirmed(out.message_id, "the broker nacked it", nacked=True)
-
     async def send_many(self, messages: Iterable[Outgoing]) -> list[SendError | None]:
         """Publish all, confirms pipelined; the error of each message, or None if confirmed.
 
         Each message is published persistent and mandatory, and counts as sent only once the
         broker confirmed it; a return, a nack, a closed channel or no confirm within
-        `confirm_timeout` is that message's error. The batch goes out in chunks of
-        `PIPELINE_CHUNK` marshalled messages, each one write (see `pipeline.py`).
+        `confirm_timeout` is that message's error. The batch is written in chunks
+        (`_pipeline.py`).
         """
         batch = list(messages)
         if not batch:
             return []
         try:
-            channel = await self._ready()
+            await self._ready()
         except ConnectionFailed as exc:
             for out in batch:
                 self._count(out, exc, 0.0)
             return [ConnectionFailed(exc.url, exc.reason) for _ in batch]
-        if not can_pipeline(channel):
+        if self._confirms is None:
             return await self._send_each(batch)  # `send` counts each message
         counted = None if self.metrics is None else self._count
-        return await Pipeline(channel, batch, self.confirm_timeout, self._error, counted).run()
+        return await Pipeline(self._confirms, batch, self._error, counted).run()
 
     def _error(self, out: Outgoing, exc: BaseException) -> SendError:
         return _send_error(out, exc, self.url, self.confirm_timeout)
@@ -178,13 +173,10 @@ class Publisher:
         """One `send` per message, confirms pipelined: for a channel that `write_pipelined`
         cannot use."""
         results = await asyncio.gather(*(self.send(m) for m in batch), return_exceptions=True)
-        out: list[SendError | None] = []
         for result in results:
-            if isinstance(result, PublishError | ConnectionFailed) or result is None:
-                out.append(result)
-            elif isinstance(result, BaseException):
-                raise result
-        return out
+            if isinstance(result, BaseException) and not isinstance(result, SendError):
+                raise result  # cancelled, or a bug
+        return results  # type: ignore[return-value]  # `send` returns None or raises a SendError
 
 
 def _send_error(out: Outgoing, exc: BaseException, url: str, timeout: float) -> SendError:
@@ -204,11 +196,8 @@ def _send_error(out: Outgoing, exc: BaseException, url: str, timeout: float) -> 
 
 def raise_first(messages: Sequence[Outgoing], errors: Sequence[SendError | None]) -> None:
     """Raise the first error of a batch, saying how many others failed."""
-    failed = [(m, e) for m, e in zip(messages, errors, strict=True) if e is not None]
-    if not failed:
-        return
-    first = failed[0][1]
-    assert first is not None
+    failed = [e for e in errors if e is not None]
     if len(failed) > 1:
-        first.add_note(f"{len(failed) - 1} more of the {len(messages)} messages failed too")
-    raise first
+        failed[0].add_note(f"{len(failed) - 1} more of the {len(messages)} messages failed too")
+    if failed:
+        raise failed[0]

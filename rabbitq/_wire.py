@@ -31,7 +31,6 @@ from typing import Any
 
 import pamqp.encode
 import pamqp.frame
-from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
@@ -368,21 +367,23 @@ def frames(
 ) -> bytes:
     """The frames of one mandatory publish: the bytes aiormq's `basic_publish` writes.
 
-    The Basic.Publish frame is the same for every message to one exchange and routing key,
-    so it is encoded once per batch (`method_frames` caches it).
+    The Basic.Publish frame is the same for every message to one exchange and routing key on
+    one channel, so it is encoded once (`method_frames` caches it, a thousand at most).
     """
     key = (out.exchange, out.routing_key)
     method = method_frames.get(key)
     if method is None:
         if len(out.routing_key) > 255:
             raise ValueError("routing key too long (max 255 bytes)")
+        if len(method_frames) >= 1000:
+            method_frames.clear()
         publish = Basic.Publish(exchange=out.exchange, routing_key=out.routing_key, mandatory=True)
         method = method_frames[key] = pamqp.frame.marshal(publish, channel_number)
     body = out.body
     parts = [method, _content_header(out, channel_number)]
     for offset in range(0, len(body), max_body):  # an empty body has no body frame
         chunk = body[offset : offset + max_body]
-        parts.append(pamqp.frame.marshal(ContentBody(chunk), channel_number))
+        parts += (_BODY_FRAME.pack(3, channel_number, len(chunk)), chunk, b"\xce")  # as pamqp
     return b"".join(parts)
 
 
@@ -391,6 +392,7 @@ _CONTENT_TYPE, _HEADERS, _DELIVERY_MODE, _PRIORITY = 0x8000, 0x2000, 0x1000, 0x0
 _MESSAGE_ID, _TIMESTAMP, _TYPE = 0x0080, 0x0040, 0x0020
 # frame type 2 (header), channel, frame size; class 60 (basic), weight 0, body size, flags
 _HEADER_FRAME = struct.Struct(">BHIHHQH")
+_BODY_FRAME = struct.Struct(">BHI")  # frame type 3 (body), channel, frame size
 _HEADER_FIXED = 14  # class, weight, body size, flags
 _OCTET = struct.Struct(">B")
 
