@@ -12,7 +12,6 @@ goes through pamqp's marshalling. Declaring, checking and publishing stay on aio
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import struct
 import time
@@ -27,6 +26,7 @@ from pamqp.base import Frame
 from pamqp.decode import field_table
 
 CHANNEL = 1
+FRAME_MAX = 131072  # what we accept in Tune (the broker's own default)
 CLOSE_SECONDS = OPEN_SECONDS = 5.0
 FRAME_END = 0xCE
 _HEAD = struct.Struct(">BHI")
@@ -175,6 +175,9 @@ class ConsumeConnection(asyncio.Protocol):
         at, end = 0, len(buf)
         while end - at >= 8:
             kind, channel, size = _HEAD.unpack_from(buf, at)
+            if size > FRAME_MAX:  # never negotiated: the stream is not AMQP any more
+                self._lose("the broker sent a frame over frame_max", abort=True)
+                return
             stop = at + 7 + size
             if stop >= end:
                 break
@@ -314,7 +317,7 @@ class ConsumeConnection(asyncio.Protocol):
         tune = await self._call(0, login, spec.Connection.Tune)
         wanted = int(query.get("heartbeat", 60))
         heartbeat = min(wanted, tune.heartbeat) if wanted and tune.heartbeat else 0
-        frame_max = min(tune.frame_max or 131072, 131072)
+        frame_max = min(tune.frame_max or FRAME_MAX, FRAME_MAX)
         self._send(0, spec.Connection.TuneOk(tune.channel_max, frame_max, heartbeat))
         vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
         await self._call(0, spec.Connection.Open(virtual_host=vhost), spec.Connection.OpenOk)
@@ -387,10 +390,7 @@ async def open_consumer(
     host, port = parts.hostname or "localhost", parts.port or (5671 if tls else 5672)
     async with asyncio.timeout(OPEN_SECONDS):
         await loop.create_connection(lambda: connection, host, port, ssl=context)
-        try:
-            sock = connection._transport.get_extra_info("socket") if connection._transport else None
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:  # (asyncio and uvloop both set TCP_NODELAY on TCP transports)
             await connection._open(url, name, queue, prefetch)
         except BaseException:
             connection._lose("could not open", abort=True)

@@ -9,6 +9,7 @@ raised into the connection.
 from __future__ import annotations
 
 import struct
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -132,3 +133,36 @@ def test_a_timestamp_past_what_a_datetime_holds_reads_as_none_not_an_error() -> 
     props = properties(struct.pack(">Q", 2**62), 0, 1 << 6)
     assert props.broken is None and props.timestamp_s == 2**62 / 1000
     assert props.timestamp is None
+
+
+class Transport:
+    """What the protocol writes to, and whether it was aborted."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    close = abort
+
+
+async def test_a_broker_silent_for_two_heartbeats_loses_the_connection() -> None:
+    lost: list[str] = []
+    connection = ConsumeConnection(lambda _d: None, lost.append)
+    transport = Transport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    connection._heartbeat = 1
+    connection._seen = time.monotonic()
+    connection._beat()  # heard from lately: a heartbeat goes out
+    assert transport.written == [b"\x08\x00\x00\x00\x00\x00\x00\xce"] and not lost
+    connection._seen = time.monotonic() - 2.5
+    connection._beat()
+    assert lost == ["missed the broker's heartbeats"] and transport.aborted
