@@ -1,4 +1,4 @@
-"""The `rabbitq` command: topology apply|show|plan, consume.
+"""The `rabbitq` command: topology apply|show|plan, consume, parking list|show.
 
 stdout carries results only; logs and errors go to stderr. An expected failure prints one
 `error: ...` line and exits non-zero (`--debug` adds the traceback). Exit codes: 0 success,
@@ -346,6 +346,16 @@ def consume(
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
+
+
+def _register_parking() -> None:
+    from rabbitq._cli_parking import register
+
+    options = {"topology": TOPOLOGY, "namespace": NAMESPACE, "url": URL}
+    register(cli, options | {"json": JSON, "debug": DEBUG}, _run, _errors)
+
+
+_register_parking()
 
 
 def main() -> None:

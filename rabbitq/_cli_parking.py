@@ -1,0 +1,161 @@
+"""`rabbitq parking list|show`: what failed and why, read without moving anything.
+
+Everything printed from a message passes through `_safe`: a parked copy carries what any
+publisher wrote, and a terminal must not take its control characters as commands.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from rabbitq import _parking as parking
+from rabbitq._errors import TopologyInvalid, UsageError
+from rabbitq._topology import Workload, load_topology, parse_duration
+
+parking_cli = typer.Typer(
+    help="Read the parking lot: what failed, why, and where. Nothing is moved or reordered.",
+    no_args_is_help=True,
+)
+
+
+def _safe(text: str, keep_newlines: bool = False) -> str:
+    """Control characters (escape sequences included) shown as escapes, never sent raw."""
+    return "".join(
+        c if c.isprintable() or (keep_newlines and c == "\n") else repr(c)[1:-1] for c in text
+    )
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _age(seconds: float | None, now: float) -> str:
+    if seconds is None:
+        return "-"
+    age = max(0.0, now - seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if age >= size:
+            return f"{age / size:.0f}{unit}"
+    return f"{age:.0f}s"
+
+
+def _workload(topology: Path, namespace: str | None, name: str) -> Workload:
+    topo = load_topology(topology, namespace)
+    try:
+        return topo.workload(name)
+    except TopologyInvalid as exc:  # the WORKLOAD argument is wrong, not the files
+        raise UsageError(str(exc)) from exc
+
+
+def _filter(
+    task: str | None, reason: str | None, error: str | None, since: str | None, group: str | None
+) -> parking.Filter:
+    try:
+        within = None if since is None else parse_duration(since)
+    except ValueError as exc:
+        raise UsageError(f"--since {since!r}: {exc}") from None
+    return parking.Filter(task, reason, error, within, group)
+
+
+def register(cli: typer.Typer, options: dict[str, Any], run: Any, errors: Any) -> None:
+    """Add `parking` to the `rabbitq` command (options and helpers are `_cli`'s own)."""
+    cli.add_typer(parking_cli, name="parking")
+
+    @parking_cli.command("list")
+    def parking_list(
+        workload: str = typer.Argument(..., help="The workload whose parking lot to read."),
+        task: str | None = typer.Option(None, "--task", help="Only this task name."),
+        reason: str | None = typer.Option(None, "--reason", help="Only this park reason."),
+        error: str | None = typer.Option(None, "--error", help="Only this error type."),
+        since: str | None = typer.Option(None, "--since", help="Parked within, e.g. 1h."),
+        group: str | None = typer.Option(None, "--group", help="Only this fingerprint."),
+        limit: int = typer.Option(50, "--limit", min=1, help="Show at most this many."),
+        by_group: bool = typer.Option(False, "--groups", help="One line per failure site."),
+        topology: Path = options["topology"],
+        namespace: str | None = options["namespace"],
+        url: str = options["url"],
+        as_json: bool = options["json"],
+        debug: bool = options["debug"],
+    ) -> None:
+        """List parked tasks (oldest first), or with --groups one line per fingerprint (the
+        task, the error type and the frames of its traceback: one bug, one line).
+
+        Example: rabbitq parking list emails --reason retries_exhausted --since 1h
+        """
+        with errors(url, as_json, debug):
+            spec = _workload(topology, namespace, workload)
+            chosen = _filter(task, reason, error, since, group)
+            now = time.time()
+            found = parking.select(run(parking.browse(url, spec)), chosen, now)
+            if by_group:
+                rows = parking.groups(found)
+                if as_json:
+                    typer.echo(json.dumps([g.facts() for g in rows[:limit]], indent=2))
+                    return
+                for g in rows[:limit]:
+                    typer.echo(
+                        f"{g.fingerprint}  {g.count:>6}  {_safe(g.task)}  {_safe(g.error_type)}"
+                        f"  at {_safe(g.where) or '-'}  last {_when(g.last_seen)}"
+                        f"  e.g. {_safe(g.example[:80])}"
+                    )
+                return
+            if as_json:
+                typer.echo(json.dumps([t.facts(now) for t in found[:limit]], indent=2))
+                return
+            for t in found[:limit]:
+                typer.echo(
+                    f"{_safe(t.message_id)}  {_safe(t.task)}  {_safe(t.reason)}  "
+                    f"{_safe(t.error_type)}: {_safe(t.error[:80])}  attempts {t.attempts}  "
+                    f"parked {_when(t.parked_at)} ({_age(t.parked_at, now)} ago)"
+                )
+            if len(found) > limit:
+                typer.echo(f"... and {len(found) - limit} more (--limit)", err=True)
+
+    @parking_cli.command("show")
+    def parking_show(
+        workload: str = typer.Argument(..., help="The workload whose parking lot to read."),
+        message_id: str = typer.Argument(..., help="The parked task's message id."),
+        topology: Path = options["topology"],
+        namespace: str | None = options["namespace"],
+        url: str = options["url"],
+        as_json: bool = options["json"],
+        debug: bool = options["debug"],
+    ) -> None:
+        """Everything about one parked task: its headers, traceback and payload.
+
+        Example: rabbitq parking show emails 3f2a9c...
+        """
+        with errors(url, as_json, debug):
+            spec = _workload(topology, namespace, workload)
+            now = time.time()
+            chosen = parking.Filter(ids=frozenset({message_id}))
+            found = parking.select(run(parking.browse(url, spec)), chosen, now)
+            if not found:
+                raise UsageError(f"no parked task {message_id!r} in {spec.parking_queue}")
+            t = found[0]
+            try:
+                payload: Any = json.loads(t.body)
+            except ValueError:
+                payload = t.body.decode(errors="replace")
+            if as_json:
+                facts = t.facts(now) | {"traceback": t.traceback, "payload": payload}
+                typer.echo(json.dumps(facts | {"headers": t.headers}, indent=2, default=str))
+                return
+            for key, value in t.facts(now).items():
+                typer.echo(f"{key}: {_safe(str(value))}")
+            typer.echo("headers:")
+            for key, value in sorted(t.headers.items()):
+                typer.echo(f"  {_safe(str(key))}: {_safe(str(value))}")
+            typer.echo("traceback:")
+            typer.echo(_safe(t.traceback, keep_newlines=True) or "  (none)")
+            typer.echo("payload:")
+            shown = json.dumps(payload, indent=2) if not isinstance(payload, str) else payload
+            typer.echo(_safe(shown, keep_newlines=True))

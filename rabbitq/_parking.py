@@ -1,0 +1,226 @@
+"""The parking lot, read and grouped: what failed, why and where, without moving anything.
+
+Reading consumes the parking queue without acks and then closes the connection, which puts
+every parked copy back where it was (a classic queue with no other consumer keeps their
+order; RABBITMQ.md 10.1); nothing of it counts towards a delivery limit, since the parking lot
+is a classic queue. What to show, which tasks a filter selects and how failures group are
+pure functions of the parked copies' headers; the CLI (and later the console) call them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rabbitq import _wire as wire
+from rabbitq._amqp import ConsumeConnection, Delivery, open_consumer
+from rabbitq._connection import client_name, connect
+from rabbitq._declare import exists
+from rabbitq._errors import TopologyMissing
+from rabbitq._topology import Workload
+
+# A traceback line naming a frame; the line number is left out of a fingerprint, so an edit
+# elsewhere in the file does not split a group.
+_FRAME = re.compile(r'^\s*File "(?P<file>[^"]*)", line \d+, in (?P<func>\S+)', re.MULTILINE)
+BROWSE_SECONDS_PER_1000 = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    """One parked task, as its parked copy tells it."""
+
+    message_id: str
+    task: str
+    reason: str
+    error_type: str
+    error: str
+    traceback: str
+    attempts: int
+    first_failure: float | None  # seconds since the epoch
+    last_failure: float | None
+    parked_at: float | None
+    headers: dict[str, Any] = field(repr=False)
+    body: bytes = field(repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.task, self.error_type, self.traceback)
+
+    def facts(self, now: float) -> dict[str, Any]:
+        """What `parking list --json` prints for it."""
+        return {
+            "message_id": self.message_id,
+            "task": self.task,
+            "reason": self.reason,
+            "error_type": self.error_type,
+            "error": self.error,
+            "attempts": self.attempts,
+            "first_failure": self.first_failure,
+            "last_failure": self.last_failure,
+            "parked_at": self.parked_at,
+            "age_seconds": None if self.parked_at is None else round(now - self.parked_at, 3),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def _ms(headers: dict[str, Any], name: str) -> float | None:
+    value = headers.get(name)
+    return value / 1000 if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _text(headers: dict[str, Any], name: str) -> str:
+    value = headers.get(name, "")
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def parked(delivery: Delivery) -> Parked:
+    """A parked copy read back (any message in the parking lot: what it lacks is empty)."""
+    props = delivery.properties
+    headers = dict(props.headers or {})
+    attempts = headers.get(wire.HEADER_PARK_ATTEMPTS, headers.get(wire.HEADER_ATTEMPT, 0))
+    return Parked(
+        message_id=props.message_id or "",
+        task=props.message_type or "",
+        reason=_text(headers, wire.HEADER_PARK_REASON),
+        error_type=_text(headers, wire.HEADER_PARK_ERROR_TYPE),
+        error=_text(headers, wire.HEADER_PARK_ERROR),
+        traceback=_text(headers, wire.HEADER_PARK_TRACEBACK),
+        attempts=attempts if isinstance(attempts, int) else 0,
+        first_failure=_ms(headers, wire.HEADER_FIRST_FAILURE),
+        last_failure=_ms(headers, wire.HEADER_LAST_FAILURE),
+        parked_at=_ms(headers, wire.HEADER_PARKED_AT) or props.timestamp_s,
+        headers=headers,
+        body=delivery.body,
+    )
+
+
+def frames(traceback: str) -> list[str]:
+    """`file:function` of each frame, outermost first, without line numbers or directories
+    (so one bug is one group whatever the host's install path)."""
+    return [f"{m['file'].rsplit('/', 1)[-1]}:{m['func']}" for m in _FRAME.finditer(traceback)]
+
+
+def fingerprint(task: str, error_type: str, traceback: str) -> str:
+    """Twelve hex digits naming where a task failed: its name, the error type, the frames."""
+    where = "\n".join([task, error_type, *frames(traceback)])
+    return hashlib.sha256(where.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which parked tasks a command works on; unset fields select everything."""
+
+    task: str | None = None
+    reason: str | None = None
+    error_type: str | None = None
+    parked_within: float | None = None  # seconds: parked at most this long ago
+    group: str | None = None  # a fingerprint
+    ids: frozenset[str] = frozenset()
+
+    def matches(self, task: Parked, now: float) -> bool:
+        if self.ids and task.message_id not in self.ids:
+            return False
+        if self.task is not None and task.task != self.task:
+            return False
+        if self.reason is not None and task.reason != self.reason:
+            return False
+        if self.error_type is not None and task.error_type != self.error_type:
+            return False
+        if self.parked_within is not None and (
+            task.parked_at is None or now - task.parked_at > self.parked_within
+        ):
+            return False
+        return self.group is None or task.fingerprint == self.group
+
+
+@dataclass(slots=True)
+class Group:
+    """The parked tasks that failed at one place."""
+
+    fingerprint: str
+    task: str
+    error_type: str
+    where: str  # the innermost frame
+    count: int = 0
+    first_seen: float | None = None
+    last_seen: float | None = None
+    example: str = ""  # one error message of the group
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "task": self.task,
+            "error_type": self.error_type,
+            "where": self.where,
+            "count": self.count,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "example": self.example,
+        }
+
+
+def groups(tasks: Iterable[Parked]) -> list[Group]:
+    """One group per fingerprint, the largest first."""
+    found: dict[str, Group] = {}
+    for task in tasks:
+        key = task.fingerprint
+        group = found.get(key)
+        if group is None:
+            where = (frames(task.traceback) or [""])[-1]
+            group = found[key] = Group(key, task.task, task.error_type, where, example=task.error)
+        group.count += 1
+        if task.parked_at is not None:
+            group.first_seen = min(group.first_seen or task.parked_at, task.parked_at)
+            group.last_seen = max(group.last_seen or task.parked_at, task.parked_at)
+    return sorted(found.values(), key=lambda g: (-g.count, g.fingerprint))
+
+
+async def browse(url: str, workload: Workload) -> list[Parked]:
+    """Every task in the parking lot, in order, all left exactly where they were.
+
+    Raises:
+        ConnectionFailed: the broker cannot be reached.
+        TopologyMissing: the workload's parking queue does not exist.
+    """
+    queue = workload.parking_queue
+    control = await connect(url, f"parking {workload.name}")
+    try:
+        if not await exists(control, "queue", queue):
+            raise TopologyMissing("queue", queue)
+        channel = await control.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        count = declared.declaration_result.message_count or 0
+    finally:
+        await control.close()
+    if not count:
+        return []
+    got: list[Delivery] = []
+    enough, lost = asyncio.Event(), asyncio.Event()
+
+    def arrived(delivery: Delivery) -> None:
+        got.append(delivery)
+        if len(got) >= count:
+            enough.set()
+
+    reading = ConsumeConnection(arrived, lambda _reason: lost.set())
+    name = client_name(f"parking {workload.name}")
+    try:
+        await open_consumer(reading, url, name, queue, prefetch=0)  # 0: all of them at once
+        waits = [asyncio.ensure_future(enough.wait()), asyncio.ensure_future(lost.wait())]
+        limit = 10 + count / 1000 * BROWSE_SECONDS_PER_1000
+        await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waits:
+            waiter.cancel()
+    finally:
+        await reading.close()  # nothing acked: every copy goes back, in its order
+    return [parked(d) for d in sorted(got[:count], key=lambda d: d.tag)]
+
+
+def select(tasks: list[Parked], chosen: Filter, now: float | None = None) -> list[Parked]:
+    when = time.time() if now is None else now
+    return [task for task in tasks if chosen.matches(task, when)]

@@ -1,0 +1,135 @@
+"""Reading the parking lot (issue #11, first part): nothing moves, filters and groups select
+exactly the right tasks, and the CLI prints them.
+
+Tasks are parked by a real consumer whose handlers fail at three places: two call sites of
+ValueError (in different functions) and a KeyError, with a different message per task.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from aio_pika.abc import AbstractConnection
+from pydantic import BaseModel
+
+from rabbitq import App
+from rabbitq import _parking as parking
+from rabbitq._topology import Topology, Workload
+from tests.broker.conftest import toml_for
+from tests.broker.test_declare import rabbitq_cli
+from tests.helpers import drain_queue, queue_depth, running_consumer, wait_until
+
+PER_SITE = 40
+
+
+class Item(BaseModel):
+    n: int
+
+
+def check_name(n: int) -> None:
+    raise ValueError(f"name {n} is not valid")
+
+
+def check_size(n: int) -> None:
+    raise ValueError(f"size {n} is too big")
+
+
+async def park_three_kinds(
+    make_topology: Any, connection: AbstractConnection, url: str, namespace: str
+) -> tuple[Topology, Workload]:
+    spec = {"capacity": 16, "retry": {"tiers": ["50ms"], "max_attempts": 1}}
+    topology = await make_topology(jobs=spec)
+    workload = topology.workload("jobs")
+    app = App(namespace=namespace, url=url)
+
+    @app.task("jobs.name", workload="jobs")
+    async def name(item: Item) -> None:
+        check_name(item.n)
+
+    @app.task("jobs.size", workload="jobs")
+    async def size(item: Item) -> None:
+        if item.n % 2:
+            check_size(item.n)
+        raise KeyError(f"missing {item.n}")
+
+    messages = [name.message(Item(n=n)) for n in range(PER_SITE)]
+    messages += [size.message(Item(n=n)) for n in range(2 * PER_SITE)]
+    async with running_consumer(app, workload, url):
+        await app.publish_many(messages)
+        await wait_until(
+            lambda: _depth(connection, workload.parking_queue, 3 * PER_SITE),
+            timeout=20,
+            what="every task to be parked",
+        )
+    await app.close()
+    return topology, workload
+
+
+async def _depth(connection: AbstractConnection, name: str, depth: int) -> bool:
+    return await queue_depth(connection, name) == depth
+
+
+async def test_browsing_leaves_the_parking_lot_as_it_was_and_groups_by_failure_site(
+    make_topology, connection, url, namespace
+):
+    _, workload = await park_three_kinds(make_topology, connection, url, namespace)
+    first = await parking.browse(url, workload)
+    second = await parking.browse(url, workload)
+    assert len(first) == 3 * PER_SITE
+    assert [t.message_id for t in first] == [t.message_id for t in second]
+
+    found = parking.groups(first)
+    assert sorted((g.task, g.error_type, g.count) for g in found) == [
+        ("jobs.name", "ValueError", PER_SITE),
+        ("jobs.size", "KeyError", PER_SITE),
+        ("jobs.size", "ValueError", PER_SITE),
+    ]
+    by_site = {(g.task, g.error_type): g for g in found}
+    assert by_site["jobs.name", "ValueError"].where.endswith(":check_name")
+    assert by_site["jobs.size", "ValueError"].where.endswith(":check_size")
+
+    now = time.time()
+    size_errors = parking.Filter(task="jobs.size", error_type="ValueError")
+    assert len(parking.select(first, size_errors, now)) == PER_SITE
+    group = by_site["jobs.size", "KeyError"].fingerprint
+    chosen = parking.select(first, parking.Filter(group=group), now)
+    assert {t.error_type for t in chosen} == {"KeyError"} and len(chosen) == PER_SITE
+    assert parking.select(first, parking.Filter(reason="retries_exhausted"), now) == first
+    assert parking.select(first, parking.Filter(parked_within=3600), now) == first
+    one = first[7].message_id
+    assert [
+        t.message_id for t in parking.select(first, parking.Filter(ids=frozenset({one})), now)
+    ] == [one]
+
+    # Nothing was taken or reordered: the copies come out in the order browsing saw.
+    left = await drain_queue(connection, workload.parking_queue)
+    assert [m.message_id for m in left] == [t.message_id for t in first]
+
+
+async def test_the_cli_lists_groups_and_shows_a_parked_task(
+    make_topology: Any, connection: AbstractConnection, url: str, namespace: str, tmp_path: Path
+) -> None:
+    spec = {"capacity": 16, "retry": {"tiers": ["50ms"], "max_attempts": 1}}
+    await park_three_kinds(make_topology, connection, url, namespace)
+    (tmp_path / "test.toml").write_text(toml_for({"jobs": spec}))
+    where = ("--topology", tmp_path, "--namespace", namespace)
+
+    listed = await rabbitq_cli(url, "parking", "list", "jobs", "--json", "--limit", "500", *where)
+    assert listed.returncode == 0, listed.stderr
+    tasks = json.loads(listed.stdout)
+    assert len(tasks) == 3 * PER_SITE and tasks[0]["reason"] == "retries_exhausted"
+
+    grouped = await rabbitq_cli(url, "parking", "list", "jobs", "--groups", *where)
+    assert grouped.returncode == 0, grouped.stderr
+    assert len(grouped.stdout.splitlines()) == 3
+
+    shown = await rabbitq_cli(url, "parking", "show", "jobs", tasks[0]["message_id"], *where)
+    assert shown.returncode == 0, shown.stderr
+    assert "traceback:" in shown.stdout and '"n":' in shown.stdout
+
+    missing = await rabbitq_cli(url, "parking", "show", "jobs", "no-such-id", *where)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no parked task")
+    assert await queue_depth(connection, f"{namespace}.jobs.parking") == 3 * PER_SITE

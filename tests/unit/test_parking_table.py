@@ -1,0 +1,87 @@
+"""The parking lot's pure decisions: fingerprints, filters and groups, as tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from rabbitq._parking import Filter, Parked, fingerprint, frames, groups
+
+
+def tb(*sites: tuple[str, int, str]) -> str:
+    lines = ["Traceback (most recent call last):"]
+    lines += [f'  File "{path}", line {line}, in {func}\n    code()' for path, line, func in sites]
+    return "\n".join(lines) + "\nValueError: something\n"
+
+
+def task(n: int, **kw: object) -> Parked:
+    facts: dict[str, object] = {
+        "message_id": f"m{n}",
+        "task": "jobs.send",
+        "reason": "retries_exhausted",
+        "error_type": "ValueError",
+        "error": f"bad {n}",
+        "traceback": tb(("/srv/app/jobs.py", 10, "send")),
+        "attempts": 3,
+        "first_failure": 100.0,
+        "last_failure": 200.0,
+        "parked_at": 1000.0 + n,
+        "headers": {},
+        "body": b"{}",
+    }
+    return Parked(**(facts | kw))  # type: ignore[arg-type]
+
+
+def test_frames_drop_line_numbers_and_directories() -> None:
+    text = tb(("/srv/app/jobs.py", 10, "send"), ("/usr/lib/x/check.py", 99, "validate"))
+    assert frames(text) == ["jobs.py:send", "check.py:validate"]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        # the same site, another line (an edit above it), another host's install path
+        (tb(("/srv/a/jobs.py", 10, "send")), tb(("/opt/b/jobs.py", 14, "send")), True),
+        # two call sites of the same error type
+        (tb(("/srv/a/jobs.py", 10, "send")), tb(("/srv/a/jobs.py", 10, "resend")), False),
+        (tb(("/srv/a/jobs.py", 10, "send")), "", False),
+    ],
+)
+def test_fingerprints(a: str, b: str, same: bool) -> None:
+    assert (fingerprint("t", "ValueError", a) == fingerprint("t", "ValueError", b)) is same
+
+
+@pytest.mark.parametrize(
+    ("chosen", "selected"),
+    [
+        (Filter(), {0, 1, 2}),
+        (Filter(task="jobs.other"), {2}),
+        (Filter(reason="poison"), {1}),
+        (Filter(error_type="KeyError"), {2}),
+        (Filter(parked_within=1.5), {1, 2}),  # now = 1002.5: parked at 1000, 1001, 1002
+        (Filter(ids=frozenset({"m0", "m2"})), {0, 2}),
+        (Filter(task="jobs.send", reason="poison"), {1}),
+    ],
+)
+def test_filters(chosen: Filter, selected: set[int]) -> None:
+    tasks = [
+        task(0),
+        task(1, reason="poison"),
+        task(2, task="jobs.other", error_type="KeyError"),
+    ]
+    assert {n for n, t in enumerate(tasks) if chosen.matches(t, now=1002.5)} == selected
+
+
+def test_one_bug_is_one_group_and_a_group_is_a_filter() -> None:
+    tasks = [task(n) for n in range(5)] + [task(9, traceback=tb(("/srv/app/jobs.py", 3, "load")))]
+    [big, small] = groups(tasks)
+    assert (big.count, big.where, big.first_seen, big.last_seen) == (5, "jobs.py:send", 1000, 1004)
+    assert (small.count, small.where) == (1, "jobs.py:load")
+    assert [t.message_id for t in tasks if Filter(group=small.fingerprint).matches(t, 0)] == ["m9"]
+
+
+def test_what_a_message_carries_reaches_the_terminal_escaped() -> None:
+    from rabbitq._cli_parking import _safe
+
+    assert _safe("\x1b[2Jgone\x07") == "\\x1b[2Jgone\\x07"
+    assert _safe("line one\nline two", keep_newlines=True) == "line one\nline two"
+    assert _safe("line one\nline two") == "line one\\nline two"
