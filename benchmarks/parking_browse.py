@@ -30,6 +30,36 @@ TRACEBACK = (
 )
 
 
+async def fill(connection: aio_pika.abc.AbstractConnection, queue: str, n: int) -> list[str]:
+    """Publish n parked copies, confirmed, into `queue`; their message ids in order."""
+    channel = await connection.channel(publisher_confirms=True)
+    window = asyncio.Semaphore(1000)
+
+    async def one(i: int) -> None:
+        headers = wire.park_headers(
+            {wire.HEADER_ATTEMPT: 3},
+            reason=ParkReason.RETRIES_EXHAUSTED,
+            error_type="ValueError",
+            error_message=f"no such address {i}",
+            traceback=TRACEBACK,
+            attempts=3,
+            first_failure_ms=None,
+            failed_at=time.time(),
+            host="bench",
+            workload="w",
+        )
+        message = aio_pika.Message(
+            b'{"n": %d}' % i, headers=headers, message_id=f"m{i:06d}", type="w.t"
+        )
+        async with window:
+            await channel.default_exchange.publish(message, routing_key=queue)
+
+    # in order: a semaphore admits waiters first come, first served
+    await asyncio.gather(*(one(i) for i in range(n)))
+    await channel.close()
+    return [f"m{i:06d}" for i in range(n)]
+
+
 async def main(args: argparse.Namespace) -> None:
     ns = f"parkbench-{uuid.uuid4().hex[:8]}"
     topology = rabbitq.parse_topology({"t.toml": f'namespace = "{ns}"\n[workloads.w]\n'})
@@ -37,30 +67,7 @@ async def main(args: argparse.Namespace) -> None:
     connection = await aio_pika.connect(args.url)
     try:
         await declare.apply(connection, topology)
-        channel = await connection.channel(publisher_confirms=True)
-        window = asyncio.Semaphore(1000)
-
-        async def one(i: int) -> None:
-            headers = wire.park_headers(
-                {wire.HEADER_ATTEMPT: 3},
-                reason=ParkReason.RETRIES_EXHAUSTED,
-                error_type="ValueError",
-                error_message=f"no such address {i}",
-                traceback=TRACEBACK,
-                attempts=3,
-                first_failure_ms=None,
-                failed_at=time.time(),
-                host="bench",
-                workload="w",
-            )
-            message = aio_pika.Message(
-                b'{"n": %d}' % i, headers=headers, message_id=f"m{i:06d}", type="w.t"
-            )
-            async with window:
-                await channel.default_exchange.publish(message, routing_key=workload.parking_queue)
-
-        await asyncio.gather(*(one(i) for i in range(args.n)))
-        expected = [f"m{i:06d}" for i in range(args.n)]
+        expected = await fill(connection, workload.parking_queue, args.n)
         for rep in range(args.reps):
             started = time.perf_counter()
             found = await parking.browse(args.url, workload)

@@ -133,3 +133,18 @@ async def test_the_cli_lists_groups_and_shows_a_parked_task(
     missing = await rabbitq_cli(url, "parking", "show", "jobs", "no-such-id", *where)
     assert missing.returncode == 2 and missing.stderr.startswith("error: no parked task")
     assert await queue_depth(connection, f"{namespace}.jobs.parking") == 3 * PER_SITE
+
+
+async def test_ten_thousand_parked_tasks_are_read_and_left_in_their_order(
+    make_topology: Any, connection: AbstractConnection, url: str
+) -> None:
+    """Count and order of ids before and after, with 10,000 parked copies."""
+    from benchmarks.parking_browse import fill
+
+    workload = (await make_topology(w={})).workload("w")
+    sent = await fill(connection, workload.parking_queue, 10_000)
+    read = [t.message_id for t in await parking.browse(url, workload)]
+    assert read == sent
+    assert await queue_depth(connection, workload.parking_queue) == 10_000
+    again = [t.message_id for t in await parking.browse(url, workload)]
+    assert again == sent
