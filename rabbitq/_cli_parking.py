@@ -1,4 +1,4 @@
-"""`rabbitq parking list|show`: what failed and why, read without moving anything.
+"""`rabbitq parking list|show|replay|purge`: what failed and why, and sending it back.
 
 Everything printed from a message passes through `_safe`: a parked copy carries what any
 publisher wrote, and a terminal must not take its control characters as commands.
@@ -6,7 +6,10 @@ publisher wrote, and a terminal must not take its control characters as commands
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +19,7 @@ import typer
 
 from rabbitq import _parking as parking
 from rabbitq._errors import TopologyInvalid, UsageError
+from rabbitq._publish import Publisher
 from rabbitq._topology import Workload, load_topology, parse_duration
 
 parking_cli = typer.Typer(
@@ -159,3 +163,131 @@ def register(cli: typer.Typer, options: dict[str, Any], run: Any, errors: Any) -
             typer.echo("payload:")
             shown = json.dumps(payload, indent=2) if not isinstance(payload, str) else payload
             typer.echo(_safe(shown, keep_newlines=True))
+
+    def _selection(
+        all_: bool,
+        ids: list[str],
+        task: str | None,
+        reason: str | None,
+        error: str | None,
+        since: str | None,
+        group: str | None,
+    ) -> parking.Filter:
+        chosen = dataclasses.replace(_filter(task, reason, error, since, group), ids=frozenset(ids))
+        if not all_ and chosen == parking.Filter():
+            raise UsageError("say which tasks: --all, --id ID, or a filter (--task, --reason, ...)")
+        return chosen
+
+    def _rate(rate: str | None) -> float | None:
+        if rate is None:
+            return None
+        try:
+            per_second = float(rate.removesuffix("/s"))
+        except ValueError:
+            per_second = 0.0
+        if per_second <= 0:
+            raise UsageError(
+                f"--rate {rate!r} must be a positive number of tasks a second, e.g. 100/s"
+            )
+        return per_second
+
+    @parking_cli.command("replay")
+    def parking_replay(
+        workload: str = typer.Argument(..., help="The workload whose parked tasks to send back."),
+        all_: bool = typer.Option(False, "--all", help="Every parked task."),
+        ids: list[str] = typer.Option([], "--id", help="This message id (repeatable)."),
+        task: str | None = typer.Option(None, "--task", help="Only this task name."),
+        reason: str | None = typer.Option(None, "--reason", help="Only this park reason."),
+        error: str | None = typer.Option(None, "--error", help="Only this error type."),
+        since: str | None = typer.Option(None, "--since", help="Parked within, e.g. 1h."),
+        group: str | None = typer.Option(None, "--group", help="Only this fingerprint."),
+        limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many."),
+        rate: str | None = typer.Option(
+            None, "--rate", help="At most this many a second, e.g. 50/s."
+        ),
+        dry_run: bool = typer.Option(
+            False, "--dry-run", help="Print what would move; move nothing."
+        ),
+        topology: Path = options["topology"],
+        namespace: str | None = options["namespace"],
+        url: str = options["url"],
+        as_json: bool = options["json"],
+        debug: bool = options["debug"],
+    ) -> None:
+        """Send parked tasks back to the work queue with a fresh attempt budget (their earlier
+        parks kept in the rabbitq-history header); the others stay parked, in their order.
+
+        Each task's new copy is confirmed by the broker before its parked copy is removed. A
+        replay stopped at any point (even kill -9) loses nothing: at worst the one task in
+        hand is both sent and still parked, and running the same replay again sends it again.
+
+        Example: rabbitq parking replay emails --group 3f2a9c01b7de --rate 50/s
+        """
+        with errors(url, as_json, debug):
+            spec = _workload(topology, namespace, workload)
+            chosen = _selection(all_, ids, task, reason, error, since, group)
+            per_second = _rate(rate)
+            if dry_run:
+                found = parking.select(run(parking.browse(url, spec)), chosen)[:limit]
+                _report("would replay", found, as_json)
+                return
+
+            async def replay() -> list[parking.Parked]:
+                publisher = Publisher(url, name=f"parking-replay {spec.name}")
+                last = 0.0
+
+                async def send(task: parking.Parked) -> None:
+                    nonlocal last
+                    if per_second is not None:
+                        await asyncio.sleep(max(0.0, last + 1 / per_second - time.monotonic()))
+                        last = time.monotonic()
+                    await publisher.send(parking.replay_copy(task, spec, time.time()))
+
+                try:
+                    return await parking.take(url, spec, chosen, limit, send)
+                finally:
+                    await publisher.close()
+
+            _report("replayed", run(replay()), as_json)
+
+    @parking_cli.command("purge")
+    def parking_purge(
+        workload: str = typer.Argument(..., help="The workload whose parked tasks to delete."),
+        all_: bool = typer.Option(False, "--all", help="Every parked task."),
+        ids: list[str] = typer.Option([], "--id", help="This message id (repeatable)."),
+        task: str | None = typer.Option(None, "--task", help="Only this task name."),
+        reason: str | None = typer.Option(None, "--reason", help="Only this park reason."),
+        error: str | None = typer.Option(None, "--error", help="Only this error type."),
+        since: str | None = typer.Option(None, "--since", help="Parked within, e.g. 1h."),
+        group: str | None = typer.Option(None, "--group", help="Only this fingerprint."),
+        yes: bool = typer.Option(False, "--yes", help="Do not ask (needed without a terminal)."),
+        topology: Path = options["topology"],
+        namespace: str | None = options["namespace"],
+        url: str = options["url"],
+        as_json: bool = options["json"],
+        debug: bool = options["debug"],
+    ) -> None:
+        """Delete parked tasks for good; asks first unless --yes. The others stay parked.
+
+        Example: rabbitq parking purge emails --reason poison --yes
+        """
+        with errors(url, as_json, debug):
+            spec = _workload(topology, namespace, workload)
+            chosen = _selection(all_, ids, task, reason, error, since, group)
+            if not yes:
+                if not sys.stdin.isatty():
+                    raise UsageError("purge deletes tasks for good: add --yes (no terminal to ask)")
+                found = parking.select(run(parking.browse(url, spec)), chosen)
+                if not typer.confirm(f"delete {len(found)} parked tasks for good?"):
+                    raise typer.Exit(1)
+            _report("purged", run(parking.take(url, spec, chosen, None, None)), as_json)
+
+
+def _report(what: str, tasks: list[parking.Parked], as_json: bool) -> None:
+    now = time.time()
+    if as_json:
+        typer.echo(json.dumps({what.replace(" ", "_"): [t.facts(now) for t in tasks]}, indent=2))
+        return
+    for t in tasks:
+        typer.echo(f"{what} {_safe(t.message_id)}  {_safe(t.task)}  {_safe(t.reason)}")
+    typer.echo(f"{what} {len(tasks)} tasks", err=True)

@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,20 @@ from rabbitq._topology import Workload
 # elsewhere in the file does not split a group.
 _FRAME = re.compile(r'^\s*File "(?P<file>[^"]*)", line \d+, in (?P<func>\S+)', re.MULTILINE)
 BROWSE_SECONDS_PER_1000 = 2.0
+HEADER_HISTORY = "rabbitq-history"  # earlier parks of a replayed task, oldest first
+MAX_HISTORY = 5
+# What a replayed copy leaves behind: the park and the spent retry budget.
+_SPENT = (
+    wire.HEADER_ATTEMPT,
+    wire.HEADER_FIRST_FAILURE,
+    wire.HEADER_LAST_FAILURE,
+    wire.HEADER_LAST_ERROR,
+    wire.HEADER_REDELIVERIES,
+    wire.HEADER_RETRY_AT,
+    wire.HEADER_PUBLISHED_AT,
+    wire.HEADER_PARKED_AT,
+    wire.HEADER_DELIVERY_COUNT,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +201,13 @@ async def browse(url: str, workload: Workload) -> list[Parked]:
         ConnectionFailed: the broker cannot be reached.
         TopologyMissing: the workload's parking queue does not exist.
     """
+    connection, deliveries = await _read(url, workload)
+    await connection.close()  # nothing acked: every copy goes back, in its order
+    return [parked(d) for d in deliveries]
+
+
+async def _read(url: str, workload: Workload) -> tuple[ConsumeConnection, list[Delivery]]:
+    """The parking lot's deliveries, in order, held unacked on the returned connection."""
     queue = workload.parking_queue
     control = await connect(url, f"parking {workload.name}")
     try:
@@ -197,8 +218,6 @@ async def browse(url: str, workload: Workload) -> list[Parked]:
         count = declared.declaration_result.message_count or 0
     finally:
         await control.close()
-    if not count:
-        return []
     got: list[Delivery] = []
     enough, lost = asyncio.Event(), asyncio.Event()
 
@@ -211,16 +230,86 @@ async def browse(url: str, workload: Workload) -> list[Parked]:
     name = client_name(f"parking {workload.name}")
     try:
         await open_consumer(reading, url, name, queue, prefetch=0)  # 0: all of them at once
-        waits = [asyncio.ensure_future(enough.wait()), asyncio.ensure_future(lost.wait())]
-        limit = 10 + count / 1000 * BROWSE_SECONDS_PER_1000
-        await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
-        for waiter in waits:
-            waiter.cancel()
-    finally:
-        await reading.close()  # nothing acked: every copy goes back, in its order
-    return [parked(d) for d in sorted(got[:count], key=lambda d: d.tag)]
+        if count:
+            waits = [asyncio.ensure_future(enough.wait()), asyncio.ensure_future(lost.wait())]
+            limit = 10 + count / 1000 * BROWSE_SECONDS_PER_1000
+            await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waits:
+                waiter.cancel()
+        await reading.cancel()  # what arrives after the count is not part of this reading
+    except BaseException:
+        await reading.close()
+        raise
+    return reading, sorted(got, key=lambda d: d.tag)[:count]
 
 
 def select(tasks: list[Parked], chosen: Filter, now: float | None = None) -> list[Parked]:
     when = time.time() if now is None else now
     return [task for task in tasks if chosen.matches(task, when)]
+
+
+def replay_copy(task: Parked, workload: Workload, now: float) -> wire.Outgoing:
+    """The task sent back to its work queue: a fresh attempt budget, its parks in a bounded
+    history (the last MAX_HISTORY), everything else it carried kept."""
+    earlier = task.headers.get(HEADER_HISTORY)
+    history = list(earlier)[-(MAX_HISTORY - 1) :] if isinstance(earlier, list) else []
+    history.append(
+        {
+            "reason": task.reason,
+            "error_type": task.error_type,
+            "error": task.error[:200],
+            "attempts": task.attempts,
+            "parked_at": wire.epoch_ms(task.parked_at or now),
+        }
+    )
+    kept = {
+        k: v
+        for k, v in task.headers.items()
+        if k not in _SPENT and not k.startswith(("rabbitq-park", "x-"))
+    }
+    headers = kept | wire.new_task_headers(None, now) | {HEADER_HISTORY: history}
+    deadline = task.headers.get(wire.HEADER_DEADLINE)
+    if isinstance(deadline, int):
+        headers[wire.HEADER_DEADLINE] = deadline  # a deadline still holds; past, it parks again
+    return wire.Outgoing(
+        exchange=workload.task_exchange,
+        routing_key=workload.routing_key,
+        body=task.body,
+        message_id=task.message_id,
+        headers=headers,
+        task=task.task or None,
+        kind="replay",
+    )
+
+
+async def take(
+    url: str,
+    workload: Workload,
+    chosen: Filter,
+    limit: int | None,
+    each: Callable[[Parked], Awaitable[None]] | None,
+) -> list[Parked]:
+    """Take the selected parked tasks out of the parking lot, in order; the rest stay put.
+
+    Each selected copy is acked only after `each(task)` returned (the replay's confirmed
+    copy), so a kill at any point leaves every task somewhere: at worst the one in hand is
+    both sent and still parked. `each=None` removes (purge).
+    """
+    connection, deliveries = await _read(url, workload)
+    moved: list[Parked] = []
+    try:
+        now = time.time()
+        for delivery in deliveries:
+            task = parked(delivery)
+            if limit is not None and len(moved) >= limit:
+                break
+            if not chosen.matches(task, now):
+                continue
+            if each is not None:
+                await each(task)
+            if not connection.ack(delivery.tag):
+                break  # the connection is gone: the broker returned the rest, this one too
+            moved.append(task)
+    finally:
+        await connection.close()  # everything not acked goes back, in its order
+    return moved

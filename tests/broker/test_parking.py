@@ -7,7 +7,10 @@ ValueError (in different functions) and a KeyError, with a different message per
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,7 @@ def check_size(n: int) -> None:
 
 async def park_three_kinds(
     make_topology: Any, connection: AbstractConnection, url: str, namespace: str
-) -> tuple[Topology, Workload]:
+) -> tuple[Topology, Workload, App]:
     spec = {"capacity": 16, "retry": {"tiers": ["50ms"], "max_attempts": 1}}
     topology = await make_topology(jobs=spec)
     workload = topology.workload("jobs")
@@ -65,7 +68,7 @@ async def park_three_kinds(
             what="every task to be parked",
         )
     await app.close()
-    return topology, workload
+    return topology, workload, app
 
 
 async def _depth(connection: AbstractConnection, name: str, depth: int) -> bool:
@@ -75,7 +78,7 @@ async def _depth(connection: AbstractConnection, name: str, depth: int) -> bool:
 async def test_browsing_leaves_the_parking_lot_as_it_was_and_groups_by_failure_site(
     make_topology, connection, url, namespace
 ):
-    _, workload = await park_three_kinds(make_topology, connection, url, namespace)
+    _, workload, _ = await park_three_kinds(make_topology, connection, url, namespace)
     first = await parking.browse(url, workload)
     second = await parking.browse(url, workload)
     assert len(first) == 3 * PER_SITE
@@ -148,3 +151,115 @@ async def test_ten_thousand_parked_tasks_are_read_and_left_in_their_order(
     assert await queue_depth(connection, workload.parking_queue) == 10_000
     again = [t.message_id for t in await parking.browse(url, workload)]
     assert again == sent
+
+
+SPEC = {"capacity": 16, "retry": {"tiers": ["50ms"], "max_attempts": 1}}
+
+
+def files(tmp_path: Path, namespace: str) -> tuple[str | Path, ...]:
+    (tmp_path / "test.toml").write_text(toml_for({"jobs": SPEC}))
+    return ("--topology", tmp_path, "--namespace", namespace)
+
+
+async def ids_in(connection: AbstractConnection, queue: str) -> list[str]:
+    return [t.message_id or "" for t in await drain_queue(connection, queue)]
+
+
+async def test_a_replayed_group_moves_exactly_that_group_and_fails_again_with_its_history(
+    make_topology: Any, connection: AbstractConnection, url: str, namespace: str, tmp_path: Path
+) -> None:
+    _, workload, app = await park_three_kinds(make_topology, connection, url, namespace)
+    where = files(tmp_path, namespace)
+    before = await parking.browse(url, workload)
+    [chosen] = [g for g in parking.groups(before) if g.error_type == "KeyError"]
+    picked = [t.message_id for t in before if t.fingerprint == chosen.fingerprint]
+
+    dry = await rabbitq_cli(
+        url, "parking", "replay", "jobs", "--group", chosen.fingerprint, "--dry-run", *where
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert [t.message_id for t in await parking.browse(url, workload)] == [
+        t.message_id for t in before
+    ]
+    assert await queue_depth(connection, workload.work_queue) == 0
+
+    moved = await rabbitq_cli(
+        url, "parking", "replay", "jobs", "--group", chosen.fingerprint, *where
+    )
+    assert moved.returncode == 0, moved.stderr
+    rest = [t.message_id for t in await parking.browse(url, workload)]
+    assert rest == [t.message_id for t in before if t.message_id not in set(picked)]
+    assert await queue_depth(connection, workload.work_queue) == PER_SITE
+
+    # They run again with a fresh budget, fail again, and are parked with their history.
+    async with running_consumer(app, workload, url):
+        await wait_until(
+            lambda: _depth(connection, workload.parking_queue, 3 * PER_SITE),
+            timeout=20,
+            what="the replayed tasks to be parked again",
+        )
+    await app.close()
+    again = [t for t in await parking.browse(url, workload) if t.message_id in set(picked)]
+    assert len(again) == PER_SITE
+    for t in again:
+        [earlier] = t.headers[parking.HEADER_HISTORY]
+        assert earlier["reason"] == "retries_exhausted" and earlier["error_type"] == "KeyError"
+        assert t.attempts == 1  # the fresh budget: one attempt, as the workload allows
+
+
+async def test_purge_asks_first_and_removes_only_what_was_chosen(
+    make_topology: Any, connection: AbstractConnection, url: str, namespace: str, tmp_path: Path
+) -> None:
+    _, workload, _ = await park_three_kinds(make_topology, connection, url, namespace)
+    where = files(tmp_path, namespace)
+    before = [t.message_id for t in await parking.browse(url, workload)]
+
+    refused = await rabbitq_cli(url, "parking", "purge", "jobs", "--all", *where)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    unspecified = await rabbitq_cli(url, "parking", "purge", "jobs", "--yes", *where)
+    assert unspecified.returncode == 2
+    assert [t.message_id for t in await parking.browse(url, workload)] == before
+
+    purged = await rabbitq_cli(
+        url, "parking", "purge", "jobs", "--task", "jobs.name", "--yes", *where
+    )
+    assert purged.returncode == 0, purged.stderr
+    left = await parking.browse(url, workload)
+    assert len(left) == 2 * PER_SITE and {t.task for t in left} == {"jobs.size"}
+    assert [t.message_id for t in left] == [i for i in before if i in {t.message_id for t in left}]
+
+
+async def test_a_replay_killed_midway_and_run_again_loses_nothing(
+    make_topology: Any, connection: AbstractConnection, url: str, namespace: str, tmp_path: Path
+) -> None:
+    _, workload, _ = await park_three_kinds(make_topology, connection, url, namespace)
+    where = [str(w) for w in files(tmp_path, namespace)]
+    every = {t.message_id for t in await parking.browse(url, workload)}
+    slow = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "rabbitq", "parking", "replay", "jobs", "--all", "--rate", "40/s", *where),
+        env={**os.environ, "RABBITQ_URL": url},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await wait_until(
+            lambda: _at_least(connection, workload.work_queue, 10),
+            timeout=20,
+            what="the replay to be under way",
+        )
+    finally:
+        slow.kill()  # SIGKILL: no clean-up of any kind
+        await slow.wait()
+    assert await queue_depth(connection, workload.work_queue) < 3 * PER_SITE  # killed mid-way
+    rerun = await rabbitq_cli(url, "parking", "replay", "jobs", "--all", *where)
+    assert rerun.returncode == 0, rerun.stderr
+    assert await queue_depth(connection, workload.parking_queue) == 0
+    sent = await ids_in(connection, workload.work_queue)
+    assert set(sent) == every  # none lost
+    # at most the one task in hand when it was killed went out twice
+    assert len(sent) - len(every) <= 1, len(sent) - len(every)
+
+
+async def _at_least(connection: AbstractConnection, name: str, depth: int) -> bool:
+    return await queue_depth(connection, name) >= depth

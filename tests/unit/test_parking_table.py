@@ -85,3 +85,32 @@ def test_what_a_message_carries_reaches_the_terminal_escaped() -> None:
     assert _safe("\x1b[2Jgone\x07") == "\\x1b[2Jgone\\x07"
     assert _safe("line one\nline two", keep_newlines=True) == "line one\nline two"
     assert _safe("line one\nline two") == "line one\\nline two"
+
+
+def test_a_replayed_copy_has_a_fresh_budget_and_a_bounded_history() -> None:
+    from rabbitq import _wire as wire
+    from rabbitq._parking import HEADER_HISTORY, MAX_HISTORY, replay_copy
+    from rabbitq._topology import parse_topology
+
+    workload = parse_topology({"t.toml": 'namespace = "ns"\n[workloads.jobs]\n'}).workload("jobs")
+    old = [{"reason": "poison", "n": n} for n in range(MAX_HISTORY + 2)]
+    headers = {
+        wire.HEADER_ATTEMPT: 3,
+        wire.HEADER_PARK_REASON: "retries_exhausted",
+        wire.HEADER_PARK_TRACEBACK: "...",
+        wire.HEADER_FIRST_FAILURE: 1,
+        wire.HEADER_DEADLINE: 5_000_000,
+        "x-death": [{"count": 1}],
+        "tenant": "acme",
+        HEADER_HISTORY: old,
+    }
+    copy = replay_copy(task(1, headers=headers, parked_at=2000.0), workload, now=3000.0)
+    assert (copy.exchange, copy.routing_key, copy.message_id) == ("ns.tasks", "jobs", "m1")
+    assert copy.headers[wire.HEADER_ATTEMPT] == 1
+    assert copy.headers[wire.HEADER_PUBLISHED_AT] == 3_000_000
+    assert copy.headers["tenant"] == "acme" and copy.headers[wire.HEADER_DEADLINE] == 5_000_000
+    assert not any(k.startswith(("rabbitq-park", "x-")) for k in copy.headers)
+    assert wire.HEADER_FIRST_FAILURE not in copy.headers
+    history = copy.headers[HEADER_HISTORY]
+    assert len(history) == MAX_HISTORY and history[:-1] == old[-(MAX_HISTORY - 1) :]
+    assert history[-1]["reason"] == "retries_exhausted" and history[-1]["parked_at"] == 2_000_000
