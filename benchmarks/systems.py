@@ -85,6 +85,7 @@ class RawSide:
     name = "raw"
     title = "raw (aio-pika)"
     measures = EVERYTHING
+    worker_module = "benchmarks.raw_worker"
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -124,7 +125,7 @@ class RawSide:
         args += ["--queue", self.work_queue(workload), "--prefetch", str(capacity)]
         if workload in self._delay:
             args += ["--delay-queue", self._delay[workload]]
-        return Worker("benchmarks.raw_worker", args, label or f"raw {mode} {workload}")
+        return Worker(self.worker_module, args, label or f"{self.name} {mode} {workload}")
 
     async def set_up(self) -> None:
         """The raw queues are declared by the runner with rabbitq's topology (`broker.set_up`)."""
@@ -356,21 +357,7 @@ class AiormqSide(RawSide):
     name = "aiormq"
     title = "aiormq (hand-tuned, ack per 16)"
     measures = CONSUME
-
-    def worker(
-        self,
-        mode: str,
-        workload: str,
-        capacity: int,
-        *,
-        expect: int = 0,
-        idle: float = 1.0,
-        rss_at: tuple[int, ...] = (),
-        label: str = "",
-    ) -> Worker:
-        args = _worker_common(mode, self.ctx.url, self.ctx.loop, expect, idle, rss_at)
-        args += ["--queue", self.work_queue(workload), "--prefetch", str(capacity)]
-        return Worker("benchmarks.aiormq_worker", args, label or f"aiormq {mode} {workload}")
+    worker_module = "benchmarks.aiormq_worker"
 
 
 Side = Any  # RawSide, RawTaskMessageSide, AiormqSide, RabbitqSide, or a peer (benchmarks.peers)

@@ -27,6 +27,15 @@ parking_cli = typer.Typer(
     no_args_is_help=True,
 )
 
+# The selection every parking command takes (list has no --all/--id: it shows everything).
+TASK = typer.Option(None, "--task", help="Only this task name.")
+REASON = typer.Option(None, "--reason", help="Only this park reason.")
+ERROR = typer.Option(None, "--error", help="Only this error type.")
+SINCE = typer.Option(None, "--since", help="Parked within, e.g. 1h.")
+GROUP = typer.Option(None, "--group", help="Only this fingerprint.")
+ALL = typer.Option(False, "--all", help="Every parked task.")
+IDS = typer.Option([], "--id", help="This message id (repeatable).")
+
 
 def _safe(text: str, keep_newlines: bool = False) -> str:
     """Control characters (escape sequences included) shown as escapes, never sent raw."""
@@ -76,11 +85,11 @@ def register(cli: typer.Typer, options: dict[str, Any], run: Any, errors: Any) -
     @parking_cli.command("list")
     def parking_list(
         workload: str = typer.Argument(..., help="The workload whose parking lot to read."),
-        task: str | None = typer.Option(None, "--task", help="Only this task name."),
-        reason: str | None = typer.Option(None, "--reason", help="Only this park reason."),
-        error: str | None = typer.Option(None, "--error", help="Only this error type."),
-        since: str | None = typer.Option(None, "--since", help="Parked within, e.g. 1h."),
-        group: str | None = typer.Option(None, "--group", help="Only this fingerprint."),
+        task: str | None = TASK,
+        reason: str | None = REASON,
+        error: str | None = ERROR,
+        since: str | None = SINCE,
+        group: str | None = GROUP,
         limit: int = typer.Option(50, "--limit", min=1, help="Show at most this many."),
         by_group: bool = typer.Option(False, "--groups", help="One line per failure site."),
         topology: Path = options["topology"],
@@ -194,13 +203,13 @@ def register(cli: typer.Typer, options: dict[str, Any], run: Any, errors: Any) -
     @parking_cli.command("replay")
     def parking_replay(
         workload: str = typer.Argument(..., help="The workload whose parked tasks to send back."),
-        all_: bool = typer.Option(False, "--all", help="Every parked task."),
-        ids: list[str] = typer.Option([], "--id", help="This message id (repeatable)."),
-        task: str | None = typer.Option(None, "--task", help="Only this task name."),
-        reason: str | None = typer.Option(None, "--reason", help="Only this park reason."),
-        error: str | None = typer.Option(None, "--error", help="Only this error type."),
-        since: str | None = typer.Option(None, "--since", help="Parked within, e.g. 1h."),
-        group: str | None = typer.Option(None, "--group", help="Only this fingerprint."),
+        all_: bool = ALL,
+        ids: list[str] = IDS,
+        task: str | None = TASK,
+        reason: str | None = REASON,
+        error: str | None = ERROR,
+        since: str | None = SINCE,
+        group: str | None = GROUP,
         limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many."),
         rate: str | None = typer.Option(
             None, "--rate", help="At most this many a second, e.g. 50/s."
@@ -253,13 +262,13 @@ def register(cli: typer.Typer, options: dict[str, Any], run: Any, errors: Any) -
     @parking_cli.command("purge")
     def parking_purge(
         workload: str = typer.Argument(..., help="The workload whose parked tasks to delete."),
-        all_: bool = typer.Option(False, "--all", help="Every parked task."),
-        ids: list[str] = typer.Option([], "--id", help="This message id (repeatable)."),
-        task: str | None = typer.Option(None, "--task", help="Only this task name."),
-        reason: str | None = typer.Option(None, "--reason", help="Only this park reason."),
-        error: str | None = typer.Option(None, "--error", help="Only this error type."),
-        since: str | None = typer.Option(None, "--since", help="Parked within, e.g. 1h."),
-        group: str | None = typer.Option(None, "--group", help="Only this fingerprint."),
+        all_: bool = ALL,
+        ids: list[str] = IDS,
+        task: str | None = TASK,
+        reason: str | None = REASON,
+        error: str | None = ERROR,
+        since: str | None = SINCE,
+        group: str | None = GROUP,
         yes: bool = typer.Option(False, "--yes", help="Do not ask (needed without a terminal)."),
         topology: Path = options["topology"],
         namespace: str | None = options["namespace"],

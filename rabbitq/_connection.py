@@ -19,7 +19,7 @@ from rabbitq._errors import ConnectionFailed
 logger = logging.getLogger("rabbitq.connection")
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
-CONNECT_SECONDS = 10.0
+CONNECT_TIMEOUT_SECONDS = 10.0
 
 
 def mask_url(url: str) -> str:
@@ -70,7 +70,9 @@ async def connect(url: str, name: str) -> AbstractConnection:
     """
     try:
         return await aio_pika.connect(
-            url, timeout=CONNECT_SECONDS, client_properties={"connection_name": client_name(name)}
+            url,
+            timeout=CONNECT_TIMEOUT_SECONDS,
+            client_properties={"connection_name": client_name(name)},
         )
     except asyncio.CancelledError:
         raise

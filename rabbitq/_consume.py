@@ -16,7 +16,6 @@ import logging
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any
 
 import aiormq
@@ -209,9 +208,9 @@ class Consumer:
         # The URL works: from now on an unreachable broker is an outage to wait out, not a
         # mistake to report by exiting.
         self._established = True
-        consuming = ConsumeConnection(_ignore, self._lose)
+        # the acker needs the connection and the connection delivers to the acker's dispatch
+        consuming = ConsumeConnection(lambda delivery: self._dispatch(acker, delivery), self._lose)
         acker = Acker(consuming, self.workload.capacity)
-        consuming.on_delivery = partial(self._dispatch, acker)
         try:
             await check_exists(control, self.workload)
             if self.burst:
@@ -340,10 +339,6 @@ class Consumer:
             logger.exception("unexpected error handling message; returning it to the queue")
             acker.settle(message, requeue=True)
             self._lose("unexpected error in the consume path")
-
-
-def _ignore(_: Delivery) -> None:
-    """Until the acker exists (it needs the connection) there is nowhere to deliver."""
 
 
 async def _never() -> None:

@@ -17,10 +17,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiormq
+
 from rabbitq import _wire as wire
 from rabbitq._amqp import ConsumeConnection, Delivery, open_consumer
 from rabbitq._connection import client_name, connect
-from rabbitq._declare import exists
 from rabbitq._errors import TopologyMissing
 from rabbitq._topology import Workload
 
@@ -211,11 +212,11 @@ async def _read(url: str, workload: Workload) -> tuple[ConsumeConnection, list[D
     queue = workload.parking_queue
     control = await connect(url, f"parking {workload.name}")
     try:
-        if not await exists(control, "queue", queue):
-            raise TopologyMissing("queue", queue)
         channel = await control.channel()
-        declared = await channel.declare_queue(queue, passive=True)
+        declared = await channel.declare_queue(queue, passive=True)  # the count, and that it is
         count = declared.declaration_result.message_count or 0
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise TopologyMissing("queue", queue) from None
     finally:
         await control.close()
     got: list[Delivery] = []
