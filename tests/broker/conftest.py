@@ -17,6 +17,7 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from rabbitq import _declare as declare
+from rabbitq._management import Management, ManagementUnavailable
 from rabbitq._topology import Topology, parse_topology
 from tests.conftest import broker_url
 
@@ -65,6 +66,19 @@ async def connection(url: str, request: pytest.FixtureRequest) -> AsyncIterator[
     )
     yield conn
     await conn.close()
+
+
+@pytest.fixture
+async def management(url: str) -> Management:
+    """The broker's management API: skipped locally without the plugin, a failure under CI."""
+    api = Management.from_urls(url)
+    try:
+        await api.overview()
+    except ManagementUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    return api
 
 
 @pytest.fixture
