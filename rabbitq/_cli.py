@@ -59,6 +59,12 @@ NAMESPACE = typer.Option(
     envvar="RABBITQ_NAMESPACE",
     help="Override the namespace the topology files declare.",
 )
+MANAGEMENT_URL = typer.Option(
+    None,
+    "--management-url",
+    envvar="RABBITQ_MANAGEMENT_URL",
+    help="The management API, if not at the broker's host on port 15672 (the --url's user).",
+)
 JSON = typer.Option(False, "--json", help="Print one JSON document.")
 DEBUG = typer.Option(False, "--debug", help="Show tracebacks of errors.")
 
