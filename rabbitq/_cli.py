@@ -1,4 +1,4 @@
-"""The `rabbitq` command: topology apply|show|plan, consume, parking list|show.
+"""The `rabbitq` command: topology show|plan|apply|export, consume, parking, status, check.
 
 stdout carries results only; logs and errors go to stderr. An expected failure prints one
 `error: ...` line and exits non-zero (`--debug` adds the traceback). Exit codes: 0 success,
@@ -25,7 +25,7 @@ import typer
 
 from rabbitq._app import App
 from rabbitq._connection import DEFAULT_URL, connect, scrub
-from rabbitq._errors import ConfigError, RabbitqError, TopologyInvalid, UsageError
+from rabbitq._errors import CheckFailed, ConfigError, RabbitqError, TopologyInvalid, UsageError
 from rabbitq._topology import load_topology
 
 T = TypeVar("T")
@@ -156,29 +156,55 @@ def topology_show(
 
 
 def _plan_or_apply(
-    apply: bool, topology: Path, namespace: str | None, url: str, as_json: bool, debug: bool
+    apply: bool,
+    topology: Path,
+    namespace: str | None,
+    url: str,
+    management_url: str | None,
+    as_json: bool,
+    debug: bool,
 ) -> None:
     from rabbitq import _declare as declare
+    from rabbitq._management import Management, ManagementUnavailable
 
     _setup_logging("warning", libraries=logging.CRITICAL)
     with _errors(url, as_json, debug):
         topo = load_topology(topology, namespace)
+        api = Management.from_urls(url, management_url)
 
         async def run() -> list[declare.PlanItem]:
             connection = await connect(url, "cli")
             try:
-                return await (declare.apply if apply else declare.plan)(connection, topo)
+                items = await (declare.apply if apply else declare.plan)(connection, topo)
             finally:
                 await connection.close()
+            try:
+                return await declare.reconcile_listed(api, topo, items)
+            except ManagementUnavailable as exc:
+                typer.echo(f"note: objects no longer declared were not looked for: {exc}", err=True)
+                return items
 
         items = _run(run())
         if as_json:
             typer.echo(json.dumps([dataclasses.asdict(i) for i in items], indent=2))
         else:
             for i in items:
-                drift = f": {i.argument} declared {i.declared}, found {i.found}"
-                typer.echo(f"{i.action:9} {i.kind} {i.name}{drift if i.action == 'drift' else ''}")
+                typer.echo(f"{i.action:9} {i.kind} {i.name}{_detail(i)}")
+            if any(i.action == "extra" for i in items):
+                typer.echo(
+                    "extra: no longer declared; rabbitq never deletes, remove them once empty"
+                    " (rabbitmqctl delete_queue NAME)",
+                    err=True,
+                )
         declare.raise_on_drift(items)  # after a plan: apply stops before it declares anything
+
+
+def _detail(item: Any) -> str:
+    if item.action == "drift":
+        return f": {item.argument} declared {item.declared}, found {item.found}"
+    if item.action == "extra" and item.found:
+        return f" ({item.found})"
+    return ""
 
 
 def _topology_command(apply: bool, doc: str) -> None:
@@ -188,10 +214,11 @@ def _topology_command(apply: bool, doc: str) -> None:
         topology: Path = TOPOLOGY,
         namespace: str | None = NAMESPACE,
         url: str = URL,
+        management_url: str | None = MANAGEMENT_URL,
         as_json: bool = JSON,
         debug: bool = DEBUG,
     ) -> None:
-        _plan_or_apply(apply, topology, namespace, url, as_json, debug)
+        _plan_or_apply(apply, topology, namespace, url, management_url, as_json, debug)
 
     command.__doc__ = doc
     topology_cli.command("apply" if apply else "plan")(command)
@@ -213,6 +240,35 @@ _topology_command(
     Example: rabbitq topology apply --topology topology/
     """,
 )
+
+
+@topology_cli.command("export")
+def topology_export(
+    topology: Path = TOPOLOGY,
+    namespace: str | None = NAMESPACE,
+    vhost: str | None = typer.Option(
+        None, "--vhost", help="The vhost the objects go to (default: the --url's, or /)."
+    ),
+    url: str = URL,
+    debug: bool = DEBUG,
+) -> None:
+    """Print the topology as a RabbitMQ definitions JSON document.
+
+    Import it with 'rabbitmqctl import_definitions FILE' or at broker boot (load_definitions in
+    rabbitmq.conf). An import creates what is missing and never changes an existing queue.
+
+    Example: rabbitq topology export --vhost prod > rabbitq-definitions.json
+    """
+    from urllib.parse import unquote, urlsplit
+
+    from rabbitq._definitions import definitions
+
+    _setup_logging("warning", libraries=logging.CRITICAL)
+    with _errors("", debug=debug):
+        topo = load_topology(topology, namespace)
+        path = urlsplit(url).path
+        target = vhost if vhost is not None else unquote(path[1:]) if path not in ("", "/") else "/"
+        typer.echo(json.dumps(definitions(topo, target), indent=2))
 
 
 def load_app(spec: str) -> App:
@@ -352,6 +408,51 @@ def consume(
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
+
+
+@cli.command("check")
+def check(
+    app_spec: str | None = typer.Option(
+        None,
+        "--app",
+        envvar="RABBITQ_APP",
+        help="The App ('package.module:app'), to compare its task timeouts with the broker's.",
+    ),
+    topology: Path = TOPOLOGY,
+    namespace: str | None = NAMESPACE,
+    url: str = URL,
+    management_url: str | None = MANAGEMENT_URL,
+    as_json: bool = JSON,
+    debug: bool = DEBUG,
+) -> None:
+    """Check the broker-side facts that bite in production, each with what to do.
+
+    consumer_timeout against the longest task timeout, quorum delivery limits against
+    max_redeliveries, every queue and binding as declared (dead-letter arguments included),
+    policies that expire, cap or delete rabbitq's queues, memory and disk alarms, and the
+    broker version. Needs the management API for policies, limits and alarms; reads the
+    node-wide consumer_timeout with rabbitmqctl where it can reach the node. Exit 3 if any
+    check fails, 0 if all pass (warnings included).
+
+    Example: rabbitq check --app myapp.tasks:app
+    """
+    from rabbitq import _check
+    from rabbitq._management import Management
+
+    _setup_logging("warning", libraries=logging.CRITICAL)
+    with _errors(url, as_json, debug):
+        topo = load_topology(topology, namespace)
+        app = load_app(app_spec) if app_spec else None
+        api = Management.from_urls(url, management_url)
+        findings = _check.judge(topo, _run(_check.gather(url, api, topo, app)))
+        if as_json:
+            typer.echo(json.dumps(_check.to_json(findings), indent=2))
+        else:
+            for f in findings:
+                typer.echo(f"{f.status.upper():4} {f.check:16} {f.subject}: {f.message}")
+        failed = [f for f in findings if f.status == "fail"]
+        if failed:
+            raise CheckFailed(len(failed), failed[0].check, failed[0].subject)
 
 
 def _register_parking() -> None:

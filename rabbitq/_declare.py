@@ -15,18 +15,20 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from rabbitq._errors import TopologyDrift, TopologyMissing
+from rabbitq._management import Management
 from rabbitq._topology import Exchange, Queue, Topology, Workload
 
 logger = logging.getLogger("rabbitq.declare")
 
-Action = Literal["create", "unchanged", "drift"]
+# "extra": under the namespace on the broker but no longer declared (reported, never deleted).
+Action = Literal["create", "unchanged", "drift", "extra"]
 
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'"
@@ -118,8 +120,74 @@ async def plan(connection: AbstractConnection, topology: Topology) -> list[PlanI
     created = {i.name for i in items if i.action == "create"}
     for b in topology.bindings():
         action: Action = "create" if {b.exchange, b.queue} & created else "unchanged"
-        items.append(PlanItem("binding", f"{b.exchange} --{b.routing_key}--> {b.queue}", action))
+        items.append(PlanItem("binding", _binding_name(b.exchange, b.queue, b.routing_key), action))
     return items
+
+
+def _under(namespace: str) -> re.Pattern[str]:
+    """The names rabbitq derives for a namespace, and no other namespace's ("a" vs "a.b")."""
+    ns = re.escape(namespace)
+    return re.compile(
+        rf"^{ns}\.(tasks|retry|parking|[a-z0-9][a-z0-9_-]*\.(work|parking|retry\..+))$"
+    )
+
+
+def reconcile(
+    topology: Topology,
+    items: list[PlanItem],
+    queues: list[dict[str, Any]],
+    exchanges: list[dict[str, Any]],
+    bindings: list[dict[str, Any]],
+) -> list[PlanItem]:
+    """`plan`'s items corrected by what the broker lists, and the objects it no longer declares.
+
+    `queues`, `exchanges` and `bindings` are as the management API lists them. AMQP cannot read
+    a binding, so `plan` counts one between existing objects as there; the listing says. A
+    queue no longer declared but still holding tasks says how many: an old tier's tasks still
+    flow back to the work queue.
+    """
+    under = _under(topology.namespace)
+    listed_b = {(b["source"], b["destination"], b["routing_key"]) for b in bindings}
+    declared_b = {_binding_name(b.exchange, b.queue, b.routing_key): b for b in topology.bindings()}
+    out: list[PlanItem] = []
+    for item in items:
+        declared = declared_b.get(item.name) if item.kind == "binding" else None
+        if declared and (declared.exchange, declared.queue, declared.routing_key) not in listed_b:
+            item = PlanItem("binding", item.name, "create")
+        out.append(item)
+    declared_q = {q.name for q in topology.queues()}
+    declared_x = {x.name for x in topology.exchanges()}
+    for x in sorted(exchanges, key=lambda x: str(x["name"])):
+        if under.match(x["name"]) and x["name"] not in declared_x:
+            out.append(PlanItem("exchange", x["name"], "extra"))
+    for q in sorted(queues, key=lambda q: str(q["name"])):
+        if under.match(q["name"]) and q["name"] not in declared_q:
+            count = q.get("messages")
+            out.append(PlanItem("queue", q["name"], "extra", found=f"{count or 0} messages"))
+    for listed in bindings:
+        name = _binding_name(listed["source"], listed["destination"], listed["routing_key"])
+        queue_bound = listed.get("destination_type", "queue") == "queue"
+        if queue_bound and under.match(listed["source"]) and name not in declared_b:
+            out.append(PlanItem("binding", name, "extra"))
+    return out
+
+
+def _binding_name(exchange: str, queue: str, routing_key: str) -> str:
+    return f"{exchange} --{routing_key}--> {queue}"
+
+
+async def reconcile_listed(
+    api: Management, topology: Topology, items: list[PlanItem]
+) -> list[PlanItem]:
+    """`reconcile` with what the management API lists (one request per kind)."""
+    prefix = f"{topology.namespace}."
+    return reconcile(
+        topology,
+        items,
+        await api.queues(prefix, ("messages",)),
+        await api.exchanges(prefix),
+        await api.bindings(),
+    )
 
 
 def raise_on_drift(items: list[PlanItem]) -> None:

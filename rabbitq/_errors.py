@@ -106,6 +106,17 @@ class TopologyDrift(TopologyError):
         )
 
 
+class CheckFailed(RabbitqError):
+    """`rabbitq check` found the broker not as the app needs it (exit 3, as drift)."""
+
+    exit_code = 3
+
+    def __init__(self, failed: int, check: str, subject: str) -> None:
+        self.failed, self.check, self.subject = failed, check, subject
+        more = f" and {failed - 1} more" if failed > 1 else ""
+        super().__init__(f"{failed} check(s) failed: {check} on {subject}{more}; see above")
+
+
 class TopologyMissing(TopologyError):
     """An exchange or queue the consumer needs does not exist."""
 
