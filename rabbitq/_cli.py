@@ -1,4 +1,4 @@
-"""The `rabbitq` command: topology show|plan|apply|export, consume, parking, status, check.
+"""The `rabbitq` command: topology show|plan|apply|export, consume, parking, status, check, publish.
 
 stdout carries results only; logs and errors go to stderr. An expected failure prints one
 `error: ...` line and exits non-zero (`--debug` adds the traceback). Exit codes: 0 success,
@@ -463,6 +463,18 @@ def _register_parking() -> None:
 
 
 _register_parking()
+
+
+def _register_publish() -> None:
+    from rabbitq._cli_publish import register
+
+    options = {"topology": TOPOLOGY, "namespace": NAMESPACE, "url": URL, "debug": DEBUG}
+    register(
+        cli, options, _run, _errors, load_app, lambda: _setup_logging("warning", logging.CRITICAL)
+    )
+
+
+_register_publish()
 
 
 def main() -> None:
