@@ -17,9 +17,11 @@ from typing import Any
 
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
+from typer.testing import CliRunner, Result
 
 from rabbitq import App
 from rabbitq import _parking as parking
+from rabbitq._cli import cli
 from rabbitq._topology import Topology, Workload
 from tests.broker.conftest import toml_for
 from tests.broker.test_declare import rabbitq_cli
@@ -135,6 +137,25 @@ async def test_the_cli_lists_groups_and_shows_a_parked_task(
 
     missing = await rabbitq_cli(url, "parking", "show", "jobs", "no-such-id", *where)
     assert missing.returncode == 2 and missing.stderr.startswith("error: no parked task")
+    assert await queue_depth(connection, f"{namespace}.jobs.parking") == 3 * PER_SITE
+
+    # The same commands through typer's runner (off the loop: the CLI runs its own).
+    options = ["--url", url, "--topology", str(tmp_path), "--namespace", namespace]
+
+    def invoke(*args: str) -> Result:
+        return CliRunner().invoke(cli, [*args, *options])
+
+    groups = await asyncio.to_thread(invoke, "parking", "list", "jobs", "--groups", "--json")
+    assert groups.exit_code == 0, groups.output
+    assert sorted(g["count"] for g in json.loads(groups.stdout)) == [PER_SITE] * 3
+    fingerprint = json.loads(groups.stdout)[0]["fingerprint"]
+    dry = await asyncio.to_thread(
+        invoke, "parking", "replay", "jobs", "--group", fingerprint, "--dry-run", "--json"
+    )
+    assert dry.exit_code == 0, dry.output
+    assert len(json.loads(dry.stdout)["would_replay"]) == PER_SITE
+    refused = await asyncio.to_thread(invoke, "parking", "purge", "jobs", "--all")
+    assert refused.exit_code == 2 and "--yes" in refused.stderr
     assert await queue_depth(connection, f"{namespace}.jobs.parking") == 3 * PER_SITE
 
 

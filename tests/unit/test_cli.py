@@ -311,3 +311,23 @@ def test_a_failed_connect_prints_only_the_error_line(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: cannot connect to {url.replace(':guest@', ':***@')}: ")
     assert "Connection refused" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "vhost"),
+    [
+        (["--vhost", "prod"], "prod"),
+        (["--url", "amqp://u:secret@h/stage%2F1"], "stage/1"),
+        ([], "/"),
+    ],
+)
+def test_topology_export_is_a_definitions_document_for_the_vhost(
+    topology_dir: Path, args: list[str], vhost: str
+) -> None:
+    result = _invoke("topology", "export", "--topology", str(topology_dir), *args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert {"exchanges", "queues", "bindings"} <= doc.keys()
+    assert {q["vhost"] for q in doc["queues"]} == {vhost}
+    assert "shop.emails.work" in {q["name"] for q in doc["queues"]}
+    assert "secret" not in result.output
