@@ -1,4 +1,5 @@
-"""The `rabbitq` command: topology show|plan|apply|export, consume, parking, status, check, publish.
+"""The `rabbitq` command: topology show|plan|apply|export, consume, parking, status, check,
+publish.
 
 stdout carries results only; logs and errors go to stderr. An expected failure prints one
 `error: ...` line and exits non-zero (`--debug` adds the traceback). Exit codes: 0 success,
@@ -462,7 +463,16 @@ def _register_parking() -> None:
     register(cli, options | {"json": JSON, "debug": DEBUG}, _run, _errors)
 
 
+def _register_status() -> None:
+    from rabbitq._cli_status import register
+
+    options = {"topology": TOPOLOGY, "namespace": NAMESPACE, "url": URL}
+    options |= {"management_url": MANAGEMENT_URL, "json": JSON, "debug": DEBUG}
+    register(cli, options, _run, _errors)
+
+
 _register_parking()
+_register_status()
 
 
 def _register_publish() -> None:

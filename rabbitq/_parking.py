@@ -93,6 +93,12 @@ def _text(headers: dict[str, Any], name: str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
+def parked_at(headers: dict[str, Any], timestamp_s: float | None) -> float | None:
+    """When a copy was parked: rabbitq's header in ms, else its `timestamp` (which rabbitq sets
+    to the park time; a copy the broker dead-lettered keeps its publish time there)."""
+    return _ms(headers, wire.HEADER_PARKED_AT) or timestamp_s
+
+
 def parked(delivery: Delivery) -> Parked:
     """A parked copy read back (any message in the parking lot: what it lacks is empty)."""
     props = delivery.properties
@@ -108,7 +114,7 @@ def parked(delivery: Delivery) -> Parked:
         attempts=attempts if isinstance(attempts, int) else 0,
         first_failure=_ms(headers, wire.HEADER_FIRST_FAILURE),
         last_failure=_ms(headers, wire.HEADER_LAST_FAILURE),
-        parked_at=_ms(headers, wire.HEADER_PARKED_AT) or props.timestamp_s,
+        parked_at=parked_at(headers, props.timestamp_s),
         headers=headers,
         body=delivery.body,
     )
