@@ -9,10 +9,7 @@ A ready count leaves out what is unacked, so a parking lot being browsed at that
 
 The age of the oldest parked task is read from the head of the parking lot (a classic queue
 keeps park order): one `basic.get`, never acked; closing its channel puts the copy back where
-it was (RABBITMQ.md 10.1). The park time is in the copy's headers, to the millisecond. A
-quorum parking lot is not read: a returned delivery counts towards a quorum queue's delivery
-limit (20 by default from RabbitMQ 4.0) and a parking lot has no dead-letter exchange, so a
-`--watch` every 2 s would drop its oldest task within a minute; its age is None.
+it was (RABBITMQ.md 10.1). The park time is in the copy's headers, to the millisecond.
 
 Nothing here acks, publishes or declares anything. Merging the two sources and shaping the
 JSON document are pure functions.
@@ -44,10 +41,6 @@ COLUMNS = (
 )
 HEAD_READ_TIMEOUT_SECONDS = 5.0
 NO_MANAGEMENT = "running counts and rates are unknown: {reason}"
-QUORUM_PARKING = (
-    "no age for the oldest task of a quorum parking lot (reading it would count towards "
-    "its delivery limit): {names}"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,18 +191,6 @@ def combine(
     )
 
 
-def quorum_parking_note(
-    workloads: Sequence[Workload], statuses: Sequence[WorkloadStatus]
-) -> str | None:
-    """Why a quorum parking lot that holds tasks shows no age (None if none does)."""
-    names = [
-        w.parking_queue
-        for w, s in zip(workloads, statuses, strict=True)
-        if w.spec.queue_type == "quorum" and s.parked
-    ]
-    return QUORUM_PARKING.format(names=", ".join(names)) if names else None
-
-
 async def read(
     connection: AbstractConnection, namespace: str, workloads: Sequence[Workload], api: Management
 ) -> Status:
@@ -225,13 +206,10 @@ async def read(
     statuses = []
     for workload in workloads:
         oldest = None
-        if counts[workload.parking_queue].ready and workload.spec.queue_type == "classic":
+        if counts[workload.parking_queue].ready:
             oldest = await _head_parked_at(connection, workload)
         statuses.append(combine(workload, counts, stats, oldest))
     notes = [] if unseen is None else [NO_MANAGEMENT.format(reason=unseen)]
-    quorum = quorum_parking_note(workloads, statuses)
-    if quorum is not None:
-        notes.append(quorum)
     return Status(namespace, tuple(statuses), stats is not None, tuple(notes))
 
 

@@ -257,7 +257,10 @@ class Workload:
                 **at_least_once,
             }
             queues.append(Queue(tier.queue, "tier", self.name, args))
-        queues.append(Queue(self.parking_queue, "parking", self.name, dict(base)))
+        # Always classic, whatever the workload's type: reading the parking lot returns every
+        # copy it took, and a quorum queue counts returns towards its delivery limit (20 by
+        # default from 4.0, dropping the task with no dead-letter exchange behind it).
+        queues.append(Queue(self.parking_queue, "parking", self.name, {"x-queue-type": "classic"}))
         return queues
 
     def bindings(self) -> list[Binding]:

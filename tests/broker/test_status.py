@@ -188,14 +188,10 @@ async def test_status_matches_the_broker_with_tasks_in_every_place(
             "acked_per_second",
             "parked_per_second",
         }
-        if queue_type == "classic":
-            assert document["note"] is None
-            # the head's park time (headers, to the ms), not its timestamp nor a later copy's
-            assert jobs["oldest_parked_at"] == pytest.approx(oldest, abs=0.002)
-            assert PARKED_AGO[0] <= jobs["oldest_parked_age_seconds"] < PARKED_AGO[0] + 30
-        else:  # not read: it would count towards the quorum parking lot's delivery limit
-            assert jobs["oldest_parked_at"] is None
-            assert workload.parking_queue in document["note"]
+        assert document["note"] is None
+        # the head's park time (headers, to the ms), not its timestamp nor a later copy's
+        assert jobs["oldest_parked_at"] == pytest.approx(oldest, abs=0.002)
+        assert PARKED_AGO[0] <= jobs["oldest_parked_age_seconds"] < PARKED_AGO[0] + 30
 
         # as an operator runs it
         shell = await rabbitq_cli(url, "status", "--json", *where)
@@ -212,7 +208,7 @@ async def test_status_matches_the_broker_with_tasks_in_every_place(
         assert tiers == [["jobs", "retry", label, str(n)] for label, n in IN_TIERS.items()]
         [parking] = [row for row in table if row[1] == "parking"]
         assert parking[2] == str(len(PARKED_AGO))
-        assert parking[3].startswith("?" if queue_type == "quorum" else "5m")  # 300 s ago
+        assert parking[3].startswith("5m")  # 300 s ago
 
     # Reading took nothing and moved nothing.
     assert await queue_depth(connection, workload.work_queue) == READY + RUNNING

@@ -29,7 +29,6 @@ from rabbitq._status import (
     WorkloadStatus,
     age_seconds,
     combine,
-    quorum_parking_note,
 )
 from rabbitq._topology import parse_topology
 
@@ -194,7 +193,7 @@ R = ("", "", "", "", "", "")  # a tier row's blank cells
                 ("emails", "parking", "7", "", "", "2m05s", "?", "", ""),
             ],
         ),
-        # nothing parked: no age to show; parked but unread (quorum, or taken): unknown
+        # nothing parked: no age to show; parked but unread (taken by a browse): unknown
         (
             status_of(parked=0, oldest_parked_at=None, tiers=()),
             [
@@ -283,16 +282,6 @@ def test_redraw_overwrites_the_last_frame_in_place(first: bool) -> None:
     frame = redraw(["one", "two"], first)
     start = CLEAR_SCREEN + HOME if first else HOME
     assert frame == f"{start}one{CLEAR_LINE}\ntwo{CLEAR_LINE}\n{CLEAR_BELOW}"
-
-
-def test_a_quorum_parking_lot_that_holds_tasks_is_named_in_a_note() -> None:
-    bills = TOPO.workload("bills")
-    held = combine(bills, {q.name: QueueCounts(2, 0) for q in bills.queues()}, None, None)
-    empty = combine(bills, {q.name: QueueCounts(0, 0) for q in bills.queues()}, None, None)
-    assert quorum_parking_note([bills], [empty]) is None
-    assert quorum_parking_note([EMAILS], [combine(EMAILS, COUNTS, None, None)]) is None
-    note = quorum_parking_note([bills, EMAILS], [held, combine(EMAILS, COUNTS, None, None)])
-    assert note is not None and note.endswith(": shop.bills.parking")
 
 
 @pytest.fixture
