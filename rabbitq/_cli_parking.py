@@ -6,7 +6,6 @@ publisher wrote, and a terminal must not take its control characters as commands
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import sys
@@ -19,7 +18,6 @@ import typer
 
 from rabbitq import _parking as parking
 from rabbitq._errors import TopologyInvalid, UsageError
-from rabbitq._publish import Publisher
 from rabbitq._topology import Workload, load_topology, parse_duration
 
 parking_cli = typer.Typer(
@@ -241,23 +239,8 @@ def register(cli: typer.Typer, options: dict[str, Any], run: Any, errors: Any) -
                 _report("would replay", found, as_json)
                 return
 
-            async def replay() -> list[parking.Parked]:
-                publisher = Publisher(url, name=f"parking-replay {spec.name}")
-                last = 0.0
-
-                async def send(task: parking.Parked) -> None:
-                    nonlocal last
-                    if per_second is not None:
-                        await asyncio.sleep(max(0.0, last + 1 / per_second - time.monotonic()))
-                        last = time.monotonic()
-                    await publisher.send(parking.replay_copy(task, spec, time.time()))
-
-                try:
-                    return await parking.take(url, spec, chosen, limit, send)
-                finally:
-                    await publisher.close()
-
-            _report("replayed", run(replay()), as_json)
+            moved = run(parking.replay(url, spec, chosen, limit, per_second))
+            _report("replayed", moved, as_json)
 
     @parking_cli.command("purge")
     def parking_purge(
@@ -289,7 +272,7 @@ def register(cli: typer.Typer, options: dict[str, Any], run: Any, errors: Any) -
                 found = parking.select(run(parking.browse(url, spec)), chosen)
                 if not typer.confirm(f"delete {len(found)} parked tasks for good?"):
                     raise typer.Exit(1)
-            _report("purged", run(parking.take(url, spec, chosen, None, None)), as_json)
+            _report("purged", run(parking.purge(url, spec, chosen)), as_json)
 
 
 def _report(what: str, tasks: list[parking.Parked], as_json: bool) -> None:

@@ -23,6 +23,7 @@ from rabbitq import _wire as wire
 from rabbitq._amqp import ConsumeConnection, Delivery, open_consumer
 from rabbitq._connection import client_name, connect
 from rabbitq._errors import TopologyMissing
+from rabbitq._publish import Publisher
 from rabbitq._topology import Workload
 
 # A traceback line naming a frame; the line number is left out of a fingerprint, so an edit
@@ -320,3 +321,36 @@ async def take(
     finally:
         await connection.close()  # everything not acked goes back, in its order
     return moved
+
+
+async def replay(
+    url: str,
+    workload: Workload,
+    chosen: Filter,
+    limit: int | None = None,
+    per_second: float | None = None,
+) -> list[Parked]:
+    """Send the chosen parked tasks back to the work queue (`take` with a confirmed publish).
+
+    The CLI's and the console's replay: a fresh attempt budget, the earlier parks kept in the
+    bounded history header, at most `per_second` a second.
+    """
+    publisher = Publisher(url, name=f"parking-replay {workload.name}")
+    last = 0.0
+
+    async def send(task: Parked) -> None:
+        nonlocal last
+        if per_second is not None:
+            await asyncio.sleep(max(0.0, last + 1 / per_second - time.monotonic()))
+            last = time.monotonic()
+        await publisher.send(replay_copy(task, workload, time.time()))
+
+    try:
+        return await take(url, workload, chosen, limit, send)
+    finally:
+        await publisher.close()
+
+
+async def purge(url: str, workload: Workload, chosen: Filter) -> list[Parked]:
+    """Delete the chosen parked tasks for good; the rest stay, in their order."""
+    return await take(url, workload, chosen, None, None)
