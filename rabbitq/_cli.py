@@ -456,6 +456,69 @@ def check(
             raise CheckFailed(len(failed), failed[0].check, failed[0].subject)
 
 
+@cli.command("console")
+def console(
+    port: int = typer.Option(8800, "--port", help="Port to listen on."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to listen on; beyond loopback it needs --token."
+    ),
+    token: str | None = typer.Option(
+        None,
+        "--token",
+        envvar="RABBITQ_CONSOLE_TOKEN",
+        help="Asked of every request (a login form sets it as a cookie).",
+    ),
+    read_only: bool = typer.Option(False, "--read-only", help="Show; never replay or purge."),
+    app_spec: str | None = typer.Option(
+        None, "--app", envvar="RABBITQ_APP", help="The App, to show each workload's tasks."
+    ),
+    topology: Path = TOPOLOGY,
+    namespace: str | None = NAMESPACE,
+    url: str = URL,
+    management_url: str | None = MANAGEMENT_URL,
+    debug: bool = DEBUG,
+) -> None:
+    """Serve the web console: every workload, and the parking lot to browse, replay and purge.
+
+    Needs the console extra: pip install 'rabbitq[console]'. Replays and purges are the CLI's
+    (each replayed copy confirmed before its parked copy is removed); each asks to confirm.
+
+    Example: RABBITQ_CONSOLE_TOKEN=s3cret rabbitq console --host 0.0.0.0 --port 8800
+    """
+    _setup_logging("info", url=url)
+    with _errors(url, debug=debug):
+        try:
+            import uvicorn
+
+            from rabbitq._console import guard
+            from rabbitq._console.app import Console, build
+        except ImportError as exc:
+            raise ConfigError(
+                f"the console needs its extra: pip install 'rabbitq[console]' ({exc.name} is "
+                "missing)"
+            ) from None
+        guard.check_binding(host, token)
+        topo = load_topology(topology, namespace)
+        tasks: dict[str, list[str]] = {}
+        if app_spec:
+            for name, task in sorted(load_app(app_spec).tasks.items()):
+                tasks.setdefault(task.workload, []).append(name)
+        web = build(Console(url, topo, management_url, read_only, token, tasks))
+        logger.info(
+            "console on http://%s:%d/%s%s",
+            f"[{host}]" if ":" in host else host,
+            port,
+            " (token required)" if token else "",
+            " read-only" if read_only else "",
+        )
+        config = uvicorn.Config(
+            web, host=host, port=port, access_log=False, log_level="warning", lifespan="off"
+        )
+        server = uvicorn.Server(config)
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(server.serve())
+
+
 def _register_parking() -> None:
     from rabbitq._cli_parking import register
 

@@ -152,12 +152,8 @@ def register(cli: typer.Typer, options: dict[str, Any], run: Any, errors: Any) -
             if not found:
                 raise UsageError(f"no parked task {message_id!r} in {spec.parking_queue}")
             t = found[0]
-            try:
-                payload: Any = json.loads(t.body)
-            except ValueError:
-                payload = t.body.decode(errors="replace")
             if as_json:
-                facts = t.facts(now) | {"traceback": t.traceback, "payload": payload}
+                facts = t.facts(now) | {"traceback": t.traceback, "payload": t.payload()}
                 typer.echo(json.dumps(facts | {"headers": t.headers}, indent=2, default=str))
                 return
             for key, value in t.facts(now).items():
@@ -168,8 +164,7 @@ def register(cli: typer.Typer, options: dict[str, Any], run: Any, errors: Any) -
             typer.echo("traceback:")
             typer.echo(_safe(t.traceback, keep_newlines=True) or "  (none)")
             typer.echo("payload:")
-            shown = json.dumps(payload, indent=2) if not isinstance(payload, str) else payload
-            typer.echo(_safe(shown, keep_newlines=True))
+            typer.echo(_safe(t.pretty_payload(), keep_newlines=True))
 
     def _selection(
         all_: bool,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -66,6 +67,17 @@ class Parked:
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.task, self.error_type, self.traceback)
+
+    def payload(self) -> Any:
+        """The body as JSON, or as text when it is not JSON (a poison task's may not be)."""
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return self.body.decode(errors="replace")
+
+    def pretty_payload(self) -> str:
+        payload = self.payload()
+        return payload if isinstance(payload, str) else json.dumps(payload, indent=2)
 
     def facts(self, now: float) -> dict[str, Any]:
         """What `parking list --json` prints for it."""
