@@ -291,7 +291,9 @@ class ConsumeConnection(asyncio.Protocol):
 
     # life --------------------------------------------------------------------------------------
 
-    async def _open(self, url: str, name: str, queue: str, prefetch: int) -> None:
+    async def _open(
+        self, url: str, name: str, queue: str, prefetch: int, exclusive: bool = False
+    ) -> None:
         parts = urlsplit(url)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         self._write(b"AMQP\x00\x00\x09\x01")
@@ -326,7 +328,9 @@ class ConsumeConnection(asyncio.Protocol):
             self._timer = loop.call_later(heartbeat / 2, self._beat)
         await self._call(CHANNEL, spec.Channel.Open(), spec.Channel.OpenOk)
         await self._call(CHANNEL, spec.Basic.Qos(prefetch_count=prefetch), spec.Basic.QosOk)
-        ok = await self._call(CHANNEL, spec.Basic.Consume(queue=queue), spec.Basic.ConsumeOk)
+        ok = await self._call(
+            CHANNEL, spec.Basic.Consume(queue=queue, exclusive=exclusive), spec.Basic.ConsumeOk
+        )
         self.consumer_tag = ok.consumer_tag
 
     def _beat(self) -> None:
@@ -370,9 +374,15 @@ class ConsumeConnection(asyncio.Protocol):
 
 
 async def open_consumer(
-    connection: ConsumeConnection, url: str, name: str, queue: str, prefetch: int
+    connection: ConsumeConnection,
+    url: str,
+    name: str,
+    queue: str,
+    prefetch: int,
+    exclusive: bool = False,
 ) -> None:
-    """Connect, log in, open the channel, set the prefetch and start consuming `queue`.
+    """Connect, log in, open the channel, set the prefetch and start consuming `queue` (as its
+    only consumer if `exclusive`: the broker refuses it, 403, while another consumes).
     Deliveries may reach `connection.on_delivery` before this returns.
 
     Raises:
@@ -391,7 +401,7 @@ async def open_consumer(
     async with asyncio.timeout(OPEN_SECONDS):
         await loop.create_connection(lambda: connection, host, port, ssl=context)
         try:  # (asyncio and uvloop both set TCP_NODELAY on TCP transports)
-            await connection._open(url, name, queue, prefetch)
+            await connection._open(url, name, queue, prefetch, exclusive)
         except BaseException:
             connection._lose("could not open", abort=True)
             raise

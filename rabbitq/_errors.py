@@ -117,6 +117,17 @@ class CheckFailed(RabbitqError):
         super().__init__(f"{failed} check(s) failed: {check} on {subject}{more}; see above")
 
 
+class ParkingBusy(RabbitqError):
+    """Another reader held the parking lot for longer than a read waits."""
+
+    def __init__(self, queue: str, waited: float) -> None:
+        self.queue, self.waited = queue, waited
+        super().__init__(
+            f"{queue} was being read by another consumer for {waited:.0f}s (parking list, "
+            "replay or purge, the console, or a consumer of your own); try again"
+        )
+
+
 class TopologyMissing(TopologyError):
     """An exchange or queue the consumer needs does not exist."""
 

@@ -21,9 +21,9 @@ from typing import Any
 import aiormq
 
 from rabbitq import _wire as wire
-from rabbitq._amqp import ConsumeConnection, Delivery, open_consumer
+from rabbitq._amqp import ClosedByBroker, ConsumeConnection, Delivery, open_consumer
 from rabbitq._connection import client_name, connect
-from rabbitq._errors import TopologyMissing
+from rabbitq._errors import ParkingBusy, TopologyMissing
 from rabbitq._publish import Publisher
 from rabbitq._topology import Workload
 
@@ -31,6 +31,7 @@ from rabbitq._topology import Workload
 # elsewhere in the file does not split a group.
 _FRAME = re.compile(r'^\s*File "(?P<file>[^"]*)", line \d+, in (?P<func>\S+)', re.MULTILINE)
 BROWSE_SECONDS_PER_1000 = 2.0
+READ_WAIT_SECONDS = 60.0  # for another reader of the same parking lot to finish
 HEADER_HISTORY = "rabbitq-history"  # earlier parks of a replayed task, oldest first
 MAX_HISTORY = 5
 # What a replayed copy leaves behind: the park and the spent retry budget.
@@ -227,7 +228,26 @@ async def browse(url: str, workload: Workload) -> list[Parked]:
 
 
 async def _read(url: str, workload: Workload) -> tuple[ConsumeConnection, list[Delivery]]:
-    """The parking lot's deliveries, in order, held unacked on the returned connection."""
+    """The parking lot's deliveries, in order, held unacked on the returned connection.
+
+    One reader at a time: the read consumes as the queue's exclusive consumer, so a second
+    reader (another `parking list`, a replay, the console) waits its turn instead of each
+    getting part of the lot. A reader that took its count while another held the copies may
+    count a few short (those returned in that instant); nothing is moved by it.
+    """
+    deadline = time.monotonic() + READ_WAIT_SECONDS
+    while True:
+        try:
+            return await _read_once(url, workload)
+        except ClosedByBroker as exc:
+            if "403" not in str(exc):  # 403 ACCESS_REFUSED: in exclusive use by another reader
+                raise
+            if time.monotonic() > deadline:
+                raise ParkingBusy(workload.parking_queue, READ_WAIT_SECONDS) from None
+        await asyncio.sleep(0.05)
+
+
+async def _read_once(url: str, workload: Workload) -> tuple[ConsumeConnection, list[Delivery]]:
     queue = workload.parking_queue
     control = await connect(url, f"parking {workload.name}")
     try:
@@ -249,7 +269,8 @@ async def _read(url: str, workload: Workload) -> tuple[ConsumeConnection, list[D
     reading = ConsumeConnection(arrived, lambda _reason: lost.set())
     name = client_name(f"parking {workload.name}")
     try:
-        await open_consumer(reading, url, name, queue, prefetch=0)  # 0: all of them at once
+        # prefetch 0: all of them at once
+        await open_consumer(reading, url, name, queue, prefetch=0, exclusive=True)
         if count:
             waits = [asyncio.ensure_future(enough.wait()), asyncio.ensure_future(lost.wait())]
             limit = 10 + count / 1000 * BROWSE_SECONDS_PER_1000

@@ -174,6 +174,27 @@ async def test_ten_thousand_parked_tasks_are_read_and_left_in_their_order(
     assert again == sent
 
 
+async def test_readers_of_one_parking_lot_take_turns_and_each_sees_all_of_it(
+    make_topology: Any, connection: AbstractConnection, url: str
+) -> None:
+    """Two lists, a dry run and a second replay at once: none sees only a part."""
+    from benchmarks.parking_browse import fill
+
+    workload = (await make_topology(w={})).workload("w")
+    sent = await fill(connection, workload.parking_queue, 3_000)
+    started = time.monotonic()
+    reads = await asyncio.gather(*(parking.browse(url, workload) for _ in range(3)))
+    assert [[t.message_id for t in read] for read in reads] == [sent] * 3
+    assert time.monotonic() - started < 10 * parking.BROWSE_SECONDS_PER_1000 * 3  # no timeouts
+    moved = await asyncio.gather(
+        parking.purge(url, workload, parking.Filter(ids=frozenset(sent[:10]))),
+        parking.browse(url, workload),
+    )
+    assert [t.message_id for t in moved[0]] == sent[:10]
+    assert [t.message_id for t in moved[1]] in (sent, sent[10:])  # before or after, whole
+    assert await queue_depth(connection, workload.parking_queue) == len(sent) - 10
+
+
 SPEC = {"capacity": 16, "retry": {"tiers": ["50ms"], "max_attempts": 1}}
 
 
