@@ -179,11 +179,23 @@ def build(console: Console) -> Starlette:
         if not ids:
             raise UsageError("nothing to do: the confirmation named no task")
         chosen = parking.Filter(ids=frozenset(ids))
-        if what == "replay":
-            moved = await parking.replay(console.url, workload, chosen)
-        else:
-            moved = await parking.purge(console.url, workload, chosen)
         console.actions.labels(what, workload.name).inc()
+        try:
+            if what == "replay":
+                moved = await parking.replay(console.url, workload, chosen)
+            else:
+                moved = await parking.purge(console.url, workload, chosen)
+        except RabbitqError as exc:
+            # what moved before the failure is moved: the parking lot shows what is left
+            logger.warning(
+                "%s of %d parked tasks of %s failed, by %s: %s",
+                what,
+                len(ids),
+                workload.name,
+                _who(request, console),
+                scrub(str(exc), console.url),
+            )
+            raise
         console.moved.labels(what, workload.name).inc(len(moved))
         logger.info(
             "%s %d of %d parked tasks of %s, by %s",
