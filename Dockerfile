@@ -1,6 +1,7 @@
 # The rabbitq image: `docker run IMAGE consume demo --app examples.demo_app:app` runs a
-# consumer, `docker run IMAGE topology apply` declares the topology. Built by
-# docker-compose.yml for its topology, worker and feeder services.
+# consumer, `docker run IMAGE topology apply` declares the topology, `docker run -e
+# RABBITQ_CONSOLE_TOKEN=... -p 8800:8800 IMAGE console --host 0.0.0.0` serves the web console.
+# Built by docker-compose.yml for its topology, worker, console and feeder services.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -10,10 +11,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# The package first, so editing the examples or the topology does not reinstall it.
+# The package first, so editing the examples or the topology does not reinstall it; with the
+# console extra (Starlette, uvicorn, Jinja2) for `rabbitq console`.
 COPY pyproject.toml README.md ./
 COPY rabbitq/ rabbitq/
-RUN pip install .
+RUN pip install '.[console]'
 
 COPY topology/ topology/
 COPY examples/ examples/

@@ -233,6 +233,25 @@ def test_the_worker_runs_a_workload_and_app_that_exist(services):
     assert (ROOT / "examples" / "feed.py").is_file()
 
 
+def test_the_console_is_published_on_its_port_with_its_token_from_the_environment(
+    compose, services
+):
+    """`console --host 0.0.0.0 --port P` publishes P, reaches the broker as the others do, and
+    takes RABBITQ_CONSOLE_TOKEN from the shell (never written in the file); the image has the
+    console extra."""
+    console = services["console"]
+    command = console["command"]
+    assert command[0] == "console" and option(command, "--host") == "0.0.0.0"
+    assert int(option(command, "--port") or 0) in container_ports(console)
+    environment = console["environment"]
+    assert environment["RABBITQ_URL"] == compose["x-rabbitq"]["environment"]["RABBITQ_URL"]
+    assert "RABBITQ_CONSOLE_TOKEN" in environment and environment["RABBITQ_CONSOLE_TOKEN"] is None
+    installs = [
+        line for line in (ROOT / "Dockerfile").read_text().splitlines() if "pip install" in line
+    ]
+    assert any("[console]" in line for line in installs), installs
+
+
 def test_grafana_reads_the_prometheus_service(datasource, scrape, services):
     """The datasource URL is the prometheus service's port; its interval is the scrape's."""
     url = urlsplit(datasource["url"])
