@@ -16,7 +16,6 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
-from pydantic import BaseModel
 from selenium.common.exceptions import (
     NoAlertPresentException,
     StaleElementReferenceException,
@@ -33,6 +32,7 @@ from rabbitq import _parking as parking
 from rabbitq import _wire as wire
 from rabbitq._topology import Workload
 from tests.broker.browser.conftest import PAGE_WAIT_SECONDS, StartConsole
+from tests.broker.test_parking import Item, check_name, check_size
 from tests.helpers import queue_depth, running_consumer, wait_until
 
 SPEC: dict[str, Any] = {"capacity": 8, "retry": {"tiers": ["50ms"], "max_attempts": 1}}
@@ -40,18 +40,6 @@ PER_SITE = 5
 TOKEN = "console-" + "t" * 24
 SCRIPT = "<script>alert(1)</script>"
 IMAGE = "<img src=x onerror=alert(2)>"
-
-
-class Item(BaseModel):
-    n: int
-
-
-def check_name(n: int) -> None:
-    raise ValueError(f"name {n} is not valid")
-
-
-def check_size(n: int) -> None:
-    raise ValueError(f"size {n} is too big")
 
 
 class Jobs:
