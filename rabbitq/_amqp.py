@@ -161,6 +161,7 @@ class ConsumeConnection(asyncio.Protocol):
         self._left = 0  # body bytes still to come for it
         self._parts: list[bytes] = []
         self._heartbeat = 0
+        self._prefetch = 0
         self._seen = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -327,6 +328,7 @@ class ConsumeConnection(asyncio.Protocol):
         if heartbeat:
             self._timer = loop.call_later(heartbeat / 2, self._beat)
         await self._call(CHANNEL, spec.Channel.Open(), spec.Channel.OpenOk)
+        self._prefetch = prefetch
         await self._call(CHANNEL, spec.Basic.Qos(prefetch_count=prefetch), spec.Basic.QosOk)
         ok = await self._call(
             CHANNEL, spec.Basic.Consume(queue=queue, exclusive=exclusive), spec.Basic.ConsumeOk
@@ -340,6 +342,12 @@ class ConsumeConnection(asyncio.Protocol):
             return
         self._write(_HEARTBEAT)
         self._timer = loop.call_later(self._heartbeat / 2, self._beat)
+
+    async def round_trip(self) -> None:
+        """Return once the broker answered a no-op on the channel: every delivery it had
+        sent the channel before that has arrived (they come first, in order)."""
+        qos = spec.Basic.Qos(prefetch_count=self._prefetch)
+        await asyncio.wait_for(self._call(CHANNEL, qos, spec.Basic.QosOk), CLOSE_SECONDS)
 
     async def cancel(self) -> None:
         """Stop deliveries (those already on the way still arrive)."""

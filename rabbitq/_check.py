@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from rabbitq import _declare as declare
-from rabbitq._connection import connect
+from rabbitq._connection import connect, current_node
 from rabbitq._declare import PlanItem
 from rabbitq._management import Management, ManagementUnavailable
 from rabbitq._topology import Topology, Workload, format_duration
@@ -412,7 +412,7 @@ async def gather(url: str, api: Management, topology: Topology, app: App | None)
         node = (await api.overview()).get("node")
     except ManagementUnavailable as exc:
         facts.management_error = str(exc)
-    host = urlsplit(url).hostname or "localhost"
+    host = urlsplit(current_node(url)).hostname or "localhost"
     if node or host in ("localhost", "127.0.0.1", "::1"):
         facts.node_timeout = await read_node_timeout(node)
     return facts

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import typer
 
 from rabbitq._app import App
-from rabbitq._connection import DEFAULT_URL, connect, scrub
+from rabbitq._connection import DEFAULT_URL, connect, nodes, scrub
 from rabbitq._errors import CheckFailed, ConfigError, RabbitqError, TopologyInvalid, UsageError
 from rabbitq._topology import load_topology
 
@@ -46,7 +46,12 @@ topology_cli = typer.Typer(
 )
 cli.add_typer(topology_cli, name="topology")
 
-URL = typer.Option(DEFAULT_URL, "--url", envvar="RABBITQ_URL", help="Broker URL.")
+URL = typer.Option(
+    DEFAULT_URL,
+    "--url",
+    envvar="RABBITQ_URL",
+    help="Broker URL; for a cluster, its nodes comma-separated (amqp://u:p@n1,n2,n3).",
+)
 TOPOLOGY = typer.Option(
     Path("topology"),
     "--topology",
@@ -267,7 +272,7 @@ def topology_export(
     _setup_logging("warning", libraries=logging.CRITICAL)
     with _errors("", debug=debug):
         topo = load_topology(topology, namespace)
-        path = urlsplit(url).path
+        path = urlsplit(nodes(url)[0]).path
         target = vhost if vhost is not None else unquote(path[1:]) if path not in ("", "/") else "/"
         typer.echo(json.dumps(definitions(topo, target), indent=2))
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
@@ -17,13 +20,120 @@ from aio_pika.abc import AbstractConnection
 from rabbitq._errors import ConnectionFailed
 
 logger = logging.getLogger("rabbitq.connection")
+T = TypeVar("T")
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 CONNECT_TIMEOUT_SECONDS = 10.0
+NODE_TIMEOUT_SECONDS = 4.0  # each node's share when RABBITQ_URL lists several
+
+
+def nodes(url: str) -> list[str]:
+    """Every node of a comma-separated RABBITQ_URL, each as a whole URL.
+
+    The first entry is a full URL; a later one may be a bare `host[:port]` or leave out the
+    credentials, the vhost or the query, which it then takes from the first (credentials are
+    given once).
+    """
+    entries = [entry.strip() for entry in url.split(",") if entry.strip()]
+    if len(entries) <= 1:
+        return entries or [url]
+    first = urlsplit(entries[0])
+    userinfo = first.netloc.rpartition("@")[0]
+    out = [entries[0]]
+    for entry in entries[1:]:
+        parts = urlsplit(entry if "://" in entry else f"{first.scheme}://{entry}")
+        netloc = parts.netloc
+        if "@" not in netloc and userinfo:
+            netloc = f"{userinfo}@{netloc}"
+        out.append(
+            urlunsplit(
+                (
+                    parts.scheme,
+                    netloc,
+                    parts.path if parts.path not in ("", "/") else first.path,
+                    parts.query or first.query,
+                    "",
+                )
+            )
+        )
+    return out
+
+
+def node_of(url: str) -> str:
+    """`host:port` of one node's URL, for logs and metrics."""
+    parts = urlsplit(url)
+    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    host = parts.hostname or "localhost"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class NodeOrder:
+    """The order this process tries a cluster's nodes in: shuffled once, so that replicas
+    spread over the nodes, then starting from the node that last answered."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._random = random.Random(seed)
+        self._orders: dict[str, list[str]] = {}
+        self._start: dict[str, int] = {}
+
+    def candidates(self, url: str) -> list[str]:
+        order = self._orders.get(url)
+        if order is None:
+            order = nodes(url)
+            self._random.shuffle(order)
+            self._orders[url] = order
+        start = self._start.get(url, 0)
+        return order[start:] + order[:start]
+
+    def answered(self, url: str, node: str) -> None:
+        order = self._orders.get(url, [])
+        if node in order:
+            self._start[url] = order.index(node)
+
+
+NODE_ORDER = NodeOrder()
+
+
+def current_node(url: str) -> str:
+    """The node this process connects to first now: the last that answered."""
+    return NODE_ORDER.candidates(url)[0]
+
+
+async def first_answering(
+    url: str, attempt: Callable[[str, float], Awaitable[T]], what: str = "connect"
+) -> tuple[T, str]:
+    """`attempt(node_url, timeout)` on each node in this process's order, until one works.
+
+    Returns what it returned and the node's URL. Raises ConnectionFailed (masked) with every
+    node's reason when none answered.
+    """
+    candidates = NODE_ORDER.candidates(url)
+    # one node gets the whole time; several share it, so a node that is cut off (its packets
+    # dropped, no refusal) does not hold up the others for long
+    timeout = CONNECT_TIMEOUT_SECONDS if len(candidates) == 1 else NODE_TIMEOUT_SECONDS
+    reasons = []
+    for node in candidates:
+        try:
+            result = await attempt(node, timeout)
+        except asyncio.CancelledError:
+            raise
+        except ConnectionFailed as exc:
+            reasons.append(exc.reason)
+            continue
+        NODE_ORDER.answered(url, node)
+        if len(candidates) > 1:
+            logger.info("%s: on node %s", what, node_of(node))
+        return result, node
+    if len(candidates) == 1:
+        raise ConnectionFailed(mask_url(candidates[0]), reasons[0])
+    tried = "; ".join(f"{node_of(n)}: {r}" for n, r in zip(candidates, reasons, strict=True))
+    raise ConnectionFailed(mask_url(url), f"no node answered ({tried})")
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by `***`, safe to log or print."""
+    """The URL (each of a comma-separated list) with its password replaced by `***`."""
+    if "," in url:
+        return ",".join(mask_url(entry) for entry in url.split(","))
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -38,6 +148,11 @@ def mask_url(url: str) -> str:
 
 def scrub(text: str, url: str) -> str:
     """`text` with the URL's password removed, for errors that quote what a library said."""
+    if "," in url:  # a cluster's nodes: the list as written, then each node's password
+        text = text.replace(url, mask_url(url))
+        for node in nodes(url):
+            text = scrub(text, node)
+        return text
     masked = mask_url(url)
     password = None if not url or masked == "<unparseable url>" else urlsplit(url).password
     # The URL is masked whole first, so that a user named like the password keeps its name.
@@ -63,16 +178,22 @@ def client_name(name: str) -> str:
 
 
 async def connect(url: str, name: str) -> AbstractConnection:
-    """A plain (not robust) connection; rabbitq runs its own reconnect loop.
+    """A plain (not robust) connection, to the first node that answers (RABBITQ_URL may list
+    a cluster's nodes); rabbitq runs its own reconnect loop, which calls this again.
 
     Raises:
-        ConnectionFailed: with the masked URL and the reason.
+        ConnectionFailed: with the masked URL and the reason (each node's, for a list).
     """
+    connection, _node = await first_answering(
+        url, lambda node, timeout: _connect_one(node, name, timeout), name
+    )
+    return connection
+
+
+async def _connect_one(url: str, name: str, seconds: float) -> AbstractConnection:
     try:
         return await aio_pika.connect(
-            url,
-            timeout=CONNECT_TIMEOUT_SECONDS,
-            client_properties={"connection_name": client_name(name)},
+            url, timeout=seconds, client_properties={"connection_name": client_name(name)}
         )
     except asyncio.CancelledError:
         raise

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from rabbitq._ack import Acker
 from rabbitq._amqp import ClosedByBroker, ConsumeConnection, Delivery, open_consumer
 from rabbitq._app import App
-from rabbitq._connection import client_name, connect, scrub
+from rabbitq._connection import client_name, connect, current_node, node_of, scrub
 from rabbitq._declare import check_exists
 from rabbitq._errors import ConfigError, ConnectionFailed, SessionLost
 from rabbitq._metrics import Metrics
@@ -226,7 +226,10 @@ class Consumer:
             # where it would age toward consumer_timeout or jump ahead of a higher priority.
             try:
                 name = client_name(f"consumer {self.workload.name}")
-                await open_consumer(consuming, self.url, name, queue, capacity)
+                # on the node the checks just reached (the broker's list may hold several)
+                node = current_node(self.url)
+                await open_consumer(consuming, node, name, queue, capacity)
+                self._metrics.on_node(node_of(node))
             except (OSError, TimeoutError, ClosedByBroker) as exc:
                 raise SessionLost(scrub(f"{type(exc).__name__}: {exc}", self.url)) from None
             self._set_connected(True)

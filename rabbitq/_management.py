@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
+from rabbitq._connection import current_node
 from rabbitq._errors import RabbitqError
 
 TIMEOUT_SECONDS = 5.0
@@ -39,11 +40,12 @@ class Management:
 
     @classmethod
     def from_urls(cls, amqp_url: str, management_url: str | None = None) -> Management:
-        """The API beside the AMQP URL's broker (port 15672, or 15671 over TLS), with its user.
+        """The API beside the AMQP URL's broker (port 15672, or 15671 over TLS), with its user;
+        for a list of nodes, beside the one this process connects to first.
 
         A `management_url` overrides the host, port and scheme; its own user, if it names one.
         """
-        amqp = urlsplit(amqp_url)
+        amqp = urlsplit(current_node(amqp_url))  # a cluster's: the node this process uses
         vhost = unquote(amqp.path[1:]) if amqp.path not in ("", "/") else "/"
         user, password = unquote(amqp.username or "guest"), unquote(amqp.password or "guest")
         if management_url:

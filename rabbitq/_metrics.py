@@ -99,6 +99,12 @@ class Metrics:
         )
         self.ready = gauge("rabbitq_consumer_ready", "1 while consuming.")
         self.connected = gauge("rabbitq_connected", "1 while the consumer's connection is open.")
+        self.node = Gauge(
+            "rabbitq_broker_node",
+            "1 for the broker node (host:port) the consumer receives its tasks from.",
+            ["workload", "node"],
+            registry=registry,
+        )
         self.reconnects = counter(
             "rabbitq_reconnects", "Lost connections the consumer reconnected after."
         )
@@ -171,6 +177,15 @@ class WorkloadMetrics:
         self.loop_blocked = metrics.loop_blocked.labels(name)
         self.ready.set(0)
         self.connected.set(0)
+        self._node_family = metrics.node
+        self._node: str | None = None
+
+    def on_node(self, node: str) -> None:
+        """The consumer now receives from `node` (host:port): 1 there, the old series gone."""
+        if self._node is not None and self._node != node:
+            self._node_family.remove(self.name, self._node)
+        self._node = node
+        self._node_family.labels(self.name, node).set(1)
 
     def task(self, name: str | None) -> TaskMetrics:
         """The children of a registered task, or of `_unknown`."""

@@ -22,7 +22,7 @@ import aiormq
 
 from rabbitq import _wire as wire
 from rabbitq._amqp import ClosedByBroker, ConsumeConnection, Delivery, open_consumer
-from rabbitq._connection import client_name, connect
+from rabbitq._connection import client_name, connect, current_node
 from rabbitq._errors import ParkingBusy, TopologyMissing
 from rabbitq._publish import Publisher
 from rabbitq._topology import Workload
@@ -248,40 +248,41 @@ async def _read(url: str, workload: Workload) -> tuple[ConsumeConnection, list[D
 
 
 async def _read_once(url: str, workload: Workload) -> tuple[ConsumeConnection, list[Delivery]]:
+    # The copies come to the exclusive consumer as fast as the broker sends them (no
+    # prefetch limit); once the queue says none is ready, a round trip on the consumer's own
+    # channel brings in every copy sent before it. No count taken up front: one taken while
+    # another reader still held copies would be short.
     queue = workload.parking_queue
+    got: list[Delivery] = []
+    lost = asyncio.Event()
+    reading = ConsumeConnection(got.append, lambda _reason: lost.set())
     control = await connect(url, f"parking {workload.name}")
     try:
         channel = await control.channel()
-        declared = await channel.declare_queue(queue, passive=True)  # the count, and that it is
-        count = declared.declaration_result.message_count or 0
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        raise TopologyMissing("queue", queue) from None
-    finally:
-        await control.close()
-    got: list[Delivery] = []
-    enough, lost = asyncio.Event(), asyncio.Event()
 
-    def arrived(delivery: Delivery) -> None:
-        got.append(delivery)
-        if len(got) >= count:
-            enough.set()
+        async def ready() -> int:
+            try:
+                declared = await channel.declare_queue(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                raise TopologyMissing("queue", queue) from None
+            return declared.declaration_result.message_count or 0
 
-    reading = ConsumeConnection(arrived, lambda _reason: lost.set())
-    name = client_name(f"parking {workload.name}")
-    try:
-        # prefetch 0: all of them at once
-        await open_consumer(reading, url, name, queue, prefetch=0, exclusive=True)
-        if count:
-            waits = [asyncio.ensure_future(enough.wait()), asyncio.ensure_future(lost.wait())]
-            limit = 10 + count / 1000 * BROWSE_SECONDS_PER_1000
-            await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waits:
-                waiter.cancel()
-        await reading.cancel()  # what arrives after the count is not part of this reading
+        count = await ready()
+        node = current_node(url)  # the node the control connection reached
+        name = client_name(f"parking {workload.name}")
+        await open_consumer(reading, node, name, queue, prefetch=0, exclusive=True)
+        deadline = time.monotonic() + 10 + count / 1000 * BROWSE_SECONDS_PER_1000
+        while await ready() and not lost.is_set() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the broker
+            await asyncio.sleep(0.01)
+        await reading.round_trip()
+        taken = len(got)
+        await reading.cancel()  # what arrives after the round trip is not part of this reading
     except BaseException:
         await reading.close()
         raise
-    return reading, sorted(got, key=lambda d: d.tag)[:count]
+    finally:
+        await control.close()
+    return reading, got[:taken]
 
 
 def select(tasks: list[Parked], chosen: Filter, now: float | None = None) -> list[Parked]:
