@@ -74,6 +74,7 @@ def judge(topology: Topology, facts: Facts) -> list[Finding]:
         *_topology(facts.plan),
         *_consumer_timeout(workloads, facts),
         *_delivery_limit(workloads, facts),
+        *_replicas(workloads, facts),
         *_policies(workloads, facts),
         *_alarms(facts),
     ]
@@ -290,6 +291,56 @@ def _delivery_limit(workloads: list[Workload], facts: Facts) -> list[Finding]:
     return out
 
 
+def _replicas(workloads: list[Workload], facts: Facts) -> list[Finding]:
+    """Each quorum queue has a leader, its replicas online, and as many as declared."""
+    if facts.queues is None:
+        return []
+    out = []
+    for w in workloads:
+        for q in w.queues():
+            listing = facts.queues.get(q.name)
+            if q.arguments.get("x-queue-type") != "quorum" or not listing:
+                continue
+            members = list(listing.get("members") or [])
+            online = list(listing.get("online") or [])
+            if "members" not in listing:
+                continue  # the listing does not say (a broker without quorum details)
+            if not listing.get("leader") or len(online) * 2 <= len(members):
+                out.append(
+                    Finding(
+                        "fail",
+                        "replicas",
+                        q.name,
+                        f"no leader: {len(online)} of {len(members)} replicas online; the queue "
+                        "takes no task until a majority of its nodes is back",
+                    )
+                )
+            elif len(online) < len(members):
+                down = ", ".join(sorted(set(members) - set(online)))
+                out.append(
+                    Finding(
+                        "warn",
+                        "replicas",
+                        q.name,
+                        f"{len(online)} of {len(members)} replicas online (down: {down}); one "
+                        "more node lost and it stops",
+                    )
+                )
+            wanted = w.spec.replicas
+            if wanted is not None and len(members) < wanted:
+                out.append(
+                    Finding(
+                        "warn",
+                        "replicas",
+                        q.name,
+                        f"{len(members)} replicas, {wanted} declared (nodes were missing when it "
+                        "was declared); add them with 'rabbitmq-queues grow NODE all' on each new "
+                        "node",
+                    )
+                )
+    return out
+
+
 def _policies(workloads: list[Workload], facts: Facts) -> list[Finding]:
     if facts.queues is None:
         return []
@@ -389,7 +440,15 @@ def longest_timeouts(app: App) -> dict[str, tuple[str, float | None]]:
     return out
 
 
-QUEUE_COLUMNS = ("arguments", "policy", "effective_policy_definition", "type")
+QUEUE_COLUMNS = (
+    "arguments",
+    "policy",
+    "effective_policy_definition",
+    "type",
+    "members",
+    "online",
+    "leader",
+)
 
 
 async def gather(url: str, api: Management, topology: Topology, app: App | None) -> Facts:

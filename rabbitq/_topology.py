@@ -135,6 +135,10 @@ class WorkloadSpec(BaseModel):
     # Deliveries that may come back unsettled (the consumer died or was cut off while the task
     # ran) before the task is parked as crash_loop.
     max_redeliveries: int = Field(default=5, ge=1, le=QUORUM_DELIVERY_LIMIT)
+    # Copies of each quorum queue (the work queue if quorum, and the tiers) a cluster keeps:
+    # `x-quorum-initial-group-size`. Unset: the broker's default (3 on RabbitMQ 4.x). An
+    # argument like any other: changing it on existing queues is drift.
+    replicas: int | None = Field(default=None, ge=1, le=99)
     retry: RetrySpec = Field(default_factory=RetrySpec)
 
     @field_validator("max_priority")
@@ -235,6 +239,11 @@ class Workload:
             work["x-max-priority"] = self.spec.priority_levels
         if qtype == "quorum":
             work["x-delivery-limit"] = QUORUM_DELIVERY_LIMIT
+        group: dict[str, str | int] = {}
+        if self.spec.replicas is not None:
+            group["x-quorum-initial-group-size"] = self.spec.replicas
+        if qtype == "quorum":
+            work |= group
         # Only rejections and quorum delivery-limit deaths leave the work queue through its DLX,
         # and they go to parking, never into a tier: no TTL here, so no dead-letter cycle.
         work |= {
@@ -255,6 +264,7 @@ class Workload:
                 "x-dead-letter-exchange": self.task_exchange,
                 "x-dead-letter-routing-key": self.routing_key,
                 **at_least_once,
+                **group,
             }
             queues.append(Queue(tier.queue, "tier", self.name, args))
         # Always classic, whatever the workload's type: reading the parking lot returns every

@@ -272,3 +272,30 @@ def test_definitions_hold_every_declared_object_in_the_vhost(topo: Topology) -> 
     work = next(q for q in doc["queues"] if q["name"] == "ns.q.work")
     assert work["arguments"]["x-dead-letter-exchange"] == "ns.parking"
     assert work["durable"] is True and work["auto_delete"] is False
+
+
+@pytest.mark.parametrize(
+    ("members", "online", "leader", "expected"),
+    [
+        (["a", "b", "c"], ["a", "b", "c"], "a", []),
+        (["a", "b", "c"], ["a", "c"], "a", [("warn", "ns.q.work")]),
+        (["a", "b", "c"], ["a"], "a", [("fail", "ns.q.work")]),  # no majority
+        (["a", "b", "c"], ["a", "b", "c"], None, [("fail", "ns.q.work")]),
+    ],
+)
+def test_a_quorum_queue_needs_a_leader_and_its_replicas(
+    topo: Topology, members: list[str], online: list[str], leader: str | None, expected: Any
+) -> None:
+    listing = {"ns.q.work": {"members": members, "online": online, "leader": leader}}
+    assert found(judge(topo, facts(queues=listing, nodes=[])), "replicas") == expected
+
+
+def test_fewer_replicas_than_declared_are_named() -> None:
+    declared = parse_topology({"t.toml": TOML.replace("max_redeliveries = 5", "replicas = 3")})
+    one = {"members": ["a"], "online": ["a"], "leader": "a"}
+    listing = {q.name: one for q in declared.workload("q").queues()}
+    findings = judge(declared, facts(queues=listing, nodes=[]))
+    names = [s for st, s in found(findings, "replicas") if st == "warn"]
+    # the work queue and its tiers (quorum), not the classic parking lot
+    assert names == [q.name for q in declared.workload("q").queues()][:-1]
+    assert "3 declared" in next(f.message for f in findings if f.check == "replicas")

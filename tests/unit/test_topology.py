@@ -577,7 +577,7 @@ NAME_IN_WORDS = (
         (
             WORKLOAD + "zzz = 1",
             "workloads.emails.zzz = 1: unknown key (known: queue_type, max_priority, capacity, "
-            "max_message_bytes, max_redeliveries, retry)",
+            "max_message_bytes, max_redeliveries, replicas, retry)",
         ),
         ("[workloads.Emails]\n", f"workloads = 'Emails': a workload name must be {NAME_IN_WORDS}"),
         (
@@ -738,3 +738,15 @@ def test_load_topology_of_a_missing_directory_says_it_does_not_exist(tmp_path: P
     ) as exc_info:
         load_topology(tmp_path / "nowhere")
     assert exc_info.value.file == str(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_replicas_set_the_group_size_of_every_quorum_queue(queue_type: str) -> None:
+    """`replicas` sizes the quorum queues (the tiers always, the work queue if quorum); the
+    parking lot is classic. Unset, no argument: the broker's default, and no drift."""
+    sized = _emails(f'queue_type = "{queue_type}"\nreplicas = 3').queues()
+    quorum = [q for q in sized if q.arguments["x-queue-type"] == "quorum"]
+    assert quorum and all(q.arguments["x-quorum-initial-group-size"] == 3 for q in quorum)
+    assert all("x-quorum-initial-group-size" not in q.arguments for q in sized if q not in quorum)
+    unsized = _emails(f'queue_type = "{queue_type}"').queues()
+    assert all("x-quorum-initial-group-size" not in q.arguments for q in unsized)
