@@ -185,6 +185,10 @@ def _plan_or_apply(
             finally:
                 await connection.close()
             try:
+                nodes_ = await api.nodes()
+                running = sum(1 for n in nodes_ if n.get("running", True))
+                for note in declare.short_of_replicas(topo, running):
+                    typer.echo(f"note: {note}", err=True)
                 return await declare.reconcile_listed(api, topo, items)
             except ManagementUnavailable as exc:
                 typer.echo(f"note: objects no longer declared were not looked for: {exc}", err=True)

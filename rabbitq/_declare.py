@@ -190,6 +190,16 @@ async def reconcile_listed(
     )
 
 
+def short_of_replicas(topology: Topology, running: int) -> list[str]:
+    """What to say of each workload declaring more replicas than the cluster runs nodes."""
+    return [
+        f"workload {w.name} declares replicas = {w.spec.replicas} but {running} node(s) run: "
+        f"its new quorum queues get {running}; add nodes, then 'rabbitmq-queues grow NODE all'"
+        for w in topology.workloads.values()
+        if w.spec.replicas is not None and w.spec.replicas > running
+    ]
+
+
 def raise_on_drift(items: list[PlanItem]) -> None:
     drifted = [i for i in items if i.action == "drift"]
     if drifted:

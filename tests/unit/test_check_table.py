@@ -299,3 +299,12 @@ def test_fewer_replicas_than_declared_are_named() -> None:
     # the work queue and its tiers (quorum), not the classic parking lot
     assert names == [q.name for q in declared.workload("q").queues()][:-1]
     assert "3 declared" in next(f.message for f in findings if f.check == "replicas")
+
+
+def test_a_cluster_short_of_the_declared_replicas_is_said() -> None:
+    from rabbitq._declare import short_of_replicas
+
+    declared = parse_topology({"t.toml": TOML.replace("max_redeliveries = 5", "replicas = 3")})
+    assert short_of_replicas(declared, 3) == []
+    [note] = short_of_replicas(declared, 1)
+    assert "workload q declares replicas = 3 but 1 node(s) run" in note
