@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aio_pika
+import pytest
 from aio_pika.abc import AbstractConnection
 from selenium.common.exceptions import (
     NoAlertPresentException,
@@ -37,6 +38,9 @@ from tests.helpers import queue_depth, running_consumer, wait_until
 
 SPEC: dict[str, Any] = {"capacity": 8, "retry": {"tiers": ["50ms"], "max_attempts": 1}}
 PER_SITE = 5
+# A cold Chromium on two busy cores takes a while to open its first session.
+pytestmark = pytest.mark.timeout(120)
+
 TOKEN = "console-" + "t" * 24
 SCRIPT = "<script>alert(1)</script>"
 IMAGE = "<img src=x onerror=alert(2)>"
