@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
@@ -58,7 +58,6 @@ class Facts:
     queues: dict[str, dict[str, Any]] | None = None  # name -> management listing
     nodes: list[dict[str, Any]] | None = None
     management_error: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 def version_tuple(version: str) -> tuple[int, int]:
