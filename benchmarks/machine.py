@@ -58,6 +58,7 @@ def header(info: dict[str, Any]) -> str:
         f"software: Python {info['python']}, RabbitMQ {info['rabbitmq']}, "
         f"aio-pika {info['aio_pika']} (aiormq {info['aiormq']}), pydantic {info['pydantic']}, "
         f"rabbitq {info['rabbitq']}, uvloop {info['uvloop']}\n"
+        f"broker: {info.get('broker', 'single node')}\n"
         f"every consumer and the runner on {info['loop']}; systems: "
         + ", ".join(info["systems"].values())
     )

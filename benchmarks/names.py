@@ -31,6 +31,18 @@ WORKLOADS: dict[str, tuple[int, str]] = {
 }
 
 
+def queue_type_workload(queue_type: str) -> str:
+    return f"qt-{queue_type}"
+
+
+# The queue_types scenario: one workload per queue type, the same in everything else, used for
+# its batch publish and its capacity-64 drain (purged between). rabbitq's classic work queue
+# keeps its default priorities; a quorum queue has none on 3.10.
+QUEUE_TYPES = ("classic", "quorum")
+QUEUE_TYPE_WORKLOADS = {queue_type_workload(qtype): qtype for qtype in QUEUE_TYPES}
+WORKLOADS |= {name: (CAPACITY, "1s") for name in QUEUE_TYPE_WORKLOADS}
+
+
 def new_namespace() -> str:
     """A namespace no other run uses (and that rabbitq's namespace pattern accepts)."""
     return f"bench-{uuid.uuid4().hex[:8]}"
@@ -40,13 +52,21 @@ def drain_workload(capacity: int) -> str:
     return f"drain-c{capacity}"
 
 
-def topology_toml(namespace: str) -> str:
-    """The rabbitq topology of a run: one workload per scenario, default queue arguments."""
+def topology_toml(namespace: str, replicas: int | None = None) -> str:
+    """The rabbitq topology of a run: one workload per scenario, default queue arguments.
+
+    Args:
+        replicas: on a cluster, the replicas of every quorum queue of the queue_types
+            workloads (`x-quorum-initial-group-size`); None leaves the broker's default.
+    """
     lines = [f'namespace = "{namespace}"']
     for name, (capacity, tier) in WORKLOADS.items():
+        lines += ["", f"[workloads.{name}]"]
+        if name in QUEUE_TYPE_WORKLOADS:
+            lines.append(f'queue_type = "{QUEUE_TYPE_WORKLOADS[name]}"')
+            if replicas is not None:
+                lines.append(f"replicas = {replicas}")
         lines += [
-            "",
-            f"[workloads.{name}]",
             f"capacity = {capacity}",
             f"[workloads.{name}.retry]",
             f'tiers = ["{tier}"]',

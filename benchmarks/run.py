@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --n 20000 --reps 3 --json benchmarks/results.json
     python -m benchmarks.run --quick          # tiny N, one repetition: does it still run?
+    python -m benchmarks.run --scenarios queue_types --cluster   # classic vs quorum, 3 nodes
 
 For each repetition, each scenario is measured on every system that takes part in it, one after
 the other, on the same broker and the same event loop: the raw aio-pika floor, the raw
@@ -10,7 +11,8 @@ Dramatiq where installed (the `bench` extra). The table shows medians with min a
 rabbitq's figures as ratios to each baseline of the same repetition. Everything lives in a
 fresh namespace that is deleted at the end, also on Ctrl-C or SIGTERM. A measurement disturbed
 by something outside it (a broker restart, a forced close) is measured again, up to
-`--attempts` times, and noted in the JSON.
+`--attempts` times, and noted in the JSON. With `--cluster` the run starts a 3-node cluster of
+its own (`benchmarks/cluster.py`), measures on it, and removes it at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,16 @@ from typing import Any
 import aiormq
 
 from benchmarks import broker, machine, scenarios
-from benchmarks.names import CAPACITIES, CAPACITY, RawQueues, new_namespace, topology_toml
+from benchmarks import cluster as clusters
+from benchmarks.names import (
+    CAPACITIES,
+    CAPACITY,
+    QUEUE_TYPES,
+    RawQueues,
+    new_namespace,
+    queue_type_workload,
+    topology_toml,
+)
 from benchmarks.probe import LOOPS, uvloop_installed
 from benchmarks.probe import run as run_loop
 from benchmarks.procs import Disturbed
@@ -134,6 +147,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=5,
         help="times a disturbed measurement is tried before the run fails",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="start a 3-node cluster for this run (tests/cluster/harness.py; needs root and "
+        "ip netns) instead of using --url: the topology is declared through node 0, the "
+        "queue_types quorum queues get replicas = 3, and every publisher and consumer "
+        "connects to a node that holds none of the queue_types queues",
     )
     p.add_argument("--json", type=Path, help="write every figure and the summary here")
     p.add_argument(
@@ -288,6 +309,8 @@ class Runner:
                     partial(scenarios.scale, n=a.n, idle=a.idle),
                 ),
             )
+        if "queue_types" in wants:
+            await self.queue_types()
 
     async def drains(self, capacities: tuple[int, ...]) -> None:
         a = self.args
@@ -311,6 +334,48 @@ class Runner:
                 )
                 if capacity == CAPACITY:
                     self.drain_rate[name] = fig["tasks_per_s"]
+
+    async def queue_types(self) -> None:
+        """Batch publish, then the capacity-64 drain, into rabbitq's classic work queue and
+        its quorum one; raw aio-pika on the same queue just before rabbitq each time."""
+        a = self.args
+        scenario = "queue_types"
+        by_type: dict[str, dict[str, dict[str, float]]] = {}
+        for qtype in QUEUE_TYPES:
+            workload = queue_type_workload(qtype)
+            by_type[qtype] = await self.each(
+                f"{qtype}: publish in batches of {a.batch}",
+                scenario,
+                partial(scenarios.publish_batches, n=a.n, batch=a.batch, workload=workload),
+            )
+        for qtype in QUEUE_TYPES:
+            drained = await self.each(
+                f"{qtype}: drain capacity {CAPACITY}",
+                scenario,
+                partial(
+                    scenarios.drain, capacity=CAPACITY, n=a.n, workload=queue_type_workload(qtype)
+                ),
+            )
+            for name, fig in drained.items():
+                by_type[qtype].setdefault(name, {}).update(
+                    {
+                        f"c{CAPACITY}_tasks_per_s": fig["tasks_per_s"],
+                        f"c{CAPACITY}_cpu_us_per_task": fig["cpu_us_per_task"],
+                    }
+                )
+        for qtype, figures in by_type.items():
+            self.record(scenario, figures, f"{qtype} ")
+        classic, quorum = by_type["classic"], by_type["quorum"]
+        for name in classic.keys() & quorum.keys():
+            self.results.add(
+                scenario,
+                name,
+                {
+                    key: quorum[name][key] / classic[name][key]
+                    for key in ("batch_per_s", f"c{CAPACITY}_tasks_per_s")
+                },
+                "quorum/classic ",
+            )
 
     async def latencies(self) -> None:
         a = self.args
@@ -340,9 +405,54 @@ class Runner:
             await self.repetition()
 
 
-def context(url: str, namespace: str, topology_file: Path, loop: str) -> RunContext:
-    topology = parse_topology({"bench.toml": topology_toml(namespace)})
+def context(
+    url: str, namespace: str, topology_file: Path, loop: str, replicas: int | None = None
+) -> RunContext:
+    topology = parse_topology({"bench.toml": topology_toml(namespace, replicas)})
     return RunContext(url, namespace, topology, topology_file, RawQueues.of(namespace), loop)
+
+
+def chosen_sides(ctx: RunContext, systems: str) -> list[Side]:
+    """The sides `--systems` names (all installed ones if empty).
+
+    Raises:
+        ValueError: a name that is not known or not installed.
+    """
+    sides = all_sides(ctx)
+    if not systems:
+        return sides
+    wanted = {name.strip() for name in systems.split(",")}
+    if unknown := wanted - {side.name for side in sides}:
+        raise ValueError(f"--systems: {', '.join(sorted(unknown))} not known or not installed")
+    return [side for side in sides if side.name in wanted]
+
+
+def on_cluster(cluster: clusters.Cluster, ctx: RunContext) -> tuple[RunContext, str]:
+    """The run's context moved to the client node, once the topology is declared; and where
+    the measured queues live, in words."""
+    work_queues = [ctx.topology.workload(queue_type_workload(t)).work_queue for t in QUEUE_TYPES]
+    where = clusters.placement(cluster, work_queues)
+    # From here on everyone uses the client node, the runner's own set-up calls too.
+    moved = replace(ctx, url=cluster.urls[where.client_node])
+    return moved, f"{cluster.size}-node cluster, replicas {clusters.REPLICAS}: {where.describe()}"
+
+
+@contextmanager
+def own_cluster(wanted: bool) -> Iterator[clusters.Cluster | None]:
+    """A 3-node cluster for this run if `wanted` (None otherwise), removed on the way out."""
+    if not wanted:
+        yield None
+        return
+    say(f"starting a {clusters.SIZE}-node cluster (about 30 s)")
+    started = clusters.start()
+    run_id = started.run_id
+    say(f"cluster {run_id} up in {started.timings['up']:.1f}s")
+    try:
+        yield started
+    finally:
+        # Blocking on purpose: nothing else runs by now, and a second cancel cannot cut it short.
+        started.down()
+        say(f"cluster {run_id} removed in {started.timings['down']:.1f}s")
 
 
 async def delete_namespace(url: str, namespace: str, sides: list[Side] | None = None) -> None:
@@ -375,43 +485,58 @@ async def main(args: argparse.Namespace) -> int:
     if args.delete_namespace:
         await delete_namespace(args.url, args.delete_namespace)
         return 0
+    if args.cluster and (reason := clusters.unavailable()):
+        say(f"error: --cluster: {reason}")
+        return 2
     namespace = new_namespace()
-    with tempfile.TemporaryDirectory(prefix="rabbitq-bench-") as tmp:
+    replicas = clusters.REPLICAS if args.cluster else None
+    with (
+        own_cluster(args.cluster) as cluster,
+        tempfile.TemporaryDirectory(prefix="rabbitq-bench-") as tmp,
+    ):
         topology_file = Path(tmp) / "bench.toml"
-        topology_file.write_text(topology_toml(namespace))
-        ctx = context(args.url, namespace, topology_file, args.loop)
-        sides = all_sides(ctx)
-        if args.systems:
-            wanted = {name.strip() for name in args.systems.split(",")}
-            if unknown := wanted - {side.name for side in sides}:
-                say(f"error: --systems: {', '.join(sorted(unknown))} not known or not installed")
-                return 2
-            sides = [side for side in sides if side.name in wanted]
+        topology_file.write_text(topology_toml(namespace, replicas))
+        url = args.url if cluster is None else cluster.urls[clusters.DECLARE_NODE]
+        ctx = context(url, namespace, topology_file, args.loop, replicas)
+        try:
+            sides = chosen_sides(ctx, args.systems)
+        except ValueError as exc:
+            say(f"error: {exc}")
+            return 2
         titles = {side.name: side.title for side in sides}
-        info = machine.describe(await broker.server_version(args.url), args.loop, titles)
-        say(machine.header(info))
-        say(
-            f"namespace {namespace}: n={args.n}, reps={args.reps}, batch={args.batch}, "
-            f"latency {args.latency_seconds:g}s, tier-n={args.tier_n}"
-        )
-        runner = Runner(args, ctx, sides)
         started = time.monotonic()
         try:
-            await broker.set_up(args.url, ctx.topology, ctx.raw.all())
+            await broker.set_up(ctx.url, ctx.topology, ctx.raw.all())
+            where = "single node"
+            if cluster is not None:
+                ctx, where = on_cluster(cluster, ctx)
+                sides = chosen_sides(ctx, args.systems)
+            info = machine.describe(await broker.server_version(ctx.url), args.loop, titles)
+            info["broker"] = where
+            say(machine.header(info))
+            say(
+                f"namespace {namespace}: n={args.n}, reps={args.reps}, batch={args.batch}, "
+                f"latency {args.latency_seconds:g}s, tier-n={args.tier_n}"
+            )
+            runner = Runner(args, ctx, sides)
             for side in sides:
                 await side.set_up()
             await runner.run()
         finally:
-            await asyncio.shield(delete_namespace(args.url, namespace, sides))
+            await asyncio.shield(delete_namespace(ctx.url, namespace, sides))
     summary = runner.results.summary()
     print(machine.header(info))
-    print(table(summary, args.reps, titles))
+    measured = set(runner.results.sides())
+    # only the systems that took part in the scenarios asked for
+    print(table(summary, args.reps, {k: v for k, v in titles.items() if k in measured}))
     if runner.disturbed:
         print(f"\n{len(runner.disturbed)} measurement(s) were disturbed and repeated:")
         for note in runner.disturbed:
             print(f"- {note.splitlines()[0]}")
     if args.json:
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        if args.cluster:
+            config["url"] = "the run's own cluster"  # its URLs hold its password
         config["namespace"] = namespace
         config["seconds"] = round(time.monotonic() - started, 1)
         document: dict[str, Any] = {

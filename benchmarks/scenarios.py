@@ -67,9 +67,10 @@ def _rate(results: list[dict[str, Any]]) -> float:
     return float(sum(r["handled"] for r in results) / (last - go))
 
 
-async def drain(side: Side, capacity: int, n: int) -> dict[str, float]:
-    """N pre-published tasks, one consumer process, a no-op handler."""
-    workload = drain_workload(capacity)
+async def drain(side: Side, capacity: int, n: int, workload: str = "") -> dict[str, float]:
+    """N pre-published tasks, one consumer process, a no-op handler (in `workload`'s queue,
+    by default the drain workload of `capacity`)."""
+    workload = workload or drain_workload(capacity)
     worker = side.worker("drain", workload, capacity, expect=n)
     [result] = await _gated(side, [worker], workload, n, n)
     return {
@@ -157,9 +158,11 @@ async def latency(side: Side, rate: float, seconds: float) -> dict[str, float]:
     }
 
 
-async def _publishing(side: Side, n: int, publish: Any, key: str) -> dict[str, float]:
-    """Time `publish()` (n tasks into the side's publish queue) and this process's CPU."""
-    queue = side.work_queue("publish")
+async def _publishing(
+    side: Side, n: int, publish: Any, key: str, workload: str = "publish"
+) -> dict[str, float]:
+    """Time `publish()` (n tasks into the side's queue of `workload`) and this process's CPU."""
+    queue = side.work_queue(workload)
     await broker.purge(side.ctx.url, [queue])
     cpu = time.process_time()
     seconds = await publish()
@@ -179,9 +182,13 @@ async def publish_concurrent(side: Side, n: int, publishers: int) -> dict[str, f
     return await _publishing(side, n, lambda: side.publish_concurrent(n, publishers), key)
 
 
-async def publish_batches(side: Side, n: int, batch: int) -> dict[str, float]:
+async def publish_batches(
+    side: Side, n: int, batch: int, workload: str = "publish"
+) -> dict[str, float]:
     """N tasks in batches of `batch`, each batch's confirms pipelined."""
-    return await _publishing(side, n, lambda: side.publish_batches(n, batch), "batch")
+    return await _publishing(
+        side, n, lambda: side.publish_batches(n, batch, workload), "batch", workload
+    )
 
 
 async def _expect_and_purge(side: Side, queue: str, n: int) -> None:

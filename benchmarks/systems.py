@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractExchange
 
 import rabbitq
 from benchmarks import broker, wire
-from benchmarks.names import RawQueues
+from benchmarks.names import QUEUE_TYPE_WORKLOADS, RawQueues
 from benchmarks.pacing import paced
 from benchmarks.procs import Worker
 from benchmarks.rq_app import Job, build_app
@@ -64,7 +64,8 @@ def _worker_common(
 # What a side can take part in (a scenario may hold several).
 PUBLISH = frozenset({"publish_one", "publish_concurrent", "publish_batch"})
 CONSUME = frozenset({"drain", "latency"})
-EVERYTHING = PUBLISH | CONSUME | {"retry", "tiers", "scale"}
+# queue_types: batch publish and drain on rabbitq's classic and quorum work queues.
+EVERYTHING = PUBLISH | CONSUME | {"retry", "tiers", "scale", "queue_types"}
 
 
 async def _concurrently(send: Any, n: int, publishers: int) -> float:
@@ -96,6 +97,9 @@ class RawSide:
             "retry": raw.retry.name,
             "tiers": raw.tiers.name,
             "scale": raw.scale.name,
+            # queue_types: the very queues rabbitq uses (see `benchmarks.names`), so that the
+            # ratio is the client's alone whatever the queue type costs the broker
+            **{w: ctx.topology.workload(w).work_queue for w in QUEUE_TYPE_WORKLOADS},
         }
         self._delay = {"retry": raw.retry_delay.name, "tiers": raw.tiers_delay.name}
 
@@ -166,9 +170,9 @@ class RawSide:
                 )
             return time.perf_counter() - started
 
-    async def publish_batches(self, n: int, batch: int) -> float:
+    async def publish_batches(self, n: int, batch: int, workload: str = "publish") -> float:
         """Seconds to publish n tasks in batches, each batch's confirms pipelined."""
-        queue = self.work_queue("publish")
+        queue = self.work_queue(workload)
         bodies = [body(i) for i in range(n)]
         async with broker.connection(self.ctx.url, "bench raw publisher") as conn:
             exchange = await self._exchange(conn)
@@ -269,9 +273,9 @@ class RabbitqSide:
 
             return await _concurrently(send, n, publishers)
 
-    async def publish_batches(self, n: int, batch: int) -> float:
+    async def publish_batches(self, n: int, batch: int, workload: str = "publish") -> float:
         app, tasks = self._app()
-        task = tasks["publish"]
+        task = tasks[workload]
         payloads = [Job.make(i) for i in range(n)]
         async with app:
             started = time.perf_counter()
@@ -309,11 +313,13 @@ class RawTaskMessageSide(RawSide):
         spec = self.ctx.topology.workload(workload)
         return spec.task_exchange, spec.routing_key
 
-    async def _sender(self, conn: aio_pika.abc.AbstractConnection) -> Any:
-        exchange_name, routing_key = self.target("publish")
+    async def _sender(
+        self, conn: aio_pika.abc.AbstractConnection, workload: str = "publish"
+    ) -> Any:
+        exchange_name, routing_key = self.target(workload)
         channel = await conn.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(exchange_name, ensure=False)
-        props = wire.task_properties("publish")
+        props = wire.task_properties(workload)
         del props["message_id"], props["timestamp"]
 
         async def send(data: bytes) -> None:
@@ -340,10 +346,10 @@ class RawTaskMessageSide(RawSide):
             send = await self._sender(conn)
             return await _concurrently(lambda i: send(bodies[i]), n, publishers)
 
-    async def publish_batches(self, n: int, batch: int) -> float:
+    async def publish_batches(self, n: int, batch: int, workload: str = "publish") -> float:
         bodies = [body(i) for i in range(n)]
         async with broker.connection(self.ctx.url, "bench raw publisher") as conn:
-            send = await self._sender(conn)
+            send = await self._sender(conn, workload)
             started = time.perf_counter()
             for start in range(0, n, batch):
                 await asyncio.gather(*(send(data) for data in bodies[start : start + batch]))

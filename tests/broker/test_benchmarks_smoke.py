@@ -13,7 +13,14 @@ from aio_pika.abc import AbstractConnection
 from tests.conftest import broker_url
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = {"publish", "drain", "latency", "retry", "memory", "scale"}
+SCENARIOS = {"publish", "drain", "latency", "retry", "memory", "scale", "queue_types"}
+# classic against quorum, each with raw aio-pika on the same queue (the single-node path only:
+# `--cluster` starts three nodes, too slow here)
+QUEUE_TYPE_ROWS = [
+    f"{qtype} {metric}"
+    for qtype in ("classic", "quorum")
+    for metric in ("batch_per_s", "c64_tasks_per_s")
+]
 # Every system, each scenario, tiny N: about 15 s here; room for a slow machine.
 RUN_TIMEOUT_SECONDS = 110
 
@@ -22,7 +29,8 @@ RUN_TIMEOUT_SECONDS = 110
 async def test_benchmark_runner_quick_run_reports_every_scenario(
     connection: AbstractConnection, tmp_path: Path
 ) -> None:
-    """`python -m benchmarks.run --quick` exits 0 and its JSON has every scenario."""
+    """`python -m benchmarks.run --quick` exits 0 and its JSON has every scenario, and rabbitq
+    over raw for both queue types."""
     results = tmp_path / "results.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -50,3 +58,6 @@ async def test_benchmark_runner_quick_run_reports_every_scenario(
     assert proc.returncode == 0, stderr.decode()[-4000:]
     summary = json.loads(results.read_text())["summary"]
     assert SCENARIOS <= set(summary), f"missing: {SCENARIOS - set(summary)}"
+    queue_types = summary["queue_types"]
+    for row in QUEUE_TYPE_ROWS:
+        assert queue_types.get(row, {}).get("ratio/raw") is not None, f"no rabbitq/raw for {row}"
