@@ -41,6 +41,7 @@ ALL = [0, 1, 2]
 WORKLOAD = "lg"
 SPEC: dict[str, Any] = {
     "queue_type": "quorum",
+    "parking_queue_type": "quorum",  # a classic lot would wait out its node's loss
     "replicas": 3,
     "capacity": 8,
     "max_redeliveries": 3,
@@ -397,7 +398,7 @@ async def test_a_consumer_waits_while_its_classic_queues_node_is_down(
 ) -> None:
     """A classic workload's queues live on node 0: node 0 stopped, its consumer on node 1
     says the queue is unavailable and waits (it does not exit); node 0 back, it runs on."""
-    await rig.apply(queue_type="classic", replicas=None)
+    await rig.apply(queue_type="classic", parking_queue_type="classic", replicas=None)
     publisher = rig.publisher(0)
     assert await publisher.publish([publisher.message(i) for i in task_ids("a", 20)]) == []
     consumer = rig.consumer(1)
