@@ -19,7 +19,7 @@ from rabbitq import _declare as declare
 from rabbitq._connection import connect, current_node
 from rabbitq._declare import PlanItem
 from rabbitq._management import Management, ManagementUnavailable
-from rabbitq._topology import Topology, Workload, format_duration
+from rabbitq._topology import PARKING_DELIVERY_LIMIT, Topology, Workload, format_duration
 
 if TYPE_CHECKING:
     from rabbitq._app import App
@@ -249,29 +249,41 @@ def _consumer_timeout(workloads: list[Workload], facts: Facts) -> list[Finding]:
     return out
 
 
+def _limit_of(listing: dict[str, Any], version: str) -> tuple[int | None, str]:
+    """A quorum queue's effective delivery limit (the lower of argument and policy), and whence."""
+    argument = (listing.get("arguments") or {}).get("x-delivery-limit")
+    policy = (listing.get("effective_policy_definition") or {}).get("delivery-limit")
+    found = [
+        (int(v), where)
+        for v, where in ((argument, "the queue's argument"), (policy, listing.get("policy")))
+        if isinstance(v, int) and not isinstance(v, bool)
+    ]
+    if found:
+        limit, where = min(found, key=lambda item: item[0])
+        return limit, str(where or "a policy")
+    return (20, "4.x's default") if version_tuple(version) >= (4, 0) else (None, "")
+
+
 def _delivery_limit(workloads: list[Workload], facts: Facts) -> list[Finding]:
     if facts.queues is None:
         return []
     out = []
     for w in workloads:
+        lot = facts.queues.get(w.parking_queue)
+        if w.spec.parking_queue_type == "quorum" and lot is not None:
+            out.append(_parking_limit(w, lot, facts.version))
         listing = facts.queues.get(w.work_queue)
         if w.spec.queue_type != "quorum" or listing is None:
             continue
-        values = [
-            (listing.get("arguments") or {}).get("x-delivery-limit"),
-            (listing.get("effective_policy_definition") or {}).get("delivery-limit"),
-        ]
-        found = [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
-        limit = min(found) if found else (20 if version_tuple(facts.version) >= (4, 0) else None)
+        limit, whence = _limit_of(listing, facts.version)
         wanted = w.spec.max_redeliveries
         if limit is not None and limit < wanted:
-            policy = listing.get("policy") or "the queue's argument"
             out.append(
                 Finding(
                     "fail",
                     "delivery_limit",
                     w.work_queue,
-                    f"quorum delivery limit {limit} (from {policy}) is below max_redeliveries "
+                    f"quorum delivery limit {limit} (from {whence}) is below max_redeliveries "
                     f"{wanted}: the broker dead-letters a task that keeps killing its consumer "
                     "before rabbitq parks it with its reason; raise the policy's delivery-limit "
                     f"to at least {wanted}, or lower max_redeliveries",
@@ -288,6 +300,23 @@ def _delivery_limit(workloads: list[Workload], facts: Facts) -> list[Finding]:
                 )
             )
     return out
+
+
+def _parking_limit(w: Workload, listing: dict[str, Any], version: str) -> Finding:
+    """A quorum parking lot counts every read as a delivery: a low limit drops parked tasks."""
+    limit, whence = _limit_of(listing, version)
+    if limit is not None and limit < PARKING_DELIVERY_LIMIT:
+        return Finding(
+            "fail",
+            "delivery_limit",
+            w.parking_queue,
+            f"quorum parking lot with a delivery limit of {limit} (from {whence}): each read "
+            "of the lot (parking list, the console) counts as a delivery, and at the limit the "
+            "broker drops the parked task; exclude the lot from that policy",
+        )
+    return Finding(
+        "ok", "delivery_limit", w.parking_queue, "quorum parking lot, no reachable limit"
+    )
 
 
 def _replicas(workloads: list[Workload], facts: Facts) -> list[Finding]:

@@ -27,7 +27,7 @@ from rabbitq._amqp import ClosedByBroker, ConsumeConnection, Delivery, open_cons
 from rabbitq._app import App
 from rabbitq._connection import client_name, connect, current_node, node_of, scrub
 from rabbitq._declare import check_exists
-from rabbitq._errors import ConfigError, ConnectionFailed, SessionLost
+from rabbitq._errors import ConfigError, ConnectionFailed, SessionLost, TopologyMissing
 from rabbitq._metrics import Metrics
 from rabbitq._publish import Publisher
 from rabbitq._settle import Settler
@@ -37,6 +37,9 @@ logger = logging.getLogger("rabbitq.consume")
 
 RECONNECT_MIN_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 10.0
+# After it has consumed, how long a missing queue or exchange is retried before the consumer
+# gives up: long enough for a cluster node that is stopping to answer "unavailable" instead.
+MISSING_WAIT_SECONDS = 20.0
 BURST_POLL_SECONDS = 0.2
 LOOP_WATCH_SECONDS = 0.25
 # A blocked loop sends no heartbeats; the broker drops the connection after about two missed
@@ -141,9 +144,13 @@ class Consumer:
 
         Raises:
             ConnectionFailed: the broker cannot be reached at start.
-            TopologyMissing: a queue or exchange is missing (run `rabbitq topology apply`).
+            TopologyMissing: a queue or exchange is missing at start (run `rabbitq topology
+                apply`). Once it has consumed, a missing object is retried for
+                `MISSING_WAIT_SECONDS` first: on a cluster, a queue whose node is stopping
+                answers as missing for a moment (then as unavailable, which is waited out).
         """
         delay = RECONNECT_MIN_SECONDS
+        missing_since = 0.0
         watchdog = asyncio.create_task(self._watch_loop())
         try:
             while not self._stop.is_set():
@@ -151,9 +158,16 @@ class Consumer:
                 try:
                     if await self._session():
                         return
-                except (ConnectionFailed, SessionLost) as exc:
+                except (ConnectionFailed, SessionLost, TopologyMissing) as exc:
                     if not self._established and isinstance(exc, ConnectionFailed):
                         raise
+                    if isinstance(exc, TopologyMissing):
+                        now = time.monotonic()
+                        missing_since = missing_since or now
+                        if not self._established_at or now - missing_since > MISSING_WAIT_SECONDS:
+                            raise
+                    else:
+                        missing_since = 0.0
                     if self._established_at >= started:  # it consumed: a new loss, not an outage
                         delay = RECONNECT_MIN_SECONDS
                     self.reconnects += 1

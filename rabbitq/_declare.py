@@ -21,7 +21,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from rabbitq._errors import TopologyDrift, TopologyMissing
+from rabbitq._errors import QueueUnavailable, TopologyDrift, TopologyMissing
 from rabbitq._management import Management
 from rabbitq._topology import Exchange, Queue, Topology, Workload
 
@@ -75,11 +75,25 @@ async def exists(connection: AbstractConnection, kind: str, name: str) -> bool:
         else:
             await channel.get_exchange(name, ensure=True)
         return True
-    except aiormq.exceptions.ChannelNotFoundEntity:
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        # 404 is also what a queue whose node is down answers (a classic queue lives on one
+        # node): "home node ... of durable queue ... is down or inaccessible"
+        detail = unavailable_detail(exc)
+        if kind == "queue" and detail:
+            raise QueueUnavailable(name, detail) from None
         return False
     finally:
         if not channel.is_closed:
             await channel.close()
+
+
+def unavailable_detail(exc: BaseException) -> str:
+    """What a 404 says when its queue exists on a node that is down, or "" for a real 404."""
+    text = str(exc)
+    if "down or inaccessible" not in text:
+        return ""
+    start = text.find("home node")
+    return text[start:].rstrip("')\" ") if start >= 0 else "its node is down or inaccessible"
 
 
 async def _declare_exchange(channel: AbstractChannel, exchange: Exchange) -> None:
@@ -242,6 +256,7 @@ async def check_exists(connection: AbstractConnection, workload: Workload) -> No
 
     Raises:
         TopologyMissing: naming the first missing object.
+        QueueUnavailable: a queue exists but its node is down.
     """
     exchanges = [workload.task_exchange, workload.retry_exchange, workload.parking_exchange]
     for kind, names in (("exchange", exchanges), ("queue", [q.name for q in workload.queues()])):

@@ -148,6 +148,17 @@ class SessionLost(RabbitqError):
     """A consumer's connection or channel went away under it; it reconnects."""
 
 
+class QueueUnavailable(SessionLost):
+    """A queue exists but its node is down or cut off (a classic queue on a cluster).
+
+    Not a mistake in the topology: the consumer waits for the node as for any outage.
+    """
+
+    def __init__(self, name: str, detail: str) -> None:
+        self.name, self.detail = name, detail
+        super().__init__(f"queue {name!r} is unavailable: {detail}")
+
+
 class PublishError(RabbitqError):
     """A publish was not confirmed by the broker; the message may or may not be queued."""
 

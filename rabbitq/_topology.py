@@ -58,6 +58,12 @@ MAX_MESSAGE_BYTES_LIMIT = 16 * 1024 * 1024
 # Quorum queues count deliveries; 20 is RabbitMQ 4.0's own default, stated explicitly so that
 # every version behaves the same and a crash-looping task is parked, not dropped.
 QUORUM_DELIVERY_LIMIT = 20
+# A quorum parking lot's limit: every read of the lot (`parking list`, the console) returns the
+# copies it took, and a quorum queue counts each return as a delivery, dropping the task at its
+# limit (20 by default from 4.0). No sequence of reads reaches this one, on any version; 4.0's
+# `-1` (no limit) is not read the same way by 3.x. On 4.x a set limit also puts returned copies
+# back near the head, so a read keeps the lot's order.
+PARKING_DELIVERY_LIMIT = 1_000_000_000
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
@@ -139,6 +145,9 @@ class WorkloadSpec(BaseModel):
     # `x-quorum-initial-group-size`. Unset: the broker's default (3 on RabbitMQ 4.x). An
     # argument like any other: changing it on existing queues is drift.
     replicas: int | None = Field(default=None, ge=1, le=99)
+    # The parking lot's type. Classic (the default) lives on one node: on a cluster, while that
+    # node is down, nothing can be parked and consumers wait for it. Quorum replicates it.
+    parking_queue_type: Literal["classic", "quorum"] = "classic"
     retry: RetrySpec = Field(default_factory=RetrySpec)
 
     @field_validator("max_priority")
@@ -267,10 +276,13 @@ class Workload:
                 **group,
             }
             queues.append(Queue(tier.queue, "tier", self.name, args))
-        # Always classic, whatever the workload's type: reading the parking lot returns every
-        # copy it took, and a quorum queue counts returns towards its delivery limit (20 by
-        # default from 4.0, dropping the task with no dead-letter exchange behind it).
-        queues.append(Queue(self.parking_queue, "parking", self.name, {"x-queue-type": "classic"}))
+        # Classic unless asked, whatever the workload's type. A quorum lot gets a delivery limit
+        # no reads reach (PARKING_DELIVERY_LIMIT) and no dead-letter exchange: nothing leaves it
+        # but a replay or a purge.
+        parking: dict[str, str | int] = {"x-queue-type": self.spec.parking_queue_type}
+        if self.spec.parking_queue_type == "quorum":
+            parking |= {"x-delivery-limit": PARKING_DELIVERY_LIMIT, **group}
+        queues.append(Queue(self.parking_queue, "parking", self.name, parking))
         return queues
 
     def bindings(self) -> list[Binding]:

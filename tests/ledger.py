@@ -331,6 +331,18 @@ class LedgerReport:
             f"duplicated={self.duplicated} parked={self.parked}"
         )
 
+    def jepsen(self) -> str:
+        """The counts as Jepsen's total-queue checker gives them, for a partition run.
+
+        `unconfirmed` publishes raised (a timeout or a lost connection): the publisher was told
+        they failed; `recovered` of them landed anyway and ran. `lost` counts confirmed ids only.
+        """
+        return (
+            f"confirmed={self.tasks} lost={self.lost} duplicated={self.duplicated} "
+            f"unconfirmed={self.unconfirmed} recovered={self.unconfirmed_seen} "
+            f"unexpected={len(self.unexpected)}"
+        )
+
     def details(self) -> str:
         """Everything, for an assertion message."""
         return (
@@ -544,6 +556,7 @@ class ConsumerProcess:
         grace: float = 5.0,
         app: str = "tests.ledger_app:app",
         label: str = "consumer",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.args = [
             sys.executable,
@@ -566,6 +579,7 @@ class ConsumerProcess:
         self.url = url
         self.logs = logs
         self.label = label
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
         self.exit_codes: list[int] = []
@@ -578,7 +592,7 @@ class ConsumerProcess:
             self.proc = subprocess.Popen(
                 self.args,
                 cwd=ROOT,
-                env={**os.environ, "RABBITQ_URL": self.url, "PYTHONPATH": path},
+                env={**os.environ, **self.env, "RABBITQ_URL": self.url, "PYTHONPATH": path},
                 stdout=out,
                 stderr=err,
             )

@@ -17,6 +17,10 @@ to a first delivery (a redelivered task, one that may have run before, runs norm
 with a `gate` (a file path) waits after its `start` row until that file exists, so a test can
 hold the running tasks until its fault is in place.
 
+On a cluster a test puts a consumer on a node of its choosing first: `LEDGER_FIRST_NODE=i`
+makes this process try the i-th node of its `RABBITQ_URL` first (then the others, as any
+process does), instead of a node of its shuffled order.
+
 The app has no namespace: `rabbitq consume` takes it from the topology. Task names do not pin
 the queue a consumer reads: any workload whose consumer runs this app can carry these tasks,
 so a test gives its workload a unique name and publishes there.
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import rabbitq
 from rabbitq import TaskContext
+from rabbitq._connection import NODE_ORDER, nodes
 from tests.ledger import (
     SHORT_TIMEOUT_SECONDS,
     TASK,
@@ -148,5 +153,14 @@ def make_app(namespace: str | None = None, url: str | None = None) -> rabbitq.Ap
 
     return new
 
+
+def pin_first_node(url: str, index: int) -> None:
+    """This process tries node `index` of `url` first (see the module's docstring)."""
+    NODE_ORDER.candidates(url)
+    NODE_ORDER.answered(url, nodes(url)[index])
+
+
+if os.environ.get("LEDGER_FIRST_NODE"):
+    pin_first_node(os.environ.get("RABBITQ_URL", ""), int(os.environ["LEDGER_FIRST_NODE"]))
 
 app = make_app()

@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 from rabbitq import App, Consumer, TopologyMissing
+from rabbitq._consume import MISSING_WAIT_SECONDS
 from rabbitq._wire import HEADER_ATTEMPT
 from tests.helpers import drain_queue, queue_depth, wait_until
 
@@ -66,9 +67,10 @@ async def test_failed_task_is_kept_when_neither_retry_nor_park_copy_can_be_confi
         await channel.close()
 
         await asyncio.wait_for(failed.wait(), timeout=10)
-        # The forward fails, the delivery is returned, and the reconnect finds the topology gone.
+        # The forward fails, the delivery is returned, and the reconnects find the topology
+        # gone for longer than the consumer waits for it.
         with pytest.raises(TopologyMissing) as missing:
-            await asyncio.wait_for(run, timeout=15)
+            await asyncio.wait_for(run, timeout=MISSING_WAIT_SECONDS + 15)
     finally:
         if not run.done():
             consumer.stop()

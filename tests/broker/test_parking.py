@@ -305,3 +305,40 @@ async def test_a_replay_killed_midway_and_run_again_loses_nothing(
 
 async def _at_least(connection: AbstractConnection, name: str, depth: int) -> bool:
     return await queue_depth(connection, name) >= depth
+
+
+async def test_a_quorum_parking_lot_survives_more_reads_than_a_default_limit(
+    make_topology: Any, connection: AbstractConnection, url: str
+) -> None:
+    """parking_queue_type = "quorum": tasks parked by a real consumer, the lot read 25 times
+    (more than 4.x's default delivery limit of 20, each read returning every copy), then a
+    replay and a purge: nothing dropped, the order kept throughout."""
+    spec = {**SPEC, "queue_type": "quorum", "parking_queue_type": "quorum"}
+    topology = await make_topology(jobs=spec)
+    workload = topology.workload("jobs")
+    app = App(namespace=topology.namespace, url=url)
+
+    @app.task("jobs.fail", workload="jobs")
+    async def fail(item: Item) -> None:
+        check_name(item.n)
+
+    async with running_consumer(app, workload, url):
+        await app.publish_many([fail.message(Item(n=n)) for n in range(30)])
+        await wait_until(
+            lambda: _depth(connection, workload.parking_queue, 30),
+            timeout=20,
+            what="every task to be parked",
+        )
+    await app.close()
+    first = [t.message_id for t in await parking.browse(url, workload)]
+    assert len(first) == 30
+    for _ in range(24):
+        assert [t.message_id for t in await parking.browse(url, workload)] == first
+    assert await queue_depth(connection, workload.parking_queue) == 30
+
+    replayed = await parking.replay(url, workload, parking.Filter(ids=frozenset(first[:5])))
+    assert [t.message_id for t in replayed] == first[:5]
+    purged = await parking.purge(url, workload, parking.Filter(ids=frozenset(first[5:10])))
+    assert [t.message_id for t in purged] == first[5:10]
+    assert await ids_in(connection, workload.work_queue) == first[:5]
+    assert [t.message_id for t in await parking.browse(url, workload)] == first[10:]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from tests.cluster.conftest import (
-    OPT_IN,
     check_default_broker_untouched,
     default_broker_vm,
     skip_or_fail,
@@ -29,7 +27,7 @@ def _names_of(run_id: str) -> list[str]:
 
 def test_down_removes_its_node_and_network_and_spares_the_default_broker(timed: Timed) -> None:
     """After down(): no namespace, link or directory of the run; the default broker answers."""
-    reason = unavailable() or ("" if os.environ.get(OPT_IN) else "not opted in")
+    reason = unavailable()
     if reason:
         skip_or_fail(reason)
     default_vm = default_broker_vm()

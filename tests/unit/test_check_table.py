@@ -19,7 +19,7 @@ from rabbitq._check import (
 )
 from rabbitq._declare import PlanItem, reconcile
 from rabbitq._definitions import definitions
-from rabbitq._topology import Topology, parse_topology
+from rabbitq._topology import PARKING_DELIVERY_LIMIT, Topology, parse_topology
 
 TOML = """
 namespace = "ns"
@@ -308,3 +308,22 @@ def test_a_cluster_short_of_the_declared_replicas_is_said() -> None:
     assert short_of_replicas(declared, 3) == []
     [note] = short_of_replicas(declared, 1)
     assert "workload q declares replicas = 3 but 1 node(s) run" in note
+
+
+@pytest.mark.parametrize(
+    ("arguments", "policy", "expected"),
+    [
+        ({"x-delivery-limit": PARKING_DELIVERY_LIMIT}, {}, "ok"),
+        ({"x-delivery-limit": PARKING_DELIVERY_LIMIT}, {"delivery-limit": 20}, "fail"),
+        ({}, {}, "fail"),  # 4.x's default of 20: the 21st read would drop a parked task
+    ],
+)
+def test_a_quorum_parking_lot_must_have_no_limit_a_read_can_reach(
+    arguments: dict[str, int], policy: dict[str, int], expected: str
+) -> None:
+    topo = parse_topology(
+        {"t.toml": TOML.replace("[workloads.c]", 'parking_queue_type = "quorum"\n[workloads.c]')}
+    )
+    listing = {"ns.q.parking": {"arguments": arguments, "effective_policy_definition": policy}}
+    findings = judge(topo, facts(version="4.1.0", queues=listing, nodes=[]))
+    assert found(findings, "delivery_limit") == [(expected, "ns.q.parking")]

@@ -3,10 +3,12 @@ failing over, and masking every node's password."""
 
 from __future__ import annotations
 
+import aiormq
 import pytest
 
 from rabbitq import _connection as connection
 from rabbitq._connection import NodeOrder, first_answering, mask_url, node_of, nodes, scrub
+from rabbitq._declare import unavailable_detail
 from rabbitq._errors import ConnectionFailed
 
 
@@ -94,3 +96,22 @@ async def test_first_answering_fails_over_and_sticks(monkeypatch: pytest.MonkeyP
     assert tried == order[1:] + order[:1]
     assert "no node answered" in str(caught.value) and "u:p@" not in str(caught.value)
     assert all(node_of(n) in str(caught.value) for n in order)
+
+
+@pytest.mark.parametrize(
+    ("text", "detail"),
+    [
+        (
+            "NOT_FOUND - home node 'rabbit@10.0.0.1' of durable queue 'a.b' in vhost '/' is "
+            "down or inaccessible",
+            "home node 'rabbit@10.0.0.1' of durable queue 'a.b' in vhost '/' is down or "
+            "inaccessible",
+        ),
+        ("NOT_FOUND - no queue 'a.b' in vhost '/'", ""),
+        ("NOT_FOUND - no exchange 'a' in vhost '/'", ""),
+    ],
+)
+def test_a_404_for_a_queue_on_a_down_node_is_told_from_a_missing_queue(
+    text: str, detail: str
+) -> None:
+    assert unavailable_detail(aiormq.exceptions.ChannelNotFoundEntity(text)) == detail

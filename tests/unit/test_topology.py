@@ -10,6 +10,7 @@ import pytest
 from rabbitq._errors import TopologyInvalid
 from rabbitq._topology import (
     DEFAULT_NAMESPACE,
+    PARKING_DELIVERY_LIMIT,
     QUORUM_DELIVERY_LIMIT,
     Topology,
     Workload,
@@ -277,8 +278,8 @@ def test_tier_ttl_is_the_delay_in_integer_milliseconds(tier: str, ttl_ms: int) -
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 def test_parking_queue_has_no_ttl_no_dead_letter_and_no_limit(queue_type: str) -> None:
-    """The parking lot keeps messages forever, and is classic whatever the workload's type: a
-    quorum queue would count every read of it towards a delivery limit."""
+    """The parking lot keeps messages forever, and is classic unless asked, whatever the
+    workload's type."""
     parking = _emails(f'queue_type = "{queue_type}"').queues()[-1]
     assert (parking.name, parking.role, parking.durable) == (
         "shop.emails.parking",
@@ -286,6 +287,34 @@ def test_parking_queue_has_no_ttl_no_dead_letter_and_no_limit(queue_type: str) -
         True,
     )
     assert parking.arguments == {"x-queue-type": "classic"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "arguments"),
+    [
+        ("", {"x-queue-type": "quorum", "x-delivery-limit": PARKING_DELIVERY_LIMIT}),
+        (
+            "replicas = 5",
+            {
+                "x-queue-type": "quorum",
+                "x-delivery-limit": PARKING_DELIVERY_LIMIT,
+                "x-quorum-initial-group-size": 5,
+            },
+        ),
+    ],
+)
+def test_a_quorum_parking_lot_has_a_limit_no_read_reaches_and_no_dead_letter(
+    extra: str, arguments: dict[str, object]
+) -> None:
+    """parking_queue_type = "quorum": replicated like the workload's other quorum queues, a
+    delivery limit far above any number of reads (each read returns what it took), no TTL
+    and no dead-letter exchange, so nothing leaves it but a replay or a purge."""
+    for queue_type in ("classic", "quorum"):
+        spec = f'queue_type = "{queue_type}"\nparking_queue_type = "quorum"\n{extra}'
+        parking = _emails(spec).queues()[-1]
+        assert parking.role == "parking"
+        assert parking.arguments == arguments
+    assert PARKING_DELIVERY_LIMIT >= 1_000_000
 
 
 def test_queues_are_work_then_tiers_shortest_first_then_parking() -> None:
@@ -577,7 +606,7 @@ NAME_IN_WORDS = (
         (
             WORKLOAD + "zzz = 1",
             "workloads.emails.zzz = 1: unknown key (known: queue_type, max_priority, capacity, "
-            "max_message_bytes, max_redeliveries, replicas, retry)",
+            "max_message_bytes, max_redeliveries, replicas, parking_queue_type, retry)",
         ),
         ("[workloads.Emails]\n", f"workloads = 'Emails': a workload name must be {NAME_IN_WORDS}"),
         (
