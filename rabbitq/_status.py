@@ -7,9 +7,10 @@ broker's last statistics round (up to 5 s old). Without it those are None, unkno
 A ready count leaves out what is unacked, so a parking lot being browsed at that moment
 (`parking list`, a replay) reads as emptier than it is.
 
-The age of the oldest parked task is read from the head of the parking lot (a classic queue
-keeps park order): one `basic.get`, never acked; closing its channel puts the copy back where
-it was (RABBITMQ.md 10.1). The park time is in the copy's headers, to the millisecond.
+The age of the oldest parked task is read from the head of the parking lot (which keeps park
+order): one `basic.get`, never acked; closing its channel puts the copy back where it was
+(RABBITMQ.md 10.1; a quorum lot counts it, far below its delivery limit). The park time is in
+the copy's headers, to the millisecond.
 
 Nothing here acks, publishes or declares anything. Merging the two sources and shaping the
 JSON document are pure functions.

@@ -15,14 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 from typer.testing import CliRunner, Result
 
 from rabbitq import App
+from rabbitq import _declare as declare
 from rabbitq import _parking as parking
 from rabbitq._cli import cli
-from rabbitq._topology import Topology, Workload
+from rabbitq._topology import PARKING_DELIVERY_LIMIT, Topology, Workload, parse_topology
 from tests.broker.conftest import toml_for
 from tests.broker.test_declare import rabbitq_cli
 from tests.helpers import drain_queue, queue_depth, running_consumer, wait_until
@@ -43,9 +45,13 @@ def check_size(n: int) -> None:
 
 
 async def park_three_kinds(
-    make_topology: Any, connection: AbstractConnection, url: str, namespace: str
+    make_topology: Any,
+    connection: AbstractConnection,
+    url: str,
+    namespace: str,
+    **extra: Any,
 ) -> tuple[Topology, Workload, App]:
-    spec = {"capacity": 16, "retry": {"tiers": ["50ms"], "max_attempts": 1}}
+    spec = {"capacity": 16, "retry": {"tiers": ["50ms"], "max_attempts": 1}, **extra}
     topology = await make_topology(jobs=spec)
     workload = topology.workload("jobs")
     app = App(namespace=namespace, url=url)
@@ -342,3 +348,110 @@ async def test_a_quorum_parking_lot_survives_more_reads_than_a_default_limit(
     assert [t.message_id for t in purged] == first[5:10]
     assert await ids_in(connection, workload.work_queue) == first[:5]
     assert [t.message_id for t in await parking.browse(url, workload)] == first[10:]
+
+
+# A quorum parking lot (issue #13) ---------------------------------------------------------------
+
+# More reads than RabbitMQ 4's default delivery limit (20): with it, the lot would lose tasks.
+READS = 25
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_a_quorum_parking_lot_keeps_count_and_order_over_many_reads(
+    make_topology: Any,
+    connection: AbstractConnection,
+    url: str,
+    namespace: str,
+    queue_type: str,
+) -> None:
+    """25 reads of a quorum lot: every read sees every task in park order, and the broker
+    counted each read (x-delivery-count), so only the lot's own limit keeps them."""
+    _, workload, _ = await park_three_kinds(
+        make_topology,
+        connection,
+        url,
+        namespace,
+        queue_type=queue_type,
+        parking_queue_type="quorum",
+    )
+    first = [t.message_id for t in await parking.browse(url, workload)]
+    assert len(first) == 3 * PER_SITE
+    for _ in range(READS - 1):
+        assert [t.message_id for t in await parking.browse(url, workload)] == first
+        # ready again before the next read: a read returns its copies as it closes
+        await wait_until(
+            lambda: _depth(connection, workload.parking_queue, 3 * PER_SITE),
+            timeout=10,
+            what="the read copies to be back",
+        )
+    last = await parking.browse(url, workload)
+    assert [t.message_id for t in last] == first
+    assert {t.headers.get("x-delivery-count") for t in last} == {READS}
+
+    # Nothing was taken: draining gives the same tasks in the same order.
+    left = await drain_queue(connection, workload.parking_queue)
+    assert [m.message_id for m in left] == first
+
+
+async def test_replay_and_purge_work_on_a_quorum_parking_lot_after_many_reads(
+    make_topology: Any, connection: AbstractConnection, url: str, namespace: str
+) -> None:
+    """After 25 reads, a group replays (without the broker's delivery count) and a task's
+    parked copies are purged; what stays keeps its order."""
+    _, workload, _ = await park_three_kinds(
+        make_topology, connection, url, namespace, parking_queue_type="quorum"
+    )
+    for _ in range(READS):
+        before = await parking.browse(url, workload)
+        await wait_until(
+            lambda: _depth(connection, workload.parking_queue, 3 * PER_SITE),
+            timeout=10,
+            what="the read copies to be back",
+        )
+    [chosen] = [g for g in parking.groups(before) if g.error_type == "KeyError"]
+    replayed = await parking.replay(url, workload, parking.Filter(group=chosen.fingerprint))
+    assert len(replayed) == PER_SITE
+    sent = await drain_queue(connection, workload.work_queue)
+    assert [m.message_id for m in sent] == [t.message_id for t in replayed]
+    assert all("x-delivery-count" not in (m.headers or {}) for m in sent)
+
+    purged = await parking.purge(url, workload, parking.Filter(task="jobs.name"))
+    assert len(purged) == PER_SITE and {t.task for t in purged} == {"jobs.name"}
+    gone = {t.message_id for t in [*replayed, *purged]}
+    left = [t.message_id for t in await parking.browse(url, workload)]
+    assert left == [t.message_id for t in before if t.message_id not in gone]
+    assert len(left) == PER_SITE
+
+
+async def test_a_classic_parking_lot_shows_as_drift_once_quorum_is_declared(
+    make_topology: Any, connection: AbstractConnection, namespace: str
+) -> None:
+    """Changing parking_queue_type on an existing lot is drift on x-queue-type, and apply
+    touches nothing."""
+    await make_topology(jobs=SPEC)
+    changed = parse_topology(
+        {"test.toml": toml_for({"jobs": {**SPEC, "parking_queue_type": "quorum"}})}, namespace
+    )
+    lot = changed.workload("jobs").parking_queue
+    items = [i for i in await declare.plan(connection, changed) if i.action == "drift"]
+    assert [(i.name, i.argument, i.declared, i.found) for i in items] == [
+        (lot, "x-queue-type", "quorum", "classic")
+    ]
+    assert changed.workload("jobs").queues()[-1].arguments["x-delivery-limit"] == (
+        PARKING_DELIVERY_LIMIT
+    )
+
+
+@pytest.mark.parametrize("parking_queue_type", ["classic", "quorum"])
+async def test_purging_many_scattered_tasks_removes_every_one(
+    make_topology: Any, connection: AbstractConnection, url: str, parking_queue_type: str
+) -> None:
+    """120 acks of every other copy: on a quorum lot more than 32 acks before a close would
+    have the broker drop the rest of them, and those tasks would stay parked."""
+    from benchmarks.parking_browse import fill
+
+    workload = (await make_topology(w={"parking_queue_type": parking_queue_type})).workload("w")
+    sent = await fill(connection, workload.parking_queue, 240)
+    purged = await parking.purge(url, workload, parking.Filter(ids=frozenset(sent[::2])))
+    assert [t.message_id for t in purged] == sent[::2]
+    assert [t.message_id for t in await parking.browse(url, workload)] == sent[1::2]
