@@ -69,6 +69,7 @@ async def test_delayed_tasks_run_at_their_time_in_any_publish_order(
         assert sum((await _ladder_depths(connection, namespace)).values()) == 4
         await wait_until(lambda: len(ran) == 4, timeout=80)
     late = {n: round(ran[n] - due[n], 3) for n in due}
+    print(f"seconds late, by delay: {late}")
     assert all(abs(d) <= ON_TIME_SECONDS for d in late.values()), late
     assert sorted(ran, key=ran.__getitem__) == [1, 3, 7, 65]
 
