@@ -29,12 +29,13 @@ from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
 from pydantic import BaseModel
 
+from rabbitq import _ladder as ladder
 from rabbitq._connection import DEFAULT_URL
 from rabbitq._errors import ConfigError
 from rabbitq._handlers import FailureHook, TaskDef
 from rabbitq._metrics import Metrics
 from rabbitq._publish import Publisher, raise_first
-from rabbitq._topology import NAME_PATTERN, RoutingKey, task_exchange
+from rabbitq._topology import NAME_PATTERN, ExchangeName, RoutingKey, task_exchange, work_queue
 from rabbitq._wire import Outgoing, new_task_headers
 
 P = TypeVar("P", bound=BaseModel)
@@ -55,12 +56,30 @@ def _deadline_seconds(deadline: datetime | timedelta | None, now: float) -> floa
     return deadline.timestamp()
 
 
+def _run_at(delay: timedelta | float | None, at: datetime | None, now: float) -> float | None:
+    """When a task asked to run later should run (seconds since the epoch), or None for now."""
+    if delay is not None and at is not None:
+        raise ConfigError("give delay or at, not both")
+    if at is not None:
+        if at.tzinfo is None:
+            raise ConfigError(f"at={at!r} has no time zone; use an aware datetime")
+        return at.timestamp()
+    if delay is None:
+        return None
+    seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+    if seconds < 0:
+        raise ConfigError(f"delay={delay!r} is negative; a task cannot run in the past")
+    return now + seconds
+
+
 class PublishOptions(TypedDict, total=False):
     """How a task is published; see `Task.message`."""
 
     priority: int | None
     deadline: datetime | timedelta | None
     idempotency_key: str | None
+    delay: timedelta | float | None
+    at: datetime | None
 
 
 class Task(Generic[P, R]):
@@ -83,6 +102,8 @@ class Task(Generic[P, R]):
         priority: int | None = None,
         deadline: datetime | timedelta | None = None,
         idempotency_key: str | None = None,
+        delay: timedelta | float | None = None,
+        at: datetime | None = None,
     ) -> Outgoing:
         """The message that `publish` would send, validated; for `App.publish_many`.
 
@@ -93,21 +114,47 @@ class Task(Generic[P, R]):
             deadline: an aware datetime, or a timedelta from now, after which the task is not
                 run but parked as expired.
             idempotency_key: becomes the message_id, so consumers can deduplicate.
+            delay: run the task this long from now (a timedelta, or seconds), to the second,
+                up to 8 years; it waits in the namespace's delay ladder, in the broker.
+            at: run the task at this aware datetime (one in the past: now).
+
+        Raises:
+            ConfigError: a bad option, or a deadline before the time the task is to run.
         """
         namespace = self.app.require_namespace()
         model = self.definition.check_payload(payload)
         if priority is not None and not 0 <= priority <= MAX_PRIORITY:
             raise ConfigError(f"priority {priority!r} must be from 0 to {MAX_PRIORITY}")
         now = time.time()
+        deadline_at = _deadline_seconds(deadline, now)
+        run_at = _run_at(delay, at, now)
+        headers = new_task_headers(deadline_at, now, run_at)
+        exchange, key, check = task_exchange(namespace), RoutingKey(self.workload), None
+        if run_at is not None:
+            if deadline_at is not None and deadline_at < run_at:
+                raise ConfigError(
+                    f"the deadline is {run_at - deadline_at:.0f}s before the task is to run; "
+                    "it would only ever be parked as expired"
+                )
+            try:
+                wait = ladder.whole_seconds(max(0.0, run_at - now))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if wait:
+                to = ladder.route(namespace, self.workload, wait)
+                exchange, key = ExchangeName(to.exchange), RoutingKey(to.routing_key)
+                # the ladder confirms any key: whether the work queue is there is asked apart
+                check = work_queue(namespace, self.workload)
         return Outgoing(
-            exchange=task_exchange(namespace),
-            routing_key=RoutingKey(self.workload),
+            exchange=exchange,
+            routing_key=key,
             body=model.__pydantic_serializer__.to_json(model),  # as model_dump_json(), as bytes
             message_id=idempotency_key or os.urandom(16).hex(),  # uuid4's randomness, 3 us less
-            headers=new_task_headers(_deadline_seconds(deadline, now), now),
+            headers=headers,
             task=self.name,
             priority=priority,
             timestamp=datetime.fromtimestamp(now, UTC),
+            check_queue=check,
         )
 
     async def publish(self, payload: P | dict[str, Any], **options: Unpack[PublishOptions]) -> str:
@@ -122,9 +169,11 @@ class Task(Generic[P, R]):
         await (await self.app.publisher()).send(out)
         return out.message_id
 
-    async def publish_many(self, payloads: Iterable[P | dict[str, Any]]) -> list[str]:
-        """Publish many with pipelined confirms; returns their message ids."""
-        return await self.app.publish_many([self.message(p) for p in payloads])
+    async def publish_many(
+        self, payloads: Iterable[P | dict[str, Any]], **options: Unpack[PublishOptions]
+    ) -> list[str]:
+        """Publish many with pipelined confirms, each with the same options; their ids."""
+        return await self.app.publish_many([self.message(p, **options) for p in payloads])
 
     def publish_sync(self, payload: P | dict[str, Any], **options: Unpack[PublishOptions]) -> str:
         """`publish` for synchronous code: blocks until confirmed; needs no event loop."""

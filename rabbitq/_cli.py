@@ -24,10 +24,11 @@ from typing import Any, TypeVar
 
 import typer
 
+from rabbitq import _ladder as ladder
 from rabbitq._app import App
 from rabbitq._connection import DEFAULT_URL, connect, nodes, scrub
 from rabbitq._errors import CheckFailed, ConfigError, RabbitqError, TopologyInvalid, UsageError
-from rabbitq._topology import load_topology
+from rabbitq._topology import Topology, load_topology
 
 T = TypeVar("T")
 
@@ -143,22 +144,58 @@ def topology_show(
         if as_json:
             typer.echo(json.dumps(data, indent=2))
             return
+        # the ladder's 29 exchanges, 28 queues and 56 bindings are summed up in its own section
+        in_ladder = {e.name for e in topo.exchanges() if e.type == "topic"}
         typer.echo(f"namespace {topo.namespace}")
         typer.echo("exchanges:")
         for e in data["exchanges"]:
-            typer.echo(f"  {e['name']} ({e['type']}, durable)")
+            if e["name"] not in in_ladder:
+                typer.echo(f"  {e['name']} ({e['type']}, durable)")
         typer.echo("queues:")
         for q in data["queues"]:
-            args = " ".join(f"{k}={v}" for k, v in q["arguments"].items())
-            typer.echo(f"  {q['name']} [{q['role']}] {args}")
+            if q["role"] != "delay":
+                args = " ".join(f"{k}={v}" for k, v in q["arguments"].items())
+                typer.echo(f"  {q['name']} [{q['role']}] {args}")
         typer.echo("bindings:")
         for b in data["bindings"]:
-            typer.echo(f"  {b['exchange']} --{b['routing_key']}--> {b['queue']}")
+            if b["exchange"] not in in_ladder:
+                typer.echo(f"  {b['exchange']} --{b['routing_key']}--> {b['queue']}")
+        for line in ladder_lines(topo):
+            typer.echo(line)
         typer.echo("flow:")
         for name, w in data["workloads"].items():
             typer.echo(f"  {name} (capacity {w['capacity']}, {w['max_attempts']} attempts):")
             for step in w["flow"].split(" | "):
                 typer.echo(f"    {step}")
+
+
+def ladder_lines(topo: Topology) -> list[str]:
+    """The delay ladder as `topology show` prints it: what it is, not its 113 objects."""
+    summary = topo.ladder_summary()
+    if summary is None:
+        return ["delays: none (delays = false): tasks cannot be published with a delay"]
+    first = topo.ladder_queues()[0].arguments
+    lines = [
+        f"delays (publish with delay= or at=, up to {summary['max_delay']}; shared by every "
+        "workload):",
+        f"  {summary['first']} .. {summary['last']}: {summary['levels']} quorum queues, level i "
+        f"holds a task 2^i s ({ladder.format_seconds(1)} .. "
+        f"{ladder.format_seconds(summary['longest_level_seconds'])}), then dead-letters it one "
+        "level down (at-least-once)",
+        f"  a task waits in the levels of its delay's set bits (13s: 8s, 4s, 1s), then "
+        f"{summary['due_exchange']} routes it to its work queue:",
+    ]
+    lines += [
+        f"    {b.exchange} --{b.routing_key}--> {b.queue}"
+        for b in topo.ladder_bindings()
+        if b.exchange == summary["due_exchange"]
+    ]
+    # every level has these; its TTL and dead-letter exchange are its own (said above)
+    shared = {
+        k: v for k, v in first.items() if k not in ("x-message-ttl", "x-dead-letter-exchange")
+    }
+    lines.append("  arguments: " + " ".join(f"{k}={v}" for k, v in shared.items()))
+    return lines
 
 
 def _plan_or_apply(

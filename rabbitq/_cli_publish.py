@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,26 @@ def _payloads(
     raise UsageError("give the payload with --json '{...}' or --file tasks.ndjson (one of them)")
 
 
+def _later(delay: str | None, at: str | None) -> dict[str, Any]:
+    """--delay or --at as `Task.message` options."""
+    if delay is not None and at is not None:
+        raise UsageError("give --delay or --at, not both")
+    if delay is not None:
+        try:
+            return {"delay": timedelta(seconds=parse_duration(delay))}
+        except ValueError as exc:
+            raise UsageError(f"--delay {_safe(delay)!r}: {exc}") from None
+    if at is not None:
+        try:
+            when = datetime.fromisoformat(at)
+        except ValueError:
+            raise UsageError(f"--at {_safe(at)!r} is not an ISO 8601 time") from None
+        if when.tzinfo is None:
+            raise UsageError(f"--at {_safe(at)!r} has no offset; add Z or +01:00")
+        return {"at": when}
+    return {}
+
+
 def _namespace(option: str | None, app: App, topology: Path) -> str:
     """--namespace, else the App's own, else the topology's (as `rabbitq consume` takes it)."""
     if option is not None:
@@ -185,6 +205,14 @@ def register(
         deadline: str | None = typer.Option(
             None, "--deadline", help="Parked as expired, not run, if not started within, e.g. 5m."
         ),
+        delay: str | None = typer.Option(
+            None, "--delay", help="Run it this long from now, e.g. 90s, 10m, 2h, 3d."
+        ),
+        at: str | None = typer.Option(
+            None,
+            "--at",
+            help="Run it at this ISO 8601 time with its offset, e.g. 2027-01-01T09:00Z.",
+        ),
         app_spec: str = typer.Option(
             ..., "--app", envvar="RABBITQ_APP", help="Where the App is: 'package.module:app'."
         ),
@@ -204,6 +232,7 @@ def register(
         Example:
         rabbitq publish emails.send --app emails:app --json '{"to": "a@b.example", "subject": "hi"}'
         rabbitq publish emails.send --app emails:app --file tasks.ndjson --priority 3 --deadline 5m
+        rabbitq publish emails.send --app emails:app --json '{"to": "a@b.example"}' --delay 2h
         """
         quiet_logs()
         with errors(url, debug=debug):
@@ -213,13 +242,17 @@ def register(
                 within = None if deadline is None else timedelta(seconds=parse_duration(deadline))
             except ValueError as exc:
                 raise UsageError(f"--deadline {deadline!r}: {exc}") from None
+            later = _later(delay, at)
             models = _payloads(payload, file, definition)
             # A Task of an App in the chosen namespace: the user's App is left as it was.
             sender = Task(App(namespace=_namespace(namespace, app, topology)), definition)
             try:
-                messages = [sender.message(m, priority=priority, deadline=within) for m in models]
-            except ConfigError as exc:  # the priority is out of range (the payloads are valid)
-                raise UsageError(f"--priority: {exc}") from None
+                messages = [
+                    sender.message(m, priority=priority, deadline=within, **later) for m in models
+                ]
+            except ConfigError as exc:  # an option is out of range (the payloads are valid)
+                option = "--priority" if str(exc).startswith("priority") else "--delay/--at"
+                raise UsageError(f"{option}: {exc}") from None
             if not messages:
                 typer.echo(f"no tasks in {_label(file)}: nothing was published", err=True)
                 return

@@ -108,6 +108,8 @@ def text(status: status_.Status, now: float, title: str | None = None) -> list[s
     head = f"namespace {status.namespace}"
     lines = [f"{head}  {title}" if title else head]
     lines += table(rows(status, now))
+    if status.delayed is not None:
+        lines.append(f"delayed: {status.delayed} tasks wait in the delay ladder (every workload)")
     lines += [f"note: {note}" for note in status.notes]
     return lines
 
@@ -143,6 +145,7 @@ async def _rounds(
     url: str,
     namespace: str,
     workloads: list[Workload],
+    ladder: Sequence[str],
     api: Management,
     watch: float | None,
     as_json: bool,
@@ -154,7 +157,7 @@ async def _rounds(
         first = True
         while True:
             started = time.monotonic()
-            status = await status_.read(connection, namespace, workloads, api)
+            status = await status_.read(connection, namespace, workloads, api, ladder)
             now = time.time()
             if as_json:
                 document = status.document(now)
@@ -216,7 +219,8 @@ def register(cli: typer.Typer, options: dict[str, Any], run: Any, errors: Any) -
             every = interval if watch else None
             tty = watch and not as_json and sys.stdout.isatty()
             try:
-                run(_rounds(url, topo.namespace, chosen, api, every, as_json, tty))
+                ladder = [q.name for q in topo.ladder_queues()]
+                run(_rounds(url, topo.namespace, chosen, ladder, api, every, as_json, tty))
             except KeyboardInterrupt:
                 if not watch:
                     raise

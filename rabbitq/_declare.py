@@ -142,7 +142,8 @@ def _under(namespace: str) -> re.Pattern[str]:
     """The names rabbitq derives for a namespace, and no other namespace's ("a" vs "a.b")."""
     ns = re.escape(namespace)
     return re.compile(
-        rf"^{ns}\.(tasks|retry|parking|[a-z0-9][a-z0-9_-]*\.(work|parking|retry\..+))$"
+        rf"^{ns}\.(tasks|retry|parking|delay\.(\d\d|due)"
+        rf"|[a-z0-9][a-z0-9_-]*\.(work|parking|retry\..+))$"
     )
 
 
@@ -180,8 +181,7 @@ def reconcile(
             out.append(PlanItem("queue", q["name"], "extra", found=f"{count or 0} messages"))
     for listed in bindings:
         name = _binding_name(listed["source"], listed["destination"], listed["routing_key"])
-        queue_bound = listed.get("destination_type", "queue") == "queue"
-        if queue_bound and under.match(listed["source"]) and name not in declared_b:
+        if under.match(listed["source"]) and name not in declared_b:
             out.append(PlanItem("binding", name, "extra"))
     return out
 
@@ -238,8 +238,12 @@ async def apply(connection: AbstractConnection, topology: Topology) -> list[Plan
         for queue in topology.queues():
             await _declare_queue(channel, queue)
         for binding in topology.bindings():
-            q = await channel.get_queue(binding.queue, ensure=False)
-            await q.bind(binding.exchange, routing_key=binding.routing_key)
+            if binding.destination_type == "exchange":
+                x = await channel.get_exchange(binding.queue, ensure=False)
+                await x.bind(binding.exchange, routing_key=binding.routing_key)
+            else:
+                q = await channel.get_queue(binding.queue, ensure=False)
+                await q.bind(binding.exchange, routing_key=binding.routing_key)
     finally:
         await channel.close()
     for item in items:

@@ -43,7 +43,7 @@ def definitions(topology: Topology, vhost: str) -> dict[str, Any]:
                 "source": b.exchange,
                 "vhost": vhost,
                 "destination": b.queue,
-                "destination_type": "queue",
+                "destination_type": b.destination_type,
                 "routing_key": b.routing_key,
                 "arguments": {},
             }

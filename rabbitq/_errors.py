@@ -175,11 +175,18 @@ class NotConfirmed(PublishError):
 class Unroutable(PublishError):
     """The broker returned the message: no queue is bound for its exchange and routing key."""
 
-    def __init__(self, message_id: str, exchange: str, routing_key: str) -> None:
+    def __init__(
+        self, message_id: str, exchange: str, routing_key: str, missing_queue: str = ""
+    ) -> None:
         self.message_id, self.exchange, self.routing_key = message_id, exchange, routing_key
+        what = (
+            f"was not sent: queue {missing_queue!r}, where it is to run, does not exist"
+            if missing_queue
+            else "was returned unroutable"
+        )
         super().__init__(
             f"message {message_id!r} to exchange {exchange!r} with routing key {routing_key!r} "
-            "was returned unroutable; run 'rabbitq topology apply' or check the workload name"
+            f"{what}; run 'rabbitq topology apply' or check the workload name"
         )
 
 

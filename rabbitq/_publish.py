@@ -21,10 +21,12 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
 from rabbitq._connection import connect, is_open, mask_url
+from rabbitq._declare import exists
 from rabbitq._errors import (
     ConnectionFailed,
     NotConfirmed,
     PublishError,
+    QueueUnavailable,
     SendError,
     Unroutable,
 )
@@ -62,6 +64,7 @@ class Publisher:
         self._underlay: aiormq.abc.AbstractChannel | None = None
         self._confirms: Confirms | None = None  # None: not connected, or `can_pipeline` said no
         self._lock = asyncio.Lock()
+        self._queues_seen: set[str] = set()  # `check_queue`s that existed: asked once each
 
     async def start(self) -> None:
         """Connect now rather than at the first publish (to fail fast)."""
@@ -115,6 +118,9 @@ class Publisher:
         """
         started = time.monotonic()
         try:
+            if out.check_queue is not None and out.check_queue not in self._queues_seen:
+                if await self._missing_queues([out]):
+                    raise Unroutable(out.message_id, out.exchange, out.routing_key, out.check_queue)
             confirms = self._confirms
             if confirms is None or confirms.channel.is_closed:  # not yet, closed, or no pipelining
                 channel = await self._ready()
@@ -157,14 +163,50 @@ class Publisher:
             return []
         try:
             await self._ready()
+            missing = await self._missing_queues(batch)
         except ConnectionFailed as exc:
             for out in batch:
                 self._count(out, exc, 0.0)
             return [ConnectionFailed(exc.url, exc.reason) for _ in batch]
+        if missing:  # those go nowhere; the others are sent
+            sent = [m for m in batch if m.check_queue not in missing]
+            errors = iter(await self.send_many(sent))
+            out_errors: list[SendError | None] = []
+            for out in batch:
+                if out.check_queue in missing:
+                    error = Unroutable(
+                        out.message_id, out.exchange, out.routing_key, str(out.check_queue)
+                    )
+                    self._count(out, error, 0.0)
+                    out_errors.append(error)
+                else:
+                    out_errors.append(next(errors))
+            return out_errors
         if self._confirms is None:
             return await self._send_each(batch)  # `send` counts each message
         counted = None if self.metrics is None else self._count
         return await Pipeline(self._confirms, batch, self._error, counted).run()
+
+    async def _missing_queues(self, batch: Sequence[Outgoing]) -> set[str]:
+        """The `check_queue`s of `batch` that do not exist; one that did is not asked again."""
+        wanted = {m.check_queue for m in batch if m.check_queue} - self._queues_seen
+        missing: set[str] = set()
+        if not wanted:
+            return missing
+        await self._ready()
+        assert self._connection is not None
+        for name in sorted(wanted):
+            try:
+                found = await exists(self._connection, "queue", name)
+            except QueueUnavailable:
+                found = True  # there, on a node that is down: the ladder holds the task meanwhile
+            except Exception as exc:  # the connection dropped under the check
+                raise ConnectionFailed(mask_url(self.url), f"{type(exc).__name__}: {exc}") from None
+            if found:
+                self._queues_seen.add(name)
+            else:
+                missing.add(name)
+        return missing
 
     def _error(self, out: Outgoing, exc: BaseException) -> SendError:
         return _send_error(out, exc, self.url, self.confirm_timeout)

@@ -110,6 +110,7 @@ class Status:
     workloads: tuple[WorkloadStatus, ...]
     management: bool  # the management API answered
     notes: tuple[str, ...] = ()
+    delayed: int | None = None  # tasks in the namespace's delay ladder; None: no ladder
 
     @property
     def note(self) -> str | None:
@@ -121,6 +122,7 @@ class Status:
             "namespace": self.namespace,
             "management": self.management,
             "note": self.note,
+            "delayed": self.delayed,
             "workloads": {w.name: w.facts(now) for w in self.workloads},
         }
 
@@ -193,25 +195,36 @@ def combine(
 
 
 async def read(
-    connection: AbstractConnection, namespace: str, workloads: Sequence[Workload], api: Management
+    connection: AbstractConnection,
+    namespace: str,
+    workloads: Sequence[Workload],
+    api: Management,
+    ladder: Sequence[str] = (),
 ) -> Status:
-    """The status of `workloads`, from the broker behind `connection` and its management API.
+    """The status of `workloads`, from the broker behind `connection` and its management API,
+    and how many tasks wait in the delay `ladder` (its queues' names), if there is one.
 
     Raises:
         TopologyMissing: a queue of one of the workloads does not exist.
     """
     # The API's answer comes off a thread: ask it while the passive declares run.
     (stats, unseen), counts = await asyncio.gather(
-        _stats(api, namespace), _declared(connection, workloads)
+        _stats(api, namespace),
+        _declared(connection, [q.name for w in workloads for q in w.queues()]),
     )
+    delayed, notes = None, [] if unseen is None else [NO_MANAGEMENT.format(reason=unseen)]
+    if ladder:
+        try:
+            delayed = sum(c.ready for c in (await _declared(connection, ladder)).values())
+        except TopologyMissing:  # declared in the files, not yet on the broker (an upgrade)
+            notes.append("the delay ladder is not declared: run 'rabbitq topology apply'")
     statuses = []
     for workload in workloads:
         oldest = None
         if counts[workload.parking_queue].ready:
             oldest = await _head_parked_at(connection, workload)
         statuses.append(combine(workload, counts, stats, oldest))
-    notes = [] if unseen is None else [NO_MANAGEMENT.format(reason=unseen)]
-    return Status(namespace, tuple(statuses), stats is not None, tuple(notes))
+    return Status(namespace, tuple(statuses), stats is not None, tuple(notes), delayed)
 
 
 async def _stats(
@@ -224,10 +237,7 @@ async def _stats(
         return None, str(exc)
 
 
-async def _declared(
-    connection: AbstractConnection, workloads: Sequence[Workload]
-) -> dict[str, QueueCounts]:
-    names = [q.name for w in workloads for q in w.queues()]
+async def _declared(connection: AbstractConnection, names: Sequence[str]) -> dict[str, QueueCounts]:
     channel = await connection.channel()
     counts: dict[str, QueueCounts] = {}
     try:

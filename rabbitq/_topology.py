@@ -39,6 +39,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from rabbitq import _ladder as ladder
 from rabbitq._errors import TopologyInvalid
 
 QueueName = NewType("QueueName", str)
@@ -65,8 +66,8 @@ QUORUM_DELIVERY_LIMIT = 20
 # back near the head, so a read keeps the lot's order.
 PARKING_DELIVERY_LIMIT = 1_000_000_000
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 
 
 def parse_duration(text: str | float) -> float:
@@ -82,7 +83,7 @@ def parse_duration(text: str | float) -> float:
     else:
         match = _DURATION.match(text)
         if not match:
-            raise ValueError("expected a duration such as '500ms', '10s', '5m' or '1h'")
+            raise ValueError("expected a duration such as '500ms', '10s', '5m', '1h' or '2d'")
         seconds = float(match[1]) * _UNITS[match[2]]
     seconds = round(seconds, 3)  # RabbitMQ TTLs are whole milliseconds
     if seconds <= 0:
@@ -174,6 +175,9 @@ class TopologyFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     namespace: Annotated[str, Field(pattern=NAMESPACE_PATTERN)] | None = None
+    # The namespace's delay ladder (`_ladder.py`: 28 quorum queues) for tasks published with a
+    # delay; a namespace that never delays a task may leave it out.
+    delays: bool | None = None
     workloads: dict[Annotated[str, Field(pattern=NAME_PATTERN)], WorkloadSpec] = Field(
         default_factory=dict
     )
@@ -189,8 +193,8 @@ class Exchange:
 @dataclass(frozen=True, slots=True)
 class Queue:
     name: QueueName
-    role: Literal["work", "tier", "parking"]
-    workload: str
+    role: Literal["work", "tier", "parking", "delay"]
+    workload: str  # "" for a delay level: the namespace's workloads share the ladder
     arguments: dict[str, str | int] = field(default_factory=dict)
     durable: bool = True
 
@@ -198,8 +202,9 @@ class Queue:
 @dataclass(frozen=True, slots=True)
 class Binding:
     exchange: ExchangeName
-    queue: QueueName
+    queue: QueueName  # the destination: an exchange's name when `destination_type` says so
     routing_key: RoutingKey
+    destination_type: Literal["queue", "exchange"] = "queue"
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +296,11 @@ class Workload:
         out.append(Binding(self.parking_exchange, self.parking_queue, self.routing_key))
         return out
 
+    def due_binding(self) -> Binding:
+        """How a task whose delay is over reaches the work queue, out of the delay ladder."""
+        due = ExchangeName(ladder.due_exchange(self.namespace))
+        return Binding(due, self.work_queue, RoutingKey(ladder.due_pattern(self.name)))
+
     def flow(self) -> str:
         """How a task moves, in one line."""
         steps = [f"{self.task_exchange} -> {self.work_queue}"]
@@ -319,13 +329,14 @@ def derive_workload(namespace: str, name: str, spec: WorkloadSpec, source: str =
         retry_exchange=_exchange(namespace, "retry"),
         parking_exchange=_exchange(namespace, "parking"),
         routing_key=RoutingKey(name),
-        work_queue=QueueName(f"{prefix}.work"),
+        work_queue=work_queue(namespace, name),
         parking_queue=QueueName(f"{prefix}.parking"),
         tiers=tiers,
     )
 
 
 _EXCHANGE_KINDS = ("tasks", "retry", "parking")
+_LEVELS = range(ladder.LEVELS)
 
 
 def _exchange(namespace: str, kind: str) -> ExchangeName:
@@ -337,12 +348,19 @@ def task_exchange(namespace: str) -> ExchangeName:
     return _exchange(namespace, "tasks")
 
 
+def work_queue(namespace: str, workload: str) -> QueueName:
+    """A workload's work queue, for code that knows only the names."""
+    return QueueName(f"{namespace}.{workload}.work")
+
+
 @dataclass(frozen=True, slots=True)
 class Topology:
-    """All workloads of one namespace."""
+    """All workloads of one namespace, and the delay ladder they share (unless `delays` is
+    off)."""
 
     namespace: str
     workloads: dict[str, Workload]
+    delays: bool = True
 
     def workload(self, name: str) -> Workload:
         if name not in self.workloads:
@@ -352,14 +370,79 @@ class Topology:
             )
         return self.workloads[name]
 
+    @property
+    def has_ladder(self) -> bool:
+        return self.delays and bool(self.workloads)
+
     def exchanges(self) -> list[Exchange]:
-        return [Exchange(_exchange(self.namespace, k)) for k in _EXCHANGE_KINDS if self.workloads]
+        out = [Exchange(_exchange(self.namespace, k)) for k in _EXCHANGE_KINDS if self.workloads]
+        if self.has_ladder:
+            ns = self.namespace
+            out += [Exchange(ExchangeName(ladder.level_name(ns, i)), "topic") for i in _LEVELS]
+            out.append(Exchange(ExchangeName(ladder.due_exchange(ns)), "topic"))
+        return out
 
     def queues(self) -> list[Queue]:
-        return [q for w in self.workloads.values() for q in w.queues()]
+        return [q for w in self.workloads.values() for q in w.queues()] + self.ladder_queues()
+
+    def ladder_queues(self) -> list[Queue]:
+        """The delay levels, shortest first: quorum, one TTL each, dead-lettering one level
+        down with at-least-once safety (`_ladder.py` says why)."""
+        if not self.has_ladder:
+            return []
+        declared = [w.spec.replicas for w in self.workloads.values() if w.spec.replicas]
+        group: dict[str, str | int] = {}
+        if declared:  # the ladder holds every workload's delayed tasks: as safe as the safest
+            group["x-quorum-initial-group-size"] = max(declared)
+        return [
+            Queue(
+                QueueName(ladder.level_name(self.namespace, i)),
+                "delay",
+                "",
+                {
+                    "x-queue-type": "quorum",
+                    "x-message-ttl": ladder.level_seconds(i) * 1000,
+                    "x-dead-letter-exchange": ladder.lower(self.namespace, i),
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
+                    **group,
+                },
+            )
+            for i in _LEVELS
+        ]
+
+    def ladder_summary(self) -> dict[str, Any] | None:
+        """The ladder in a few facts, for `topology show`; None without one."""
+        if not self.has_ladder:
+            return None
+        ns = self.namespace
+        return {
+            "levels": ladder.LEVELS,
+            "first": ladder.level_name(ns, 0),
+            "last": ladder.level_name(ns, ladder.LEVELS - 1),
+            "longest_level_seconds": ladder.level_seconds(ladder.LEVELS - 1),
+            "max_delay_seconds": ladder.MAX_DELAY_SECONDS,
+            "max_delay": ladder.format_seconds(ladder.MAX_DELAY_SECONDS),
+            "due_exchange": ladder.due_exchange(ns),
+        }
 
     def bindings(self) -> list[Binding]:
-        return [b for w in self.workloads.values() for b in w.bindings()]
+        out = [b for w in self.workloads.values() for b in w.bindings()]
+        if self.has_ladder:
+            out += self.ladder_bindings()
+        return out
+
+    def ladder_bindings(self) -> list[Binding]:
+        """Per level: digit 1 into its queue, digit 0 one level down; then due to each work
+        queue."""
+        out = []
+        for i in _LEVELS:
+            name = ExchangeName(ladder.level_name(self.namespace, i))
+            one, zero = (RoutingKey(p) for p in ladder.level_patterns(i))
+            out.append(Binding(name, QueueName(name), one))
+            lower = QueueName(ladder.lower(self.namespace, i))
+            out.append(Binding(name, lower, zero, "exchange"))
+        return out + [w.due_binding() for w in self.workloads.values()]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, stable snake_case keys."""
@@ -368,6 +451,7 @@ class Topology:
             "exchanges": [asdict(e) for e in self.exchanges()],
             "queues": [asdict(q) for q in self.queues()],
             "bindings": [asdict(b) for b in self.bindings()],
+            "delays": self.ladder_summary(),
             "workloads": {
                 w.name: {
                     "source": w.source,
@@ -434,6 +518,7 @@ def parse_topology(files: Mapping[str, str], namespace: str | None = None) -> To
         namespace: overrides the namespace the files declare (for shared vhosts and test runs).
     """
     declared_ns: tuple[str, str] | None = None
+    declared_delays: tuple[str, bool] | None = None
     specs: dict[str, tuple[str, WorkloadSpec]] = {}
     for source, text in files.items():
         parsed = parse_file(source, text)
@@ -446,6 +531,16 @@ def parse_topology(files: Mapping[str, str], namespace: str | None = None) -> To
                     f"{declared_ns[0]} declares namespace {declared_ns[1]!r}; use one namespace",
                 )
             declared_ns = (source, parsed.namespace)
+        if parsed.delays is not None:
+            if declared_delays is not None and declared_delays[1] != parsed.delays:
+                raise TopologyInvalid(
+                    source,
+                    "delays",
+                    parsed.delays,
+                    f"{declared_delays[0]} declares delays = {str(declared_delays[1]).lower()}; "
+                    "say it once",
+                )
+            declared_delays = (source, parsed.delays)
         for name, spec in parsed.workloads.items():
             if name in specs:
                 raise TopologyInvalid(
@@ -461,6 +556,7 @@ def parse_topology(files: Mapping[str, str], namespace: str | None = None) -> To
     return Topology(
         namespace=ns,
         workloads={n: derive_workload(ns, n, s, src) for n, (src, s) in specs.items()},
+        delays=True if declared_delays is None else declared_delays[1],
     )
 
 

@@ -7,9 +7,11 @@ A task message is published to the exchange `NS.tasks` with the workload as rout
   id), `timestamp` (publish time, seconds), `delivery_mode` 2, `priority`, `type` (task name);
 * headers: `rabbitq-attempt` (int, 1 on first publish; required), `rabbitq-published-at`
   (int, ms since the epoch, the first publish; optional), `rabbitq-deadline` (int, ms since
-  the epoch; optional); on retried copies also `rabbitq-first-failure`, `rabbitq-last-failure`
-  (ms), `rabbitq-last-error` and `rabbitq-retry-at` (ms: when its tier's delay ends); on parked
-  copies the `rabbitq-park-*` headers, and their `timestamp` is the time they were parked.
+  the epoch; optional), `rabbitq-run-at` (int, ms: when a delayed task is to run; optional,
+  see `_ladder.py` for where such a task is published); on retried copies also
+  `rabbitq-first-failure`, `rabbitq-last-failure` (ms), `rabbitq-last-error` and
+  `rabbitq-retry-at` (ms: when its tier's delay ends); on parked copies the `rabbitq-park-*`
+  headers, and their `timestamp` is the time they were parked.
 
 A `content_type` other than JSON is parked as `bad_envelope` (absent, it is taken as JSON); a
 `priority` above the workload's `max_priority` runs at that maximum, as the broker queues it.
@@ -44,6 +46,7 @@ HEADER_ATTEMPT = "rabbitq-attempt"
 HEADER_DEADLINE = "rabbitq-deadline"
 HEADER_PUBLISHED_AT = "rabbitq-published-at"
 HEADER_RETRY_AT = "rabbitq-retry-at"
+HEADER_RUN_AT = "rabbitq-run-at"
 HEADER_FIRST_FAILURE = "rabbitq-first-failure"
 HEADER_LAST_FAILURE = "rabbitq-last-failure"
 HEADER_LAST_ERROR = "rabbitq-last-error"
@@ -149,6 +152,8 @@ def decode(
     deadline_ms = _int_header(headers, HEADER_DEADLINE, 0, 2**53)
     ready_ms = _int_header(headers, HEADER_RETRY_AT, 0, 2**53)
     if ready_ms is None:
+        ready_ms = _int_header(headers, HEADER_RUN_AT, 0, 2**53)
+    if ready_ms is None:
         ready_ms = _int_header(headers, HEADER_PUBLISHED_AT, 0, 2**53)
     return Envelope(
         task=task,
@@ -167,11 +172,15 @@ def epoch_ms(seconds: float) -> int:
     return math.floor(seconds * 1000)
 
 
-def new_task_headers(deadline: float | None, published_at: float) -> dict[str, Any]:
-    """Headers of a task published for the first time."""
+def new_task_headers(
+    deadline: float | None, published_at: float, run_at: float | None = None
+) -> dict[str, Any]:
+    """Headers of a task published for the first time (to run at `run_at`, if later)."""
     headers: dict[str, Any] = {HEADER_ATTEMPT: 1, HEADER_PUBLISHED_AT: epoch_ms(published_at)}
     if deadline is not None:
         headers[HEADER_DEADLINE] = epoch_ms(deadline)
+    if run_at is not None:
+        headers[HEADER_RUN_AT] = epoch_ms(run_at)
     return headers
 
 
@@ -303,6 +312,9 @@ class Outgoing:
     content_type: str | None = CONTENT_TYPE
     properties: dict[str, Any] | None = None  # other AMQP properties kept from an original
     kind: str = "task"  # for metrics: task, retry, park or redeliver
+    # a queue that must exist for the message to reach one: a delayed task's work queue, which
+    # the broker's mandatory flag cannot vouch for (the ladder takes any key)
+    check_queue: str | None = None
 
     def amqp_properties(self) -> Basic.Properties:
         return Basic.Properties(

@@ -86,9 +86,13 @@ def namespace() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
-def toml_for(workloads: dict[str, dict[str, Any]]) -> str:
-    """TOML text for workloads given as dicts (`retry` as a nested dict)."""
-    lines: list[str] = []
+def toml_for(workloads: dict[str, dict[str, Any]], delays: bool = False) -> str:
+    """TOML text for workloads given as dicts (`retry` as a nested dict).
+
+    Without the namespace's delay ladder unless `delays`: its 28 quorum queues take about a
+    second to declare and delete, in every test that applies a topology.
+    """
+    lines: list[str] = [] if delays else ["delays = false"]
     for name, spec in workloads.items():
         lines.append(f"[workloads.{name}]")
         retry = spec.get("retry")
@@ -122,8 +126,10 @@ async def make_topology(
     """
     applied: list[Topology] = []
 
-    async def make(apply: bool = True, **workloads: dict[str, Any]) -> Topology:
-        topology = parse_topology({"test.toml": toml_for(workloads)}, namespace)
+    async def make(
+        apply: bool = True, delays: bool = False, **workloads: dict[str, Any]
+    ) -> Topology:
+        topology = parse_topology({"test.toml": toml_for(workloads, delays)}, namespace)
         if apply:
             await declare.apply(connection, topology)
         applied.append(topology)
@@ -167,10 +173,10 @@ class _ignore:
 def topology_dir(tmp_path: Path) -> Callable[..., Path]:
     """Write workloads as a topology directory (for CLI and subprocess tests)."""
 
-    def write(**workloads: dict[str, Any]) -> Path:
+    def write(delays: bool = False, **workloads: dict[str, Any]) -> Path:
         directory = tmp_path / "topology"
         directory.mkdir(exist_ok=True)
-        (directory / "test.toml").write_text(toml_for(workloads))
+        (directory / "test.toml").write_text(toml_for(workloads, delays))
         return directory
 
     return write

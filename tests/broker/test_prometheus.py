@@ -331,7 +331,8 @@ async def test_every_dashboard_and_alert_expression_returns_data_from_a_real_run
     host, amqp_port = broker.hostname or "127.0.0.1", broker.port or 5672
     await ensure_broker_exporter(host)
 
-    topology = await make_topology(**{WORKLOAD: SPEC, IDLE_WORKLOAD: IDLE_SPEC})
+    # with the delay ladder: the dashboard shows what waits in it
+    topology = await make_topology(delays=True, **{WORKLOAD: SPEC, IDLE_WORKLOAD: IDLE_SPEC})
     work = topology.workload(WORKLOAD)
     idle = topology.workload(IDLE_WORKLOAD)
     directory = topology_dir(**{WORKLOAD: SPEC, IDLE_WORKLOAD: IDLE_SPEC})

@@ -15,6 +15,7 @@ from typing import Any
 from aio_pika.abc import AbstractConnection
 from typer.testing import CliRunner, Result
 
+from rabbitq import _ladder as ladder
 from rabbitq._cli import cli
 from rabbitq._wire import HEADER_DEADLINE
 from tests.broker.apps import WORKLOAD
@@ -160,3 +161,24 @@ async def test_a_namespace_without_its_topology_is_unroutable_and_says_what_to_d
         f"to exchange '{namespace}.tasks' with routing key '{WORKLOAD}' was returned unroutable; "
         "run 'rabbitq topology apply' or check the workload name"
     )
+
+
+async def test_delay_sends_the_task_into_the_namespaces_delay_ladder(
+    make_topology: Any, connection: AbstractConnection, url: str, namespace: str
+) -> None:
+    """`--delay 2h` queues the task in the ladder's level of 2 h's highest bit, not the work
+    queue; the printed id is the one held there."""
+    topology = await make_topology(delays=True, proc=SPEC)
+
+    result = await invoke(
+        "publish", "slow", "--json", json.dumps(payload(1)), "--delay", "2h",
+        "--app", APP, "--namespace", namespace, "--url", url,
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    [message_id] = result.stdout.splitlines()
+    assert await queue_depth(connection, topology.workload(WORKLOAD).work_queue) == 0
+    top = ladder.path(7200)[0]
+    [held] = await drain_queue(connection, ladder.level_name(namespace, top))
+    assert held.message_id == message_id
+    assert held.routing_key == f"{ladder.digits(7200)}.{WORKLOAD}"

@@ -70,14 +70,20 @@ def test_topology_show_prints_queues_bindings_and_flow(topology_dir: Path) -> No
         "    fails (attempt 1) -> shop.emails.retry.200ms (200ms) -> work",
         "    fails (attempt 2) -> shop.emails.retry.1s (1s) -> work",
         "    fails (attempt 3) or poison -> shop.emails.parking",
+        # the ladder, summed up: its 113 objects are in --json
+        "  shop.delay.00 .. shop.delay.27: 28 quorum queues, level i holds a task 2^i s "
+        "(1s .. 4y93d), then dead-letters it one level down (at-least-once)",
+        "    shop.delay.due --#.emails--> shop.emails.work",
     ]:
         assert line in lines
     assert [h for h in lines if h.endswith(":") and not h.startswith(" ")] == [
         "exchanges:",
         "queues:",
         "bindings:",
+        "delays (publish with delay= or at=, up to 8y186d; shared by every workload):",
         "flow:",
     ]
+    assert not [line for line in lines if "shop.delay.0" in line and "[delay]" in line]
 
 
 def test_topology_show_namespace_option_overrides_the_files(topology_dir: Path) -> None:
@@ -94,9 +100,9 @@ def test_topology_show_json_is_one_document(topology_dir: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
     data = json.loads(result.stdout)
-    assert set(data) == {"namespace", "exchanges", "queues", "bindings", "workloads"}
+    assert set(data) == {"namespace", "exchanges", "queues", "bindings", "delays", "workloads"}
     assert data["namespace"] == "shop"
-    assert [q["name"] for q in data["queues"]] == [
+    assert [q["name"] for q in data["queues"] if q["role"] != "delay"] == [
         "shop.emails.work",
         "shop.emails.retry.200ms",
         "shop.emails.retry.1s",

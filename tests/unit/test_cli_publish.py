@@ -157,12 +157,26 @@ def ndjson(tmp_path: Path) -> Path:
         (["items.add", "--json", '{"n": 1}', "--priority", "256"], "--priority: priority 256 "
          "must be from 0 to 255"),
         (["items.add", "--json", '{"n": 1}', "--deadline", "soon"], "--deadline 'soon': expected "
-         "a duration such as '500ms', '10s', '5m' or '1h'"),
+         "a duration such as '500ms', '10s', '5m', '1h' or '2d'"),
         (["items.add", "--json", '{"n": 1}', "--namespace", "Bad NS"], "--namespace 'Bad NS' "
          "must match ^[a-z0-9][a-z0-9_.-]{0,62}$"),
+        (["items.add", "--json", '{"n": 1}', "--delay", "later"], "--delay 'later': expected "
+         "a duration such as '500ms', '10s', '5m', '1h' or '2d'"),
+        (["items.add", "--json", '{"n": 1}', "--delay", "4000d"], "--delay/--at: a delay of "
+         "345600000s is past the ladder's longest, 268435455s (8y186d)"),
+        (["items.add", "--json", '{"n": 1}', "--at", "tomorrow"], "--at 'tomorrow' is not an "
+         "ISO 8601 time"),
+        (["items.add", "--json", '{"n": 1}', "--at", "2030-01-01T09:00"], "--at "
+         "'2030-01-01T09:00' has no offset; add Z or +01:00"),
+        (["items.add", "--json", '{"n": 1}', "--at", "2030-01-01T09:00Z", "--delay", "1m"],
+         "give --delay or --at, not both"),
+        (["items.add", "--json", '{"n": 1}', "--delay", "1h", "--deadline", "10m"],
+         "--delay/--at: the deadline is 3000s before the task is to run; it would only ever "
+         "be parked as expired"),
     ],
     ids=["unknown-task", "invalid-json-payload", "no-payload", "two-payloads", "bad-line",
-         "missing-file", "priority", "deadline", "namespace"],
+         "missing-file", "priority", "deadline", "namespace", "delay", "delay-too-long",
+         "at-not-a-time", "at-without-offset", "delay-and-at", "deadline-before-delay"],
 )  # fmt: skip
 def test_bad_input_is_one_error_line_and_exit_2_before_connecting(
     args: list[str], error: str, ndjson: Path

@@ -143,7 +143,7 @@ def test_namespace_helpers_match_the_derived_exchanges() -> None:
     topology = _topology(EMAILS)
     w = topology.workload("emails")
     assert task_exchange("shop") == w.task_exchange
-    assert [e.name for e in topology.exchanges()] == [
+    assert [e.name for e in topology.exchanges()][:3] == [
         w.task_exchange,
         w.retry_exchange,
         w.parking_exchange,
@@ -151,8 +151,9 @@ def test_namespace_helpers_match_the_derived_exchanges() -> None:
 
 
 def test_topology_declares_three_durable_direct_exchanges() -> None:
-    """A namespace with workloads has the tasks, retry and parking exchanges, durable and direct."""
-    assert [(e.name, e.type, e.durable) for e in _topology(EMAILS).exchanges()] == [
+    """A namespace with workloads has the tasks, retry and parking exchanges, durable and direct
+    (then its delay ladder's)."""
+    assert [(e.name, e.type, e.durable) for e in _topology(EMAILS).exchanges()][:3] == [
         ("shop.tasks", "direct", True),
         ("shop.retry", "direct", True),
         ("shop.parking", "direct", True),
@@ -319,7 +320,7 @@ def test_a_quorum_parking_lot_has_a_limit_no_read_reaches_and_no_dead_letter(
 
 def test_queues_are_work_then_tiers_shortest_first_then_parking() -> None:
     """Workload.queues lists the work queue, the tiers in order, and the parking lot last."""
-    names = [q.name for q in _topology(EMAILS).queues()]
+    names = [q.name for q in _topology(EMAILS).queues() if q.role != "delay"]
     assert names == [
         "shop.emails.work",
         "shop.emails.retry.200ms",
@@ -332,7 +333,7 @@ def test_queues_are_work_then_tiers_shortest_first_then_parking() -> None:
 def test_bindings_route_tasks_tiers_and_parking() -> None:
     """NS.tasks -W-> work, NS.retry -W.<label>-> each tier, NS.parking -W-> parking."""
     bindings = _topology(EMAILS).bindings()
-    assert [(b.exchange, b.queue, b.routing_key) for b in bindings] == [
+    assert [(b.exchange, b.queue, b.routing_key) for b in bindings][:5] == [
         ("shop.tasks", "shop.emails.work", "emails"),
         ("shop.retry", "shop.emails.retry.200ms", "emails.200ms"),
         ("shop.retry", "shop.emails.retry.1s", "emails.1s"),
@@ -382,7 +383,7 @@ def test_flow_describes_each_attempt(tiers: str, max_attempts: int, flow: str) -
 def test_to_dict_has_stable_keys_and_is_json_ready() -> None:
     """to_dict has namespace/exchanges/queues/bindings/workloads and survives json.dumps."""
     data = _topology(EMAILS).to_dict()
-    assert list(data) == ["namespace", "exchanges", "queues", "bindings", "workloads"]
+    assert list(data) == ["namespace", "exchanges", "queues", "bindings", "delays", "workloads"]
     assert data["namespace"] == "shop"
     assert data["exchanges"][0] == {"name": "shop.tasks", "type": "direct", "durable": True}
     assert set(data["queues"][0]) == {"name", "role", "workload", "durable", "arguments"}
@@ -390,7 +391,9 @@ def test_to_dict_has_stable_keys_and_is_json_ready() -> None:
         "exchange": "shop.tasks",
         "queue": "shop.emails.work",
         "routing_key": "emails",
+        "destination_type": "queue",
     }
+    assert data["delays"]["levels"] == 28
     emails = data["workloads"]["emails"]
     assert set(emails) == {
         "source",
