@@ -231,6 +231,14 @@ NOT_VALUES = TaskRules(park_on=(ValueError,))
             id="park-on-wins-over-retry-on",
         ),
         pytest.param(
+            TaskRules(retry_on=(KeyError,), park_on=(ValueError,)),
+            1,
+            ValueError(),
+            None,
+            _not_retryable("ValueError", "park_on"),
+            id="in-park-on-and-not-in-retry-on-names-park-on",
+        ),
+        pytest.param(
             TaskRules(retry_on=(Exception,), park_on=(ValueError,)),
             1,
             KeyError(),
