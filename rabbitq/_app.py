@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from rabbitq import _ladder as ladder
 from rabbitq._connection import DEFAULT_URL
 from rabbitq._errors import ConfigError
-from rabbitq._handlers import FailureHook, TaskDef
+from rabbitq._handlers import ExceptionClasses, FailureHook, TaskDef, task_rules
 from rabbitq._metrics import Metrics
 from rabbitq._publish import Publisher, raise_first
 from rabbitq._topology import NAME_PATTERN, ExchangeName, RoutingKey, task_exchange, work_queue
@@ -236,23 +236,51 @@ class App:
         self._sync_lock = threading.Lock()
 
     def task(
-        self, name: str, *, workload: str, timeout_seconds: float | None = None
+        self,
+        name: str,
+        *,
+        workload: str,
+        timeout_seconds: float | None = None,
+        max_attempts: int | None = None,
+        retry_on: ExceptionClasses | None = None,
+        park_on: ExceptionClasses = (),
     ) -> Callable[[Callable[..., Any]], Task[Any, Any]]:
         """Register a handler under `name`, run by the consumers of `workload`.
+
+        By default a task is retried on any exception, as its workload's `retry` policy says.
+        The retry rules narrow that for this task. An exception that is an instance of a
+        `park_on` class, or (when `retry_on` is given) of no `retry_on` class, is not retried:
+        the task is parked at once as `not_retryable`, on any attempt. `park_on` wins when
+        both match. Raising `rabbitq.Retry` always asks for a retry (still bounded by the
+        attempts and the deadline) and `rabbitq.Park` always parks as `parked_by_handler`,
+        whatever the rules say; a `HandlerTimeout` (a `TimeoutError`) is an exception like any
+        other.
 
         Args:
             name: the task name, sent as the message `type`; unique in the app.
             workload: the workload (from `topology/`) whose queue the task goes to.
             timeout_seconds: the handler is cancelled (or, if sync, abandoned) after this long,
                 and the task takes the retry path.
+            max_attempts: at most this many attempts (>= 1); the workload's
+                `retry.max_attempts` still caps it, so only a lower value changes anything.
+                The last attempt's failure parks the task as `retries_exhausted`.
+            retry_on: an exception class or a tuple of them: retry only these (and their
+                subclasses).
+            park_on: an exception class or a tuple of them: never retry these (and their
+                subclasses).
+
+        Raises:
+            ConfigError: a bad workload name, `timeout_seconds`, `max_attempts`, `retry_on`
+                or `park_on` (at registration, before any task is published).
         """
         if not re.match(NAME_PATTERN, workload):
             raise ConfigError(f"workload {workload!r} must match {NAME_PATTERN}")
+        rules = task_rules(name, max_attempts, retry_on, park_on)
 
         def register(fn: Callable[..., Any]) -> Task[Any, Any]:
             if name in self.tasks:
                 raise ConfigError(f"task {name!r} is registered twice")
-            definition: TaskDef[Any, Any] = TaskDef(name, workload, fn, timeout_seconds)
+            definition: TaskDef[Any, Any] = TaskDef(name, workload, fn, timeout_seconds, rules)
             self.tasks[name] = definition
             return Task(self, definition)
 

@@ -46,6 +46,7 @@ class ParkReason(StrEnum):
     EXPIRED = "expired"
     RETRIES_EXHAUSTED = "retries_exhausted"
     PARKED_BY_HANDLER = "parked_by_handler"
+    NOT_RETRYABLE = "not_retryable"
     UNROUTABLE_RETRY = "unroutable_retry"
     CRASH_LOOP = "crash_loop"
 

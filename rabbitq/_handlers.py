@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar, get_type_hints
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from rabbitq._errors import ConfigError, HandlerTimeout, ParkReason, Poison
+from rabbitq._outcome import TaskRules
 from rabbitq._wire import error_text
 
 P = TypeVar("P", bound=BaseModel)
@@ -78,11 +79,19 @@ class Failure:
 FailureHook = Callable[[Failure], None]
 
 
+ExceptionClasses = type[BaseException] | tuple[type[BaseException], ...]
+
+
 class TaskDef(Generic[P, R]):
-    """A registered handler: its name, workload, payload model and how to call it."""
+    """A registered handler: its name, workload, payload model, retry rules and how to call it."""
 
     def __init__(
-        self, name: str, workload: str, fn: Callable[..., Any], timeout_seconds: float | None = None
+        self,
+        name: str,
+        workload: str,
+        fn: Callable[..., Any],
+        timeout_seconds: float | None = None,
+        rules: TaskRules | None = None,
     ) -> None:
         if not name or len(name) > TASK_NAME_MAX:
             raise ConfigError(f"task name {name!r} must be 1 to {TASK_NAME_MAX} characters")
@@ -92,6 +101,7 @@ class TaskDef(Generic[P, R]):
         self.workload = workload
         self.fn = fn
         self.timeout_seconds = timeout_seconds
+        self.rules = rules or TaskRules()
         self.is_async = inspect.iscoroutinefunction(fn)
         self.model, self.wants_context, result = _inspect_handler(name, fn)
         self._result_adapter: TypeAdapter[Any] | None = (
@@ -160,6 +170,40 @@ class TaskDef(Generic[P, R]):
         if self._result_adapter is not None:
             return self._result_adapter.validate_python(result)
         return result
+
+
+def task_rules(
+    name: str,
+    max_attempts: int | None = None,
+    retry_on: ExceptionClasses | None = None,
+    park_on: ExceptionClasses = (),
+) -> TaskRules:
+    """The rules `App.task` was given, checked.
+
+    Raises:
+        ConfigError: `max_attempts` is not an int >= 1, or `retry_on`/`park_on` is not an
+            exception class or a tuple of them.
+    """
+    if max_attempts is not None and (
+        not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1
+    ):
+        raise ConfigError(f"task {name!r} has max_attempts={max_attempts!r}; must be an int >= 1")
+    return TaskRules(
+        max_attempts=max_attempts,
+        retry_on=None if retry_on is None else _exception_classes(name, "retry_on", retry_on),
+        park_on=_exception_classes(name, "park_on", park_on),
+    )
+
+
+def _exception_classes(name: str, option: str, value: object) -> tuple[type[BaseException], ...]:
+    classes = value if isinstance(value, tuple) else (value,)
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            raise ConfigError(
+                f"task {name!r} has {option}={value!r}; must be an exception class or a tuple "
+                "of exception classes"
+            )
+    return classes
 
 
 def _summarise(exc: ValidationError) -> str:

@@ -2,8 +2,9 @@
 
 Pure: `decide` takes what the delivery carries (its envelope, or the `Poison` that stopped it
 being read), whether the broker redelivered it, whether its task is registered, the handler's
-result once it ran, the workload's policy and the clock reading it is handed, and returns one
-outcome. `_settle` carries the outcome out (send the copy, confirm, then ack).
+result once it ran, the workload's policy, the task's own rules and the clock reading it is
+handed, and returns one outcome. `_settle` carries the outcome out (send the copy, confirm,
+then ack).
 """
 
 from __future__ import annotations
@@ -54,6 +55,24 @@ class Ran:
     error: BaseException | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TaskRules:
+    """A task's own retry rules, applied on top of its workload's retry policy (`App.task`).
+
+    Attributes:
+        max_attempts: at most this many attempts, if fewer than the workload allows.
+        retry_on: if set, only exceptions that are instances of these are retried.
+        park_on: exceptions that are instances of these are never retried (wins over
+            `retry_on`).
+    """
+
+    max_attempts: int | None = None
+    retry_on: tuple[type[BaseException], ...] | None = None
+    park_on: tuple[type[BaseException], ...] = ()
+
+
+NO_RULES = TaskRules()
+
 Outcome = Run | Succeeded | RetryIn | ParkNow | Recount
 # the outcomes and the result that carry nothing, made once: decide runs twice per task
 RUN, SUCCEEDED, RAN = Run(), Succeeded(), Ran()
@@ -67,20 +86,23 @@ def decide(
     redelivered: bool = False,
     registered: bool = True,
     ran: Ran | None = None,
+    rules: TaskRules = NO_RULES,
 ) -> Outcome:
     """The outcome of a delivery: before its handler ran (`ran` None), or after.
 
     Before: poison is parked; a task that keeps killing its consumer is recounted or parked as
     `crash_loop` (see `crash_guard`); an unregistered task is parked; one past its deadline is
     parked as `expired`; otherwise it runs. After: success is acked; a failure is retried or
-    parked by `retry_or_park`.
+    parked by `retry_or_park`, under the task's `rules`.
     """
     if isinstance(carried, Poison):
         return ParkNow(carried.reason, carried.detail)
     if ran is not None:
         if ran.error is None:
             return SUCCEEDED
-        return retry_or_park(carried.attempt, ran.error, spec.retry, now, carried.deadline)
+        return retry_or_park(
+            carried.attempt, ran.error, spec.retry, now, carried.deadline, rules, carried.task
+        )
     guard = crash_guard(
         redelivered, carried.redeliveries, carried.delivery_count, spec.max_redeliveries
     )
@@ -126,18 +148,34 @@ def tier_for_delay(tiers: list[float], delay_seconds: float) -> int:
 
 
 def retry_or_park(
-    attempt: int, error: BaseException, policy: RetrySpec, now: float, deadline: float | None
+    attempt: int,
+    error: BaseException,
+    policy: RetrySpec,
+    now: float,
+    deadline: float | None,
+    rules: TaskRules = NO_RULES,
+    task: str = "",
 ) -> RetryIn | ParkNow:
-    """The fate of a task whose attempt number `attempt` (1-based) raised `error`.
+    """The fate of a task `task` whose attempt number `attempt` (1-based) raised `error`.
 
     Attempt n goes to tier n (the last tier repeats when there are more attempts than tiers);
     `Retry(delay_seconds=...)` picks the tier by delay instead. A task is parked when the
-    handler raised `Park`, when this was its last attempt, or when it would come back from the
-    tier after its deadline.
+    handler raised `Park`; when its `rules` do not retry the error (`not_retryable`, even on
+    the last attempt); when this was its last attempt (the fewer of the policy's and the
+    rules' `max_attempts`); or when it would come back from the tier after its deadline.
+    `Retry` is always retried and `Park` always parked, whatever the rules say.
     """
     if isinstance(error, Park):
         return ParkNow(ParkReason.PARKED_BY_HANDLER)
-    if attempt >= policy.max_attempts or not policy.tiers:
+    if not isinstance(error, Retry):
+        if isinstance(error, rules.park_on):
+            return _not_retryable(error, task, "park_on")
+        if rules.retry_on is not None and not isinstance(error, rules.retry_on):
+            return _not_retryable(error, task, "not in retry_on")
+    max_attempts = policy.max_attempts
+    if rules.max_attempts is not None:
+        max_attempts = min(max_attempts, rules.max_attempts)
+    if attempt >= max_attempts or not policy.tiers:
         return ParkNow(ParkReason.RETRIES_EXHAUSTED)
     if isinstance(error, Retry):
         index = tier_for_delay(policy.tiers, error.delay_seconds)
@@ -146,3 +184,9 @@ def retry_or_park(
     if deadline is not None and now + policy.tiers[index] > deadline:
         return ParkNow(ParkReason.EXPIRED)
     return RetryIn(index)
+
+
+def _not_retryable(error: BaseException, task: str, rule: str) -> ParkNow:
+    # only the class name: the error's text may quote secrets, and is scrubbed where it is sent
+    why = f"{type(error).__name__} is not retried by task {task!r} ({rule})"
+    return ParkNow(ParkReason.NOT_RETRYABLE, why)

@@ -106,7 +106,7 @@ class Settler:
             else:
                 error, duration = await self._run(message, envelope, definition, payload)
                 ran = RAN if error is None else Ran(error)
-                outcome = decide(envelope, spec, time.time(), ran=ran)
+                outcome = decide(envelope, spec, time.time(), ran=ran, rules=definition.rules)
         await self._carry_out(message, acker, envelope, outcome, error, duration)
 
     async def _run(
@@ -212,7 +212,7 @@ class Settler:
                 props.headers,
                 reason=outcome.reason,
                 error_type=_error_type(error),
-                error_message=outcome.detail or self._clean(str(error)),
+                error_message=self._park_error(outcome, error),
                 traceback=self._traceback(error),
                 attempts=envelope.attempt if envelope is not None else 0,
                 first_failure_ms=envelope.first_failure_ms if envelope else None,
@@ -276,7 +276,7 @@ class Settler:
             self.counts[f"parked:{outcome.reason}"] += 1
             metrics.park(outcome.reason)
             expired = outcome.reason is ParkReason.EXPIRED
-            detail = outcome.detail or self._clean(str(error))
+            detail = self._park_error(outcome, error)
             facts |= {
                 "outcome": "expired" if expired else "parked",
                 "reason": str(outcome.reason),
@@ -286,6 +286,12 @@ class Settler:
             level = logging.WARNING if expired else logging.ERROR
             logger.log(level, "task expired; parked" if expired else "task parked", extra=facts)
             self._report(task, facts, str(outcome.reason), error)
+
+    def _park_error(self, outcome: ParkNow, error: BaseException) -> str:
+        """The error text a parked copy and its log line carry."""
+        if outcome.reason is ParkReason.NOT_RETRYABLE:  # the handler's text, then why
+            return "; ".join(filter(None, (self._clean(str(error)), outcome.detail)))
+        return outcome.detail or self._clean(str(error))
 
     def _traceback(self, error: BaseException) -> str:
         """The handler's traceback, last lines first to go; none for poison."""

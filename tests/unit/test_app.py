@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from rabbitq import App, Task
+from rabbitq import App, HandlerTimeout, Task
 from rabbitq._errors import ConfigError
+from rabbitq._outcome import TaskRules
 from rabbitq._wire import HEADER_ATTEMPT, HEADER_DEADLINE, HEADER_PUBLISHED_AT
 
 
@@ -72,6 +73,60 @@ def test_bad_workload_name_is_a_config_error(workload: str) -> None:
     """app.task with a workload name that cannot be a topology workload raises ConfigError."""
     with pytest.raises(ConfigError, match=rf"^workload {workload!r} must match"):
         App(namespace="shop").task("emails.send", workload=workload)
+
+
+@pytest.mark.parametrize(
+    ("options", "rules"),
+    [
+        ({}, TaskRules()),
+        ({"max_attempts": 1}, TaskRules(max_attempts=1)),
+        ({"retry_on": TimeoutError}, TaskRules(retry_on=(TimeoutError,))),
+        (
+            {"retry_on": (TimeoutError, ConnectionError), "park_on": (ValueError,)},
+            TaskRules(retry_on=(TimeoutError, ConnectionError), park_on=(ValueError,)),
+        ),
+        ({"retry_on": ()}, TaskRules(retry_on=())),
+        ({"park_on": HandlerTimeout}, TaskRules(park_on=(HandlerTimeout,))),
+    ],
+)
+def test_retry_rules_are_kept_on_the_definition(options: dict[str, Any], rules: TaskRules) -> None:
+    """max_attempts, retry_on and park_on end on TaskDef.rules, a single class as a 1-tuple."""
+    app = App(namespace="shop")
+
+    @app.task("emails.send", workload="emails", **options)
+    async def send(msg: Email) -> None: ...
+
+    assert send.definition.rules == rules
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_attempts": 0}, r"^task 'emails\.send' has max_attempts=0; must be an int >= 1$"),
+        ({"max_attempts": -3}, r"has max_attempts=-3; must be an int >= 1$"),
+        ({"max_attempts": 2.5}, r"has max_attempts=2\.5; must be an int >= 1$"),
+        ({"max_attempts": True}, r"has max_attempts=True; must be an int >= 1$"),
+        (
+            {"retry_on": [ValueError]},
+            r"^task 'emails\.send' has retry_on=\[<class 'ValueError'>\]; must be an exception "
+            r"class or a tuple of exception classes$",
+        ),
+        ({"retry_on": ValueError()}, r"has retry_on=ValueError\(\); must be an exception"),
+        ({"retry_on": (ValueError, "KeyError")}, r"has retry_on=\(<class 'ValueError'>, 'Key"),
+        ({"park_on": int}, r"has park_on=<class 'int'>; must be an exception class"),
+        ({"park_on": (KeyboardInterrupt,)}, r"has park_on=\(<class 'KeyboardInterrupt'>,\)"),
+        ({"park_on": None}, r"has park_on=None; must be an exception class"),
+    ],
+)
+def test_bad_retry_rules_are_a_config_error_at_registration(
+    options: dict[str, Any], message: str
+) -> None:
+    """A max_attempts below 1 or not an int, or retry_on/park_on that are not exception classes,
+    raise ConfigError from app.task, before any handler is registered."""
+    app = App(namespace="shop")
+    with pytest.raises(ConfigError, match=message):
+        app.task("emails.send", workload="emails", **options)
+    assert app.tasks == {}
 
 
 # message() ------------------------------------------------------------------------------------

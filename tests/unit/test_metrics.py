@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry
@@ -211,3 +214,14 @@ def test_a_second_metrics_on_one_registry_is_refused() -> None:
     Metrics(registry)
     with pytest.raises(ValueError, match="Duplicated"):
         Metrics(registry)
+
+
+def test_the_parked_metric_documents_every_park_reason() -> None:
+    """docs/observability.md lists exactly the ParkReason values on rabbitq_tasks_parked_total."""
+    from rabbitq._errors import ParkReason
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "observability.md"
+    row = next(r for r in docs.read_text().splitlines() if r.startswith("| `rabbitq_tasks_parked"))
+    meaning = row.split("|")[4].split(":", 1)[1].strip()
+    listed = set(re.findall(r"(?:^|, )`([a-z_]+)`", meaning))
+    assert listed == {str(r) for r in ParkReason}

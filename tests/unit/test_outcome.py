@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rabbitq._errors import Park, ParkReason, Poison, Retry
+from rabbitq._errors import HandlerTimeout, Park, ParkReason, Poison, Retry
 from rabbitq._outcome import (
     Outcome,
     ParkNow,
@@ -13,6 +13,7 @@ from rabbitq._outcome import (
     RetryIn,
     Run,
     Succeeded,
+    TaskRules,
     crash_guard,
     decide,
     retry_or_park,
@@ -118,6 +119,192 @@ def test_max_attempts_one_parks_on_the_first_failure(
 ) -> None:
     """With max_attempts=1 the first failure parks the task as retries_exhausted."""
     assert retry_or_park(1, error, policy, NOW, None) == ParkNow(ParkReason.RETRIES_EXHAUSTED)
+
+
+# a task's own rules on top of POLICY (6 attempts) ------------------------------------------
+
+
+def _not_retryable(error: str, rule: str) -> ParkNow:
+    return ParkNow(ParkReason.NOT_RETRYABLE, f"{error} is not retried by task 'x' ({rule})")
+
+
+EXHAUSTED = ParkNow(ParkReason.RETRIES_EXHAUSTED)
+ONLY_TIMEOUTS = TaskRules(retry_on=(TimeoutError,))
+NOT_VALUES = TaskRules(park_on=(ValueError,))
+
+
+@pytest.mark.parametrize(
+    ("rules", "attempt", "error", "deadline", "expected"),
+    [
+        pytest.param(TaskRules(), 1, KeyError(), None, RetryIn(0), id="no-rules-retries"),
+        pytest.param(TaskRules(), 6, KeyError(), None, EXHAUSTED, id="no-rules-workload-cap"),
+        pytest.param(
+            TaskRules(max_attempts=2), 1, KeyError(), None, RetryIn(0), id="lower-cap-retries"
+        ),
+        pytest.param(
+            TaskRules(max_attempts=2), 2, KeyError(), None, EXHAUSTED, id="lower-cap-parks"
+        ),
+        pytest.param(
+            TaskRules(max_attempts=1), 1, KeyError(), None, EXHAUSTED, id="cap-one-never-retries"
+        ),
+        pytest.param(
+            TaskRules(max_attempts=9), 5, KeyError(), None, RetryIn(2), id="higher-cap-retries"
+        ),
+        pytest.param(
+            TaskRules(max_attempts=9),
+            6,
+            KeyError(),
+            None,
+            EXHAUSTED,
+            id="higher-cap-is-capped-by-workload",
+        ),
+        pytest.param(ONLY_TIMEOUTS, 1, TimeoutError(), None, RetryIn(0), id="retry-on-match"),
+        pytest.param(
+            ONLY_TIMEOUTS,
+            1,
+            KeyError(),
+            None,
+            _not_retryable("KeyError", "not in retry_on"),
+            id="retry-on-no-match-parks",
+        ),
+        pytest.param(
+            ONLY_TIMEOUTS, 2, HandlerTimeout(), None, RetryIn(1), id="retry-on-subclass-matches"
+        ),
+        pytest.param(
+            ONLY_TIMEOUTS, 6, TimeoutError(), None, EXHAUSTED, id="retry-on-match-still-capped"
+        ),
+        pytest.param(
+            TaskRules(retry_on=()),
+            1,
+            KeyError(),
+            None,
+            _not_retryable("KeyError", "not in retry_on"),
+            id="empty-retry-on-retries-nothing",
+        ),
+        pytest.param(
+            NOT_VALUES,
+            1,
+            ValueError(),
+            None,
+            _not_retryable("ValueError", "park_on"),
+            id="park-on-match-parks",
+        ),
+        pytest.param(NOT_VALUES, 1, KeyError(), None, RetryIn(0), id="park-on-no-match-retries"),
+        pytest.param(
+            TaskRules(park_on=(LookupError,)),
+            1,
+            KeyError(),
+            None,
+            _not_retryable("KeyError", "park_on"),
+            id="park-on-subclass-matches",
+        ),
+        pytest.param(
+            TaskRules(park_on=(TimeoutError,)),
+            1,
+            HandlerTimeout(),
+            None,
+            _not_retryable("HandlerTimeout", "park_on"),
+            id="handler-timeout-follows-the-rules",
+        ),
+        pytest.param(
+            NOT_VALUES,
+            6,
+            ValueError(),
+            None,
+            _not_retryable("ValueError", "park_on"),
+            id="park-on-on-the-last-attempt-says-not-retryable",
+        ),
+        pytest.param(
+            NOT_VALUES,
+            1,
+            ValueError(),
+            NOW - 5,
+            _not_retryable("ValueError", "park_on"),
+            id="park-on-wins-over-the-deadline",
+        ),
+        pytest.param(
+            TaskRules(retry_on=(Exception,), park_on=(ValueError,)),
+            1,
+            ValueError(),
+            None,
+            _not_retryable("ValueError", "park_on"),
+            id="park-on-wins-over-retry-on",
+        ),
+        pytest.param(
+            TaskRules(retry_on=(KeyError,), park_on=(ValueError,)),
+            1,
+            ValueError(),
+            None,
+            _not_retryable("ValueError", "park_on"),
+            id="in-park-on-and-not-in-retry-on-names-park-on",
+        ),
+        pytest.param(
+            TaskRules(retry_on=(Exception,), park_on=(ValueError,)),
+            1,
+            KeyError(),
+            None,
+            RetryIn(0),
+            id="both-retry-on-only-matches",
+        ),
+        pytest.param(
+            TaskRules(retry_on=(KeyError,), park_on=(Exception,)),
+            1,
+            Retry(delay_seconds=5),
+            None,
+            RetryIn(1),
+            id="retry-signal-overrides-both",
+        ),
+        pytest.param(
+            TaskRules(max_attempts=2, retry_on=(KeyError,)),
+            2,
+            Retry(),
+            None,
+            EXHAUSTED,
+            id="retry-signal-still-capped-by-task",
+        ),
+        pytest.param(
+            TaskRules(retry_on=(Park,)),
+            1,
+            Park("no"),
+            None,
+            ParkNow(ParkReason.PARKED_BY_HANDLER),
+            id="park-signal-parks-even-in-retry-on",
+        ),
+        pytest.param(
+            TaskRules(park_on=(Exception,)),
+            1,
+            Park("no"),
+            None,
+            ParkNow(ParkReason.PARKED_BY_HANDLER),
+            id="park-signal-is-parked-by-handler-not-by-rule",
+        ),
+        pytest.param(
+            ONLY_TIMEOUTS,
+            1,
+            TimeoutError(),
+            NOW + 0.5,
+            ParkNow(ParkReason.EXPIRED),
+            id="deadline-still-applies-to-retried-errors",
+        ),
+        pytest.param(
+            TaskRules(max_attempts=3, park_on=(ValueError,)),
+            1,
+            Retry(delay_seconds=30),
+            NOW + 59,
+            ParkNow(ParkReason.EXPIRED),
+            id="deadline-still-applies-to-retry-signal",
+        ),
+    ],
+)
+def test_task_rules_narrow_the_workload_policy(
+    rules: TaskRules,
+    attempt: int,
+    error: BaseException,
+    deadline: float | None,
+    expected: Decision,
+) -> None:
+    """A task's rules lower the attempts cap and park errors they do not retry as not_retryable."""
+    assert retry_or_park(attempt, error, POLICY, NOW, deadline, rules, "x") == expected
 
 
 @pytest.mark.parametrize(
@@ -297,6 +484,27 @@ POISON = Poison(ParkReason.UNDECODABLE, "body is not JSON")
             {"ran": Ran(ValueError()), "redelivered": True},
             RetryIn(0),
             id="after-running-the-crash-guard-is-not-asked-again",
+        ),
+        pytest.param(
+            _env(1),
+            {"ran": Ran(ValueError()), "rules": TaskRules(park_on=(ValueError,))},
+            ParkNow(
+                ParkReason.NOT_RETRYABLE,
+                "ValueError is not retried by task 'emails.send' (park_on)",
+            ),
+            id="task-rules-park-what-they-do-not-retry",
+        ),
+        pytest.param(
+            _env(2),
+            {"ran": Ran(ValueError()), "rules": TaskRules(max_attempts=2)},
+            ParkNow(ParkReason.RETRIES_EXHAUSTED),
+            id="task-max-attempts-lower-than-the-workload",
+        ),
+        pytest.param(
+            _env(1),
+            {"rules": TaskRules(max_attempts=1, park_on=(ValueError,))},
+            Run(),
+            id="rules-do-not-matter-before-it-runs",
         ),
     ],
 )
