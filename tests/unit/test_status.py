@@ -250,6 +250,7 @@ def test_the_json_document_has_stable_keys() -> None:
         "namespace": "shop",
         "management": True,
         "note": "x; y",
+        "delayed": None,
         "workloads": {
             "emails": {
                 "work_queue": "shop.emails.work",

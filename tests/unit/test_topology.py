@@ -61,6 +61,7 @@ def _emails(extra: str = "", tiers: str = '["200ms", "1s", "5m"]') -> Workload:
         ("10m", 600.0),
         ("0.5m", 30.0),
         ("1h", 3600.0),
+        ("2d", 172800.0),
         ("2h", 7200.0),
         (" 10 s ", 10.0),  # blanks around and between are allowed
         (5, 5.0),  # a bare number is seconds
@@ -76,7 +77,7 @@ def test_parse_duration_reads_seconds_from_a_unit_string_or_number(
 
 @pytest.mark.parametrize(
     "text",
-    ["", "soon", "s", "10 sec", "1d", "1e3s", "-1s", "1s2", "0s", "0ms", 0, -1, -0.5, True, False],
+    ["", "soon", "s", "10 sec", "1w", "1e3s", "-1s", "1s2", "0s", "0ms", 0, -1, -0.5, True, False],
 )
 def test_parse_duration_rejects_what_is_not_a_positive_duration(text: str | float) -> None:
     """parse_duration raises ValueError for garbage, unknown units, zero, negatives and bools."""
