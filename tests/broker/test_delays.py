@@ -106,10 +106,16 @@ async def test_a_long_delay_waits_in_the_levels_of_its_binary_digits(
     # the work queue is where it ends: the due exchange's binding for the workload
     due = [b for b in topology.bindings() if b.exchange == ladder.due_exchange(namespace)]
     assert [(b.routing_key, b.queue) for b in due] == [("#.later", f"{namespace}.later.work")]
-    assert await queue_depth(connection, ladder.level_name(namespace, 11)) == 1
+    # back where it was once the broker has taken the return (a quorum queue does it apart)
+    level = ladder.level_name(namespace, 11)
+    await wait_until(lambda: _depth_is(connection, level, 1), timeout=10)
 
 
-@pytest.mark.timeout(180)
+async def _depth_is(connection: AbstractConnection, queue: str, depth: int) -> bool:
+    return await queue_depth(connection, queue) == depth
+
+
+@pytest.mark.timeout(240)
 async def test_delayed_tasks_survive_a_broker_restart(make_topology, connection, url, namespace):
     """stop_app while tasks wait in the ladder, start_app after some were due: each runs, none
     before its time, those due meanwhile right after the broker is back."""
@@ -128,7 +134,9 @@ async def test_delayed_tasks_survive_a_broker_restart(make_topology, connection,
     app = App(namespace=namespace, url=url)
     _, ran = _noted(app)
     async with running_consumer(app, topology.workload("later"), url):
-        await wait_until(lambda: len(ran) == 3, timeout=60)
+        await wait_until(lambda: len(ran) == 3, timeout=90, what=f"all 3 to run (ran: {ran})")
+    print(f"back {back - due[2]:.1f}s after task 2's time; ran, after its time: ", end="")
+    print({n: round(ran[n] - due[n], 2) for n in ran})
     assert ran[1] >= due[1] and ran[2] >= due[2]
     assert ran[1] - back < 10 and ran[2] - back < 10
     assert abs(ran[3] - due[3]) <= ON_TIME_SECONDS
