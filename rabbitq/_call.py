@@ -96,6 +96,10 @@ class Caller:
             raise CallTimeout(task, out.message_id, timeout_seconds) from None
         finally:
             self._waiting.pop(correlation_id, None)
+            if not waiter.done():
+                waiter.cancel()
+            elif not waiter.cancelled():
+                waiter.exception()  # seen: a loss that came while the publish failed anyway
         return reply.result(body, headers, task=task, message_id=out.message_id, load=load)
 
     async def close(self) -> None:
