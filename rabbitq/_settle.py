@@ -159,7 +159,10 @@ class Settler:
         result: bytes | None = None
         try:
             returned = await definition.run(payload, ctx, self.executor)
-            if props.reply_to is not None:  # a result that cannot be encoded fails as any error
+            # only for a reply we will send; a result that cannot be encoded fails as any error
+            if props.reply_to is not None and reply.wants_reply(
+                props.reply_to, props.correlation_id
+            ):
                 result = definition.dump_result(returned)
         except asyncio.CancelledError:
             raise

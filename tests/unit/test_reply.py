@@ -8,6 +8,7 @@ import pytest
 from pydantic import BaseModel, TypeAdapter
 
 from rabbitq import ReplyInvalid, TaskFailed
+from rabbitq._handlers import TaskDef
 from rabbitq._reply import (
     HEADER_OUTCOME,
     PARKED,
@@ -21,6 +22,10 @@ from rabbitq._reply import (
 from rabbitq._wire import HEADER_PARK_ERROR, HEADER_PARK_ERROR_TYPE, HEADER_PARK_REASON
 
 ANSWER_TO = REPLY_TO + ".g1h2AA1yZXBseUA5MjQ4ODg0AAAFjgAAAABrEFvj.ZBhymgZPJmNfkQnuxRx02A=="
+
+
+class Item(BaseModel):
+    n: int
 
 
 class Doubled(BaseModel):
@@ -142,3 +147,22 @@ def test_a_validator_that_raises_something_else_is_reply_invalid_too() -> None:
 
     with pytest.raises(ReplyInvalid, match="RuntimeError: validator broke"):
         _read(b"1", {HEADER_OUTCOME: SUCCEEDED}, load)
+
+
+def test_a_tasks_result_goes_through_the_reply_and_back_as_its_type() -> None:
+    """What the responder encodes (`TaskDef.dump_result`) the caller reads (`load_result`)."""
+
+    async def double(item: Item) -> Doubled:
+        return Doubled(n=item.n, doubled=2 * item.n)
+
+    async def nothing(item: Item) -> None:
+        return None
+
+    typed: TaskDef[Item, Doubled] = TaskDef("calc.double", "calc", double)
+    out = succeeded(ANSWER_TO, "c1", typed.dump_result(Doubled(n=2, doubled=4)))
+    back = result(
+        out.body, out.headers, task="calc.double", message_id="m1", load=typed.load_result
+    )
+    assert back == Doubled(n=2, doubled=4)
+    untyped: TaskDef[Item, None] = TaskDef("calc.nothing", "calc", nothing)
+    assert untyped.dump_result(None) == b"null" and untyped.load_result(b"null") is None
