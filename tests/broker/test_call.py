@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from datetime import timedelta
 from typing import Any
@@ -307,3 +308,47 @@ async def test_a_call_to_a_workload_with_no_queue_raises_unroutable(url, namespa
             await other.call(Item(n=1), timeout=5)
     finally:
         await app.close()
+
+
+async def test_a_task_unknown_to_the_consumer_raises_task_failed_as_poison(
+    make_topology, url, namespace
+):
+    """The caller's app knows a task the consumer's does not: it is parked as unknown_task, and
+    the caller hears so."""
+    topology = await make_topology(calc={"capacity": 1})
+    app = App(namespace=namespace, url=url)  # the consumer's: no tasks
+    caller_app = App(namespace=namespace, url=url)
+
+    @caller_app.task("calc.missing", workload="calc")
+    async def missing(item: Item) -> int:
+        return item.n
+
+    try:
+        async with running_consumer(app, topology.workload("calc"), url):
+            with pytest.raises(rabbitq.TaskFailed) as caught:
+                await missing.call(Item(n=1), timeout=10)
+        assert (caught.value.reason, caught.value.error_type) == ("unknown_task", "Poison")
+        assert "calc.missing" in caught.value.error
+    finally:
+        await caller_app.close()
+
+
+async def test_a_reply_to_that_names_a_queue_gets_no_reply(
+    make_topology, connection, url, namespace
+):
+    """Only direct reply-to is answered: a task whose reply_to names a queue runs and is acked,
+    and nothing is published into that queue."""
+    topology = await make_topology(calc={"capacity": 1})
+    app, double = double_app(namespace, url)
+    channel = await connection.channel()
+    target = await channel.declare_queue("", exclusive=True)
+    message = dataclasses.replace(
+        double.message(Item(n=1)), properties={"reply_to": target.name, "correlation_id": "c1"}
+    )
+    async with running_consumer(app, topology.workload("calc"), url) as consumer:
+        await app.publish_many([message])
+        await wait_until(lambda: consumer.counts["succeeded"] == 1, what="the task's ack")
+        settler = consumer._settler  # the replies it has on their way
+        await wait_until(lambda: not settler.replies, what="no reply on its way")
+    assert await queue_depth(connection, target.name) == 0
+    await channel.close()
