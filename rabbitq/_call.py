@@ -31,6 +31,7 @@ import aiormq.abc
 from aio_pika.abc import AbstractChannel
 
 from rabbitq import _reply as reply
+from rabbitq._connection import scrub
 from rabbitq._errors import CallLost, CallTimeout
 from rabbitq._pipeline import Confirms, can_pipeline
 from rabbitq._publish import Publisher
@@ -149,7 +150,8 @@ class Caller:
             return  # a channel `close` let go of: its calls have failed already
         self._channel = self._underlay = self._confirms = None
         exc = None if closing.cancelled() else closing.exception()
-        self._fail(f"{type(exc).__name__}: {exc}" if exc is not None else "the channel was closed")
+        detail = f"{type(exc).__name__}: {exc}" if exc is not None else "the channel was closed"
+        self._fail(scrub(detail, self.publisher.url))  # what a library said may quote the URL
 
     def _fail(self, detail: str) -> None:
         for correlation_id, waiter in list(self._waiting.items()):
