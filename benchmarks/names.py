@@ -28,6 +28,7 @@ WORKLOADS: dict[str, tuple[int, str]] = {
     "retry": (CAPACITY, RETRY_TIER),
     "tiers": (CAPACITY, PARKED_TIER),
     "scale": (CAPACITY, "1s"),
+    "calls": (CAPACITY, "1s"),
 }
 
 
@@ -107,6 +108,7 @@ class RawQueues:
     tiers: RawQueue
     tiers_delay: RawQueue
     scale: RawQueue
+    calls: RawQueue
 
     @classmethod
     def of(cls, namespace: str) -> RawQueues:
@@ -122,6 +124,7 @@ class RawQueues:
             tiers=RawQueue(name("tiers")),
             tiers_delay=RawQueue(name(f"tiers.{PARKED_TIER}"), PARKED_TTL_MS, name("tiers")),
             scale=RawQueue(name("scale")),
+            calls=RawQueue(name("calls")),
         )
 
     def all(self) -> list[RawQueue]:
@@ -134,4 +137,5 @@ class RawQueues:
             self.tiers,
             self.tiers_delay,
             self.scale,
+            self.calls,
         ]

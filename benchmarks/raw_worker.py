@@ -6,7 +6,10 @@ Run by the runner as `python -m benchmarks.raw_worker --mode drain --queue Q ...
 * latency: the handler notes its start minus the publish time carried in the body;
 * retry: a first attempt is copied to a TTL delay queue with a confirm, then acked; the copy
   comes back and is acked (counted as handled);
-* tiers: like retry, but the delay is long: counts the forwards and samples RSS.
+* tiers: like retry, but the delay is long: counts the forwards and samples RSS;
+* calls: a direct reply-to responder, as RabbitMQ's RPC tutorial writes one: read the id
+  from the JSON body, publish its double to `reply_to` with the `correlation_id` (no confirm),
+  then ack.
 
 Minimal on purpose: one connection, a confirm channel beside the consuming one, the default
 exchange, no decoding beyond what latency needs. It imports neither rabbitq nor pydantic.
@@ -15,6 +18,7 @@ exchange, no decoding beyond what latency needs. It imports neither rabbitq nor 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -28,7 +32,7 @@ from benchmarks.wire import HEADER_ATTEMPT, sent_at_of
 
 
 async def main(args: Any) -> None:
-    gated = args.mode != "latency"
+    gated = args.mode not in ("latency", "calls")
     probe = Probe(
         expect=args.expect,
         idle_seconds=args.idle,
@@ -85,7 +89,24 @@ async def main(args: Any) -> None:
         await message.ack()
         probe.finished()
 
-    handler = {"drain": drain, "latency": latency, "retry": forward, "tiers": forward}[args.mode]
+    replies = await connection.channel(publisher_confirms=False)
+
+    async def answer(message: AbstractIncomingMessage) -> None:
+        if probe.admit():
+            await probe.gate.wait()
+        result = json.dumps(json.loads(message.body)["id"] * 2).encode()
+        reply = aio_pika.Message(result, correlation_id=message.correlation_id)
+        await replies.default_exchange.publish(reply, routing_key=message.reply_to or "")
+        await message.ack()
+        probe.finished()
+
+    handler = {
+        "drain": drain,
+        "latency": latency,
+        "retry": forward,
+        "tiers": forward,
+        "calls": answer,
+    }[args.mode]
     await queue.consume(handler, no_ack=False)
     if not gated:
         probe.ready()

@@ -16,7 +16,7 @@ from typing import Any
 
 OURS = "rabbitq"
 BASELINES = ("raw", "raw-task-message", "aiormq")
-SCENARIOS = ("publish", "drain", "latency", "retry", "memory", "scale", "queue_types")
+SCENARIOS = ("publish", "drain", "latency", "retry", "memory", "scale", "queue_types", "calls")
 # Where a smaller number is better; `offered` is an input, and machine and broker CPU (scale)
 # are context, not outcomes.
 _LOWER_BETTER = ("_ms", "rss", "cpu_us", "growth")

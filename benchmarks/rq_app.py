@@ -73,10 +73,18 @@ def build_app(
             seen.finished()
             raise FailOnce("first attempt fails by design")
 
-    handlers: dict[str, Callable[..., Awaitable[None]]] = {
+    async def answer(msg: Job) -> int:
+        # a call: the result depends on the payload, so each caller can check its own
+        if seen.admit():
+            await seen.gate.wait()
+        seen.finished()
+        return msg.id * 2
+
+    handlers: dict[str, Callable[..., Awaitable[Any]]] = {
         "latency": timed,
         "retry": fail_once,
         "tiers": forward,
+        "calls": answer,
     }
     tasks = {
         name: app.task(task_name(name), workload=name)(handlers.get(name, noop))

@@ -46,9 +46,8 @@ async def main(args: Any) -> None:
     if args.mode == "tiers":
         # The handler counts a forward as it raises; the last sample waits for the confirms.
         rss_at = tuple(x for x in rss_at if x < args.expect)
-    probe = Probe(
-        expect=args.expect, idle_seconds=args.idle, gated=args.mode != "latency", rss_at=rss_at
-    )
+    gated = args.mode not in ("latency", "calls")  # those are paced or called by the runner
+    probe = Probe(expect=args.expect, idle_seconds=args.idle, gated=gated, rss_at=rss_at)
     probe.install()
     app, _ = build_app(probe)
     topology = rabbitq.parse_topology({"bench.toml": args.topology.read_text()})
@@ -64,7 +63,7 @@ async def main(args: Any) -> None:
     if running.done():
         running.result()  # raises what stopped the consumer (e.g. topology missing)
         sys.exit("rabbitq worker: the consumer stopped before it was ready")
-    if args.mode == "latency":
+    if not gated:
         probe.ready()
     idle = None if args.expect else asyncio.create_task(probe.watch_idle())
     await asyncio.wait(

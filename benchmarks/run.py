@@ -143,6 +143,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="concurrent one-at-a-time publishers in the concurrent publish scenario",
     )
     p.add_argument(
+        "--calls",
+        type=int,
+        default=1000,
+        help="calls: how many calls go out at once (after a tenth as many, untimed)",
+    )
+    p.add_argument(
         "--attempts",
         type=int,
         default=5,
@@ -162,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="a tiny run that only shows the runner works: --n 100 --reps 1 "
         f"--capacities {CAPACITY} --latency-seconds 0.3 --tier-n 200 "
-        "--tier-early 50 --idle 0.25",
+        "--tier-early 50 --idle 0.25 --calls 100",
     )
     p.add_argument(
         "--delete-namespace",
@@ -173,6 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.n, args.reps, args.latency_seconds = 100, 1, 0.3
         args.tier_n, args.tier_early, args.idle = 200, 50, 0.25
+        args.calls = 100
         args.capacities = str(CAPACITY)
     try:
         chosen = {int(c) for c in args.capacities.split(",") if c.strip()} | {CAPACITY}
@@ -311,6 +318,15 @@ class Runner:
             )
         if "queue_types" in wants:
             await self.queue_types()
+        if "calls" in wants:
+            self.record(
+                "calls",
+                await self.each(
+                    f"{a.calls} concurrent calls",
+                    "calls",
+                    partial(scenarios.calls, count=a.calls, warmup=max(1, a.calls // 10)),
+                ),
+            )
 
     async def drains(self, capacities: tuple[int, ...]) -> None:
         a = self.args

@@ -16,6 +16,7 @@ from typing import Any
 from benchmarks import broker
 from benchmarks.cpu import CpuSampler
 from benchmarks.names import CAPACITY, drain_workload
+from benchmarks.probe import percentile
 from benchmarks.procs import Disturbed, Worker
 from benchmarks.systems import Side
 
@@ -196,3 +197,23 @@ async def _expect_and_purge(side: Side, queue: str, n: int) -> None:
     await broker.purge(side.ctx.url, [queue])
     if found != n:
         raise Disturbed(f"{side.name} publish: {found} of {n} tasks arrived in {queue}")
+
+
+async def calls(side: Side, count: int, warmup: int) -> dict[str, float]:
+    """`count` calls at once from this process to a consumer process (capacity 64) that
+    answers each over direct reply-to; after `warmup` calls at once, untimed."""
+    await broker.purge(side.ctx.url, side.queues("calls"))
+    worker = side.worker("calls", "calls", CAPACITY, expect=warmup + count)
+    try:
+        await worker.start()
+        await worker.ready()
+        latencies, seconds = await side.call_concurrently(count, warmup)
+        await worker.result(_timeout(count))
+    finally:
+        await worker.stop()
+    ordered = sorted(latencies)
+    return {
+        "calls_per_s": count / seconds,
+        "p50_ms": percentile(ordered, 50) * 1000,
+        "p99_ms": percentile(ordered, 99) * 1000,
+    }

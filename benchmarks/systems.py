@@ -4,13 +4,15 @@ publisher sending rabbitq's message, the hand-tuned aiormq loop, rabbitq, and th
 A side knows which measurements it takes part in (`measures`), where a scenario's tasks go,
 how to fill its queues, how to start its consumer process for a scenario, and how to publish:
 one at a time with a confirm each, from several concurrent publishers, in batches with
-pipelined confirms, or paced. Connections are opened before the clock starts; building each
+pipelined confirms, or paced; and how to call (publish and wait for the result over direct
+reply-to), many calls at once. Connections are opened before the clock starts; building each
 message is timed (it is part of publishing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ import rabbitq
 from benchmarks import broker, wire
 from benchmarks.names import QUEUE_TYPE_WORKLOADS, RawQueues
 from benchmarks.pacing import paced
-from benchmarks.procs import Worker
+from benchmarks.procs import Disturbed, Worker
 from benchmarks.rq_app import Job, build_app
 from benchmarks.wire import PERSISTENT, body
 from rabbitq._topology import Topology
@@ -65,7 +67,10 @@ def _worker_common(
 PUBLISH = frozenset({"publish_one", "publish_concurrent", "publish_batch"})
 CONSUME = frozenset({"drain", "latency"})
 # queue_types: batch publish and drain on rabbitq's classic and quorum work queues.
-EVERYTHING = PUBLISH | CONSUME | {"retry", "tiers", "scale", "queue_types"}
+EVERYTHING = PUBLISH | CONSUME | {"retry", "tiers", "scale", "queue_types", "calls"}
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+# a call that has no answer in this time is lost, not slow: the measurement is repeated
+CALLS_TIMEOUT_SECONDS = 120.0
 
 
 async def _concurrently(send: Any, n: int, publishers: int) -> float:
@@ -78,6 +83,27 @@ async def _concurrently(send: Any, n: int, publishers: int) -> float:
     started = time.perf_counter()
     await asyncio.gather(*(one(k) for k in range(publishers)))
     return time.perf_counter() - started
+
+
+async def _call_all(call: Any, count: int, warmup: int) -> tuple[list[float], float]:
+    """`warmup` calls at once (untimed: the caller's channel opens, the consumer warms up), then
+    `count` at once: each call's seconds, and the seconds for all `count`. `call(i)` must return
+    task i's result, 2 * i."""
+
+    async def timed(i: int) -> float:
+        started = time.perf_counter()
+        result = await call(i)
+        if result != 2 * i:
+            raise Disturbed(f"call {i} returned {result!r}, not {2 * i}")
+        return time.perf_counter() - started
+
+    async def rounds() -> tuple[list[float], float]:
+        await asyncio.gather(*(timed(i) for i in range(warmup)))
+        started = time.perf_counter()
+        latencies = await asyncio.gather(*(timed(i) for i in range(warmup, warmup + count)))
+        return list(latencies), time.perf_counter() - started
+
+    return await asyncio.wait_for(rounds(), CALLS_TIMEOUT_SECONDS)
 
 
 class RawSide:
@@ -97,6 +123,7 @@ class RawSide:
             "retry": raw.retry.name,
             "tiers": raw.tiers.name,
             "scale": raw.scale.name,
+            "calls": raw.calls.name,
             # queue_types: the very queues rabbitq uses (see `benchmarks.names`), so that the
             # ratio is the client's alone whatever the queue type costs the broker
             **{w: ctx.topology.workload(w).work_queue for w in QUEUE_TYPE_WORKLOADS},
@@ -199,6 +226,38 @@ class RawSide:
 
             return await paced(send, rate, count)
 
+    async def call_concurrently(self, count: int, warmup: int) -> tuple[list[float], float]:
+        """Direct reply-to by hand: one confirm channel consumes `amq.rabbitmq.reply-to`
+        (no-ack) and publishes the requests; a future per correlation id."""
+        queue = self.work_queue("calls")
+        bodies = [body(i) for i in range(warmup + count)]
+        async with broker.connection(self.ctx.url, "bench raw caller") as conn:
+            channel = await conn.channel(publisher_confirms=True)
+            waiting: dict[str, asyncio.Future[bytes]] = {}
+
+            async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                future = waiting.pop(message.correlation_id or "", None)
+                if future is not None and not future.done():
+                    future.set_result(message.body)
+
+            replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+            await replies.consume(on_reply, no_ack=True)
+            loop = asyncio.get_running_loop()
+
+            async def call(i: int) -> Any:
+                correlation_id = uuid.uuid4().hex
+                waiting[correlation_id] = future = loop.create_future()
+                request = aio_pika.Message(
+                    bodies[i],
+                    delivery_mode=PERSISTENT,
+                    correlation_id=correlation_id,
+                    reply_to=DIRECT_REPLY_TO,
+                )
+                await channel.default_exchange.publish(request, routing_key=queue)
+                return json.loads(await future)
+
+            return await _call_all(call, count, warmup)
+
 
 class RabbitqSide:
     """rabbitq through its public API: `Task.publish`, `App.publish_many`, `Consumer`."""
@@ -292,6 +351,18 @@ class RabbitqSide:
                 await task.publish(Job.make(i, time.time()))
 
             return await paced(send, rate, count)
+
+    async def call_concurrently(self, count: int, warmup: int) -> tuple[list[float], float]:
+        """`await task.call(model)`, many at once, from one app."""
+        app, tasks = self._app()
+        task = tasks["calls"]
+        payloads = [Job.make(i) for i in range(warmup + count)]
+        async with app:
+
+            async def call(i: int) -> Any:
+                return await task.call(payloads[i], timeout=CALLS_TIMEOUT_SECONDS)
+
+            return await _call_all(call, count, warmup)
 
 
 class RawTaskMessageSide(RawSide):

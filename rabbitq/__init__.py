@@ -6,6 +6,9 @@ The public API is what `__all__` lists; the modules behind it are private.
 from rabbitq._app import App, Task
 from rabbitq._consume import Consumer
 from rabbitq._errors import (
+    CallError,
+    CallLost,
+    CallTimeout,
     ConfigError,
     ConnectionFailed,
     HandlerTimeout,
@@ -15,8 +18,10 @@ from rabbitq._errors import (
     Poison,
     PublishError,
     RabbitqError,
+    ReplyInvalid,
     Retry,
     TaskError,
+    TaskFailed,
     TopologyDrift,
     TopologyError,
     TopologyInvalid,
@@ -32,6 +37,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "App",
+    "CallError",
+    "CallLost",
+    "CallTimeout",
     "ConfigError",
     "ConnectionFailed",
     "Consumer",
@@ -45,10 +53,12 @@ __all__ = [
     "Poison",
     "PublishError",
     "RabbitqError",
+    "ReplyInvalid",
     "Retry",
     "Task",
     "TaskContext",
     "TaskError",
+    "TaskFailed",
     "Topology",
     "TopologyDrift",
     "TopologyError",

@@ -7,6 +7,9 @@
 
     await send_email.publish(SendEmail(to="a@b.c"))       # from async code
     send_email.publish_sync(SendEmail(to="a@b.c"))        # from Django, Flask, scripts
+    result = await resize.call(Image(url=...), timeout=30)  # publish, wait for the result
+
+A call waits for the task's result over direct reply-to (`_call.py`); results are not stored.
 
 Inside a running consumer the app publishes over the consumer's own publishing connection, so a
 handler can publish child tasks with the same calls (sync handlers too: they run in threads and
@@ -30,6 +33,7 @@ from typing import Any, Generic, TypedDict, TypeVar, Unpack
 from pydantic import BaseModel
 
 from rabbitq import _ladder as ladder
+from rabbitq._call import Caller
 from rabbitq._connection import DEFAULT_URL
 from rabbitq._errors import ConfigError
 from rabbitq._handlers import ExceptionClasses, FailureHook, TaskDef, task_rules
@@ -43,6 +47,10 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 SYNC_PUBLISH_TIMEOUT_SECONDS = 60.0
+CALL_TIMEOUT_SECONDS = 60.0
+# `call_sync` waits this much longer than the call, so the call's own CallTimeout is what it
+# raises, not the wait's
+SYNC_CALL_MARGIN_SECONDS = 5.0
 MAX_PRIORITY = 255
 
 
@@ -184,6 +192,52 @@ class Task(Generic[P, R]):
     async def _send(self, out: Outgoing) -> None:
         await (await self.app.publisher()).send(out)
 
+    async def call(
+        self,
+        payload: P | dict[str, Any],
+        *,
+        # the call's own deadline, spelled as asyncio's; it bounds the publish too
+        timeout: float = CALL_TIMEOUT_SECONDS,  # noqa: ASYNC109
+        **options: Unpack[PublishOptions],
+    ) -> R:
+        """Publish the task, wait for a consumer to run it, and return its result.
+
+        The result is validated against the handler's return annotation (None if it has
+        none). It travels over direct reply-to and is not stored: if this caller is gone, the
+        result is dropped. A retried task keeps the caller waiting for its final outcome.
+
+        Args:
+            payload: as `publish`.
+            timeout: seconds for the whole call; the task is not cancelled when it passes.
+            options: `priority`, `deadline`, `idempotency_key`, as `message`.
+
+        Raises:
+            TaskFailed: the task was parked (retries exhausted, `Park`, expired, poison).
+            CallTimeout: no result within `timeout`; the task may still run.
+            CallLost: the connection was lost while waiting; the task may still run.
+            ReplyInvalid: the reply is not a result of the task's return type.
+            pydantic.ValidationError, Unroutable, NotConfirmed: as `publish`.
+        """
+        return await self._call(self.message(payload, **options), timeout)
+
+    def call_sync(
+        self,
+        payload: P | dict[str, Any],
+        *,
+        timeout: float = CALL_TIMEOUT_SECONDS,
+        **options: Unpack[PublishOptions],
+    ) -> R:
+        """`call` for synchronous code (and sync handlers): blocks until the result."""
+        out = self.message(payload, **options)
+        return self.app.run_sync(
+            lambda: self._call(out, timeout), timeout=timeout + SYNC_CALL_MARGIN_SECONDS
+        )
+
+    async def _call(self, out: Outgoing, timeout_seconds: float) -> R:
+        caller = await self.app.caller()
+        result: R = await caller.call(out, timeout_seconds, self.definition.load_result)
+        return result
+
 
 class _LoopThread:
     """An event loop in a daemon thread, for publishing from code that has no loop."""
@@ -228,6 +282,7 @@ class App:
         self.tasks: dict[str, TaskDef[Any, Any]] = {}
         self.failure_hooks: list[FailureHook] = []
         self._publisher: Publisher | None = None
+        self._caller: Caller | None = None  # on the publisher's connection, made on first call
         # a consumer's namespace, while the app publishes over that consumer's connection
         self._consumer_namespace: str | None = None
         self._closer: asyncio.Task[None] | None = None  # only while the app owns the publisher
@@ -337,6 +392,15 @@ class App:
         self._loop, self._closer = loop, loop.create_task(_close_when_cancelled(self._publisher))
         return self._publisher
 
+    async def caller(self) -> Caller:
+        """The caller of this app's calls, on its publisher's connection."""
+        publisher = await self.publisher()
+        caller = self._caller
+        if caller is None or caller.publisher is not publisher:
+            # the old one's channel closes with its publisher's connection
+            caller = self._caller = Caller(publisher)
+        return caller
+
     async def publish_many(self, messages: Sequence[Outgoing]) -> list[str]:
         """Publish messages (from `Task.message`) with pipelined confirms; their message ids.
 
@@ -356,6 +420,7 @@ class App:
     async def close(self) -> None:
         """Close the publishing connection this app opened (not a consumer's)."""
         closer, self._closer, self._publisher, self._loop = self._closer, None, None, None
+        self._caller = None
         if closer is not None:
             with contextlib.suppress(RuntimeError):  # its loop is closed: nothing left to close
                 closer.get_loop().call_soon_threadsafe(closer.cancel)  # it closes on its loop

@@ -179,6 +179,7 @@ class Consumer:
         finally:
             watchdog.cancel()
             self.app.unbind_publisher(self.publisher)
+            await self._settler.finish_replies()  # they go out on the publisher's connection
             await self.publisher.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
 

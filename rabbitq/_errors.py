@@ -15,6 +15,11 @@ The tree::
     ├── TaskError
     │   ├── Poison                 a message that cannot be run; parked at once with a reason
     │   └── HandlerTimeout         a handler outran its timeout (also a TimeoutError)
+    ├── CallError                  `Task.call` got no result
+    │   ├── TaskFailed             the task was parked (retries exhausted, Park, poison)
+    │   ├── CallTimeout            no result within the timeout (also a TimeoutError)
+    │   ├── CallLost               the caller's channel closed while it waited
+    │   └── ReplyInvalid           the reply could not be read as the task's result
     └── ConfigError                an App, task or option is used wrongly
         └── UsageError             a command line is wrong (the CLI exits 2)
 
@@ -227,6 +232,63 @@ class Park(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class CallError(RabbitqError):
+    """`Task.call` returned no result: the task failed, or the caller stopped waiting."""
+
+
+class TaskFailed(CallError):
+    """The called task ended in the parking lot; its facts are those of the parked copy.
+
+    Attributes:
+        task: the task name.
+        message_id: the task's id (find it with `rabbitq parking show`).
+        reason: why it was parked (a `ParkReason` value, as the consumer sent it).
+        error_type: the type of the error that parked it (`Poison` when it never ran).
+        error: the error's message, scrubbed and bounded as on the parked copy.
+    """
+
+    def __init__(
+        self, task: str, message_id: str, reason: str, error_type: str, error: str
+    ) -> None:
+        self.task, self.message_id = task, message_id
+        self.reason, self.error_type, self.error = reason, error_type, error
+        super().__init__(
+            f"task {task!r} (message {message_id!r}) was parked ({reason}): {error_type}: {error}"
+        )
+
+
+class CallTimeout(CallError, TimeoutError):
+    """No result came within the call's timeout; the task is not cancelled and may still run."""
+
+    def __init__(self, task: str, message_id: str, timeout: float) -> None:
+        self.task, self.message_id, self.timeout = task, message_id, timeout
+        super().__init__(
+            f"no result for task {task!r} (message {message_id!r}) within {timeout}s; the task "
+            "is not cancelled and may still run, but its result will not reach this caller"
+        )
+
+
+class CallLost(CallError):
+    """The caller's channel or connection closed while it waited: the reply can never come."""
+
+    def __init__(self, task: str, message_id: str, detail: str) -> None:
+        self.task, self.message_id, self.detail = task, message_id, detail
+        super().__init__(
+            f"lost the channel while waiting for task {task!r} (message {message_id!r}): "
+            f"{detail}; the task may still run, but its result will not reach this caller"
+        )
+
+
+class ReplyInvalid(CallError):
+    """The reply to a call is not a result of the task's return type (untrusted input)."""
+
+    def __init__(self, task: str, message_id: str, problem: str) -> None:
+        self.task, self.message_id, self.problem = task, message_id, problem
+        super().__init__(
+            f"the reply to task {task!r} (message {message_id!r}) is invalid: {problem}"
+        )
 
 
 #: what a publish that failed raises (or, in a batch, reports per message)

@@ -171,6 +171,22 @@ class TaskDef(Generic[P, R]):
             return self._result_adapter.validate_python(result)
         return result
 
+    def dump_result(self, result: Any) -> bytes:
+        """A result `run` returned, as the JSON a reply carries (`null` for no return type)."""
+        if self._result_adapter is None:
+            return b"null"
+        return self._result_adapter.dump_json(result)
+
+    def load_result(self, body: bytes) -> Any:
+        """A reply's JSON as the handler's return type; None when it declares none.
+
+        Raises:
+            ValidationError: the JSON is not of the return type.
+        """
+        if self._result_adapter is None:
+            return None
+        return self._result_adapter.validate_json(body)
+
 
 def task_rules(
     name: str,

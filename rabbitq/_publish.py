@@ -146,6 +146,75 @@ class Publisher:
             raise
         self._count(out, None, time.monotonic() - started)
 
+    async def reply(self, out: Outgoing, timeout_seconds: float) -> None:
+        """Publish a reply to a caller over direct reply-to and wait for its confirm.
+
+        Not `mandatory`: the broker routes a direct reply-to name past its queues, so a
+        mandatory reply comes back as unroutable even when its caller got it (RabbitMQ 3.10);
+        one whose caller is gone is confirmed and dropped. Not counted in the publish metrics.
+
+        Raises:
+            NotConfirmed: nacked, or no confirm within `timeout_seconds`.
+            ConnectionFailed: the broker cannot be reached.
+        """
+        channel = await self._ready()
+        try:
+            confirm = await channel.basic_publish(
+                out.body,
+                exchange=out.exchange,
+                routing_key=out.routing_key,
+                properties=out.amqp_properties(),
+                mandatory=False,
+                timeout=timeout_seconds,
+            )
+        except Exception as exc:
+            raise _send_error(out, exc, self.url, timeout_seconds) from None
+        if not isinstance(confirm, Basic.Ack):
+            raise NotConfirmed(out.message_id, "the broker nacked it", nacked=True)
+
+    async def open_channel(self) -> AbstractChannel:
+        """A new channel with confirms on this publisher's connection, connecting if need be:
+        a caller's (`_call.py`), whose requests must go out on the channel its replies come to.
+
+        Raises:
+            ConnectionFailed: the broker cannot be reached.
+        """
+        await self._ready()
+        try:
+            assert self._connection is not None
+            return await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        except Exception as exc:  # the connection died under the call
+            raise ConnectionFailed(mask_url(self.url), f"{type(exc).__name__}: {exc}") from None
+
+    async def send_on(
+        self, channel: aiormq.abc.AbstractChannel, confirms: Confirms | None, out: Outgoing
+    ) -> None:
+        """`send`, on another channel of this connection (`open_channel`'s), as mandatory and
+        confirmed, counted the same way; `confirms` watches that channel when it pipelines."""
+        started = time.monotonic()
+        try:
+            if confirms is not None:
+                confirm = await confirms.publish(out)
+            else:
+                confirm = await channel.basic_publish(
+                    out.body,
+                    exchange=out.exchange,
+                    routing_key=out.routing_key,
+                    properties=out.amqp_properties(),
+                    mandatory=True,
+                    timeout=self.confirm_timeout,
+                )
+            if not isinstance(confirm, Basic.Ack):
+                raise NotConfirmed(out.message_id, "the broker nacked it", nacked=True)
+        except Exception as exc:
+            error = self._error(out, exc)
+            self._count(out, error, 0.0)
+            raise error from None
+        except BaseException as exc:  # cancelled
+            self._count(out, exc, 0.0)
+            raise
+        self._count(out, None, time.monotonic() - started)
+
     def _count(self, out: Outgoing, error: BaseException | None, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.count(out.kind, error, seconds)

@@ -12,6 +12,12 @@ If the copy cannot be confirmed the delivery is returned to the queue (nack with
 the consumer reconnects, so it is never lost; it may run again (a duplicate). A delivery is
 settled only by the acker of the channel it came on (`_ack.py`).
 
+A delivery that asks for a reply (a `Task.call`: direct reply-to, `_reply.py`) gets one once its
+outcome is final and settled: the result when it succeeded, the park facts when it was parked;
+none when it is retried (the retried copy carries the question on) or returned to the queue. A
+reply is sent beside the settling, never before it, and whatever becomes of it (its caller gone,
+not confirmed) is logged and changes nothing.
+
 Each outcome is counted (metrics), logged as one line with its facts, and failures go to the
 app's failure hooks. What to do is `_outcome.decide`'s; the copies are `_wire`'s.
 """
@@ -30,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from rabbitq import _reply as reply
 from rabbitq import _wire as wire
 from rabbitq._ack import Acker
 from rabbitq._amqp import Delivery
@@ -45,6 +52,9 @@ from rabbitq._topology import Workload
 logger = logging.getLogger("rabbitq.settle")
 
 TRACEBACK_LINES = 12
+# A reply's confirm (and, after a loss, the publisher's reconnect) may take this long: a bound
+# on how long a stopping consumer waits for replies still on their way.
+REPLY_SECONDS = 5.0
 
 
 @dataclass(slots=True)
@@ -67,6 +77,8 @@ class Settler:
     url: str
     counts: Counter[str]
     host: str = field(default_factory=socket.gethostname)
+    #: replies on their way (`_reply_later`)
+    replies: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def handle(self, message: Delivery, acker: Acker) -> None:
         props = message.properties
@@ -75,6 +87,7 @@ class Settler:
         envelope: wire.Envelope | None = None
         error: BaseException | None = None
         duration: float | None = None
+        result: bytes | None = None
         try:
             if props.broken:
                 raise Poison(ParkReason.BAD_ENVELOPE, props.broken)
@@ -104,10 +117,10 @@ class Settler:
             except Poison as poison:
                 error, outcome = poison, decide(poison, spec, time.time())
             else:
-                error, duration = await self._run(message, envelope, definition, payload)
+                error, duration, result = await self._run(message, envelope, definition, payload)
                 ran = RAN if error is None else Ran(error)
                 outcome = decide(envelope, spec, time.time(), ran=ran, rules=definition.rules)
-        await self._carry_out(message, acker, envelope, outcome, error, duration)
+        await self._carry_out(message, acker, envelope, outcome, error, duration, result)
 
     async def _run(
         self,
@@ -115,8 +128,9 @@ class Settler:
         envelope: wire.Envelope,
         definition: TaskDef[Any, Any],
         payload: Any,
-    ) -> tuple[Exception | None, float]:
-        """Run the handler; what it raised (None if it returned) and how long it took."""
+    ) -> tuple[Exception | None, float, bytes | None]:
+        """Run the handler; what it raised (None if it returned), how long it took, and its
+        result as JSON if the delivery asks for a reply (else None)."""
         props = message.properties
         # built only for handlers that take it: most do not, and it is per-task work
         ctx = (
@@ -142,15 +156,21 @@ class Settler:
             metrics.queue_latency.observe(max(0.0, now - published))
         started = time.monotonic()
         error: Exception | None = None
+        result: bytes | None = None
         try:
-            await definition.run(payload, ctx, self.executor)
+            returned = await definition.run(payload, ctx, self.executor)
+            # only for a reply we will send; a result that cannot be encoded fails as any error
+            if props.reply_to is not None and reply.wants_reply(
+                props.reply_to, props.correlation_id
+            ):
+                result = definition.dump_result(returned)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             error = exc
         duration = time.monotonic() - started
         metrics.duration.observe(duration)
-        return error, duration
+        return error, duration, result
 
     async def _carry_out(
         self,
@@ -160,9 +180,10 @@ class Settler:
         outcome: Outcome,
         error: BaseException | None,
         duration: float | None,
+        result: bytes | None = None,
     ) -> None:
         """The one place an outcome is carried out: send its copy and wait for the confirm,
-        then settle the delivery on its own channel, count, log and report."""
+        then settle the delivery on its own channel, count, log, report, and reply."""
         if isinstance(outcome, ParkNow) and error is None:  # stopped before it ran
             error = Poison(outcome.reason, outcome.detail)
         if type(outcome) is not Succeeded:  # Run never reaches here
@@ -186,6 +207,74 @@ class Settler:
                 return
         if acker.settle(message):
             self._record(message, envelope, outcome, error, duration)
+            props = message.properties
+            if props.reply_to is not None and isinstance(outcome, Succeeded | ParkNow):
+                self._reply_later(message, outcome, error, result)
+
+    def _reply_later(
+        self,
+        message: Delivery,
+        outcome: Succeeded | ParkNow,
+        error: BaseException | None,
+        result: bytes | None,
+    ) -> None:
+        """Send the reply of a settled outcome, in a task of its own.
+
+        Why this order is safe: the reply follows the outcome. A parked task's reply is built
+        only once its parked copy was confirmed and the delivery acked, so no caller hears
+        "parked" of a task whose copy was lost and requeued (that path returns above, without
+        a reply), and a success's reply follows its ack. Should that ack be lost with the
+        connection, the broker redelivers the task, it runs again (at-least-once) and its
+        second reply finds no call waiting: the caller ignores it.
+
+        Why a task of its own: the ack is already written (a reply never holds it back), and
+        a consumer that stops or loses its connection cancels the deliveries' tasks, which
+        return an unsettled delivery to the queue; this one was settled, and the reply's
+        confirm must not be mistaken for the delivery's.
+        """
+        props = message.properties
+        if not reply.wants_reply(props.reply_to, props.correlation_id):
+            logger.debug(
+                "message %s asks for a reply to %r; only direct reply-to is answered",
+                props.message_id,
+                props.reply_to,
+            )
+            return
+        assert props.reply_to is not None and props.correlation_id is not None
+        if isinstance(outcome, ParkNow):
+            assert error is not None
+            out = reply.parked(
+                props.reply_to,
+                props.correlation_id,
+                reason=str(outcome.reason),
+                error_type=_error_type(error),
+                error=outcome.detail or self._clean(str(error)),
+            )
+        else:
+            out = reply.succeeded(props.reply_to, props.correlation_id, result or b"null")
+        task = asyncio.get_running_loop().create_task(self._reply(props.message_id, out))
+        self.replies.add(task)
+        task.add_done_callback(self.replies.discard)
+
+    async def _reply(self, message_id: str | None, out: wire.Outgoing) -> None:
+        try:
+            async with asyncio.timeout(REPLY_SECONDS):
+                await self.publisher.reply(out, REPLY_SECONDS)
+        except Exception as exc:  # not confirmed, or no connection: the outcome stands
+            logger.info(
+                "the reply to message %s was not confirmed (%s); the caller will not get it, "
+                "the task's outcome stands",
+                message_id,
+                self._clean(str(exc)) if not isinstance(exc, TimeoutError) else "timed out",
+            )
+        else:
+            # confirmed is all the broker says: a reply whose caller is gone is dropped there
+            logger.debug("replied to message %s", message_id)
+
+    async def finish_replies(self) -> None:
+        """Wait for the replies on their way (each is bounded by `REPLY_SECONDS`)."""
+        if self.replies:
+            await asyncio.wait(set(self.replies), timeout=REPLY_SECONDS + 1)
 
     def _copy(
         self,
