@@ -28,7 +28,10 @@ WORKLOADS: dict[str, tuple[int, str]] = {
     "retry": (CAPACITY, RETRY_TIER),
     "tiers": (CAPACITY, PARKED_TIER),
     "scale": (CAPACITY, "1s"),
+    # issue #14: delayed against immediate tasks (the ladder is the namespace's, not its own)
+    "delays": (CAPACITY, "1s"),
 }
+DELAYS_WORKLOAD = "delays"
 
 
 def queue_type_workload(queue_type: str) -> str:

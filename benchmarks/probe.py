@@ -198,7 +198,9 @@ def run(main: Callable[[], Coroutine[Any, Any, T]], loop: str) -> T:
 def worker_arguments(description: str) -> argparse.ArgumentParser:
     """The command line both consumer processes take."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--mode", choices=("drain", "latency", "retry", "tiers"), required=True)
+    parser.add_argument(
+        "--mode", choices=("drain", "latency", "retry", "tiers", "delays"), required=True
+    )
     parser.add_argument("--url", required=True)
     parser.add_argument(
         "--expect", type=int, default=0, help="done after this many tasks; 0: done when idle"

@@ -3,6 +3,7 @@
     python -m benchmarks.run --n 20000 --reps 3 --json benchmarks/results.json
     python -m benchmarks.run --quick          # tiny N, one repetition: does it still run?
     python -m benchmarks.run --scenarios queue_types --cluster   # classic vs quorum, 3 nodes
+    python -m benchmarks.run --scenarios delays --n 100000       # delayed vs immediate tasks
 
 For each repetition, each scenario is measured on every system that takes part in it, one after
 the other, on the same broker and the same event loop: the raw aio-pika floor, the raw
@@ -34,7 +35,7 @@ from typing import Any
 
 import aiormq
 
-from benchmarks import broker, machine, scenarios
+from benchmarks import broker, delays, machine, scenarios
 from benchmarks import cluster as clusters
 from benchmarks.names import (
     CAPACITIES,
@@ -105,6 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the early RSS sample of the memory scenario, in forwarded tasks",
     )
     p.add_argument(
+        "--delays-cpu-n",
+        type=int,
+        default=0,
+        help="delays: tasks per broker-CPU run (published, waited for, consumed); default --n",
+    )
+    p.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
         help=f"comma-separated, from {','.join(SCENARIOS)} (default: all). latency "
@@ -162,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="a tiny run that only shows the runner works: --n 100 --reps 1 "
         f"--capacities {CAPACITY} --latency-seconds 0.3 --tier-n 200 "
-        "--tier-early 50 --idle 0.25",
+        "--tier-early 50 --idle 0.25 (delays: --delays-cpu-n 100, a 3 s delay)",
     )
     p.add_argument(
         "--delete-namespace",
@@ -174,6 +181,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.n, args.reps, args.latency_seconds = 100, 1, 0.3
         args.tier_n, args.tier_early, args.idle = 200, 50, 0.25
         args.capacities = str(CAPACITY)
+        args.delays_cpu_n = 0
+    args.delays_cpu_n = args.delays_cpu_n or args.n
     try:
         chosen = {int(c) for c in args.capacities.split(",") if c.strip()} | {CAPACITY}
     except ValueError:
@@ -311,6 +320,8 @@ class Runner:
             )
         if "queue_types" in wants:
             await self.queue_types()
+        if "delays" in wants:
+            await self.delays()
 
     async def drains(self, capacities: tuple[int, ...]) -> None:
         a = self.args
@@ -376,6 +387,39 @@ class Runner:
                 },
                 "quorum/classic ",
             )
+
+    async def delays(self) -> None:
+        """Issue #14: delayed tasks against immediate ones, on rabbitq alone
+        (`benchmarks/delays.py`): consumer memory, publish rates, broker CPU per task."""
+        a = self.args
+        key = "delays"
+        self.record(
+            key,
+            await self.each(
+                f"a live consumer while {a.n:,} tasks are delayed by 1h-1d",
+                key,
+                partial(delays.memory, n=a.n),
+            ),
+            "memory ",
+        )
+        self.record(
+            key,
+            await self.each(
+                f"publish {a.n:,} immediate and {a.n:,} delayed tasks",
+                key,
+                partial(delays.publish, n=a.n, batch=a.batch),
+            ),
+            "publish ",
+        )
+        self.record(
+            key,
+            await self.each(
+                f"broker CPU over the life of {a.delays_cpu_n:,} immediate, then delayed tasks",
+                key,
+                partial(delays.broker_cpu, n=a.delays_cpu_n, batch=a.batch, quick=a.quick),
+            ),
+            "broker ",
+        )
 
     async def latencies(self) -> None:
         a = self.args

@@ -66,6 +66,8 @@ PUBLISH = frozenset({"publish_one", "publish_concurrent", "publish_batch"})
 CONSUME = frozenset({"drain", "latency"})
 # queue_types: batch publish and drain on rabbitq's classic and quorum work queues.
 EVERYTHING = PUBLISH | CONSUME | {"retry", "tiers", "scale", "queue_types"}
+# delayed against immediate tasks (`benchmarks.delays`): rabbitq's own, no baseline has delays
+DELAYS = "delays"
 
 
 async def _concurrently(send: Any, n: int, publishers: int) -> float:
@@ -205,7 +207,7 @@ class RabbitqSide:
 
     name = "rabbitq"
     title = "rabbitq"
-    measures = EVERYTHING
+    measures = EVERYTHING | {DELAYS}
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -292,6 +294,40 @@ class RabbitqSide:
                 await task.publish(Job.make(i, time.time()))
 
             return await paced(send, rate, count)
+
+    async def publish_with_delays(
+        self, workload: str, delays: list[float | None], batch: int | None
+    ) -> float:
+        """Seconds to publish one task per delay (None: run now; else seconds from now), with
+        `publish_many` in batches of `batch`, or one at a time with `publish` if None.
+
+        An immediate task is published without the option, exactly as `publish_batches` does.
+        """
+        app, tasks = self._app()
+        task = tasks[workload]
+        payloads = [Job.make(i) for i in range(len(delays))]
+
+        def message(i: int) -> Any:
+            delay = delays[i]
+            return (
+                task.message(payloads[i])
+                if delay is None
+                else task.message(payloads[i], delay=delay)
+            )
+
+        async with app:
+            started = time.perf_counter()
+            if batch is None:
+                for i, delay in enumerate(delays):
+                    if delay is None:
+                        await task.publish(payloads[i])
+                    else:
+                        await task.publish(payloads[i], delay=delay)
+            else:
+                for start in range(0, len(delays), batch):
+                    end = min(start + batch, len(delays))
+                    await app.publish_many([message(i) for i in range(start, end)])
+            return time.perf_counter() - started
 
 
 class RawTaskMessageSide(RawSide):
