@@ -402,15 +402,20 @@ class Runner:
             ),
             "memory ",
         )
-        self.record(
-            key,
-            await self.each(
-                f"publish {a.n:,} immediate and {a.n:,} delayed tasks",
-                key,
-                partial(delays.publish, n=a.n, batch=a.batch),
-            ),
-            "publish ",
-        )
+        for how, batch in (("batch", a.batch), ("one_at_a_time", None)):
+            rates: dict[str, dict[str, float]] = {}
+            for kind in delays.KINDS:
+                figures = await self.each(
+                    f"publish {a.n:,} {kind} tasks, {how.replace('_', ' ')}",
+                    key,
+                    partial(delays.publish, n=a.n, batch=batch, kind=kind),
+                )
+                self.record(key, figures, "publish ")
+                for name, values in figures.items():
+                    rates.setdefault(name, {})[kind] = values[f"{kind} {how}_per_s"]
+            for name, by_kind in rates.items():
+                ratio = by_kind["delayed"] / by_kind["immediate"]
+                self.results.add(key, name, {f"delayed/immediate {how}_per_s": ratio}, "publish ")
         self.record(
             key,
             await self.each(
