@@ -29,7 +29,10 @@ WORKLOADS: dict[str, tuple[int, str]] = {
     "tiers": (CAPACITY, PARKED_TIER),
     "scale": (CAPACITY, "1s"),
     "calls": (CAPACITY, "1s"),
+    # issue #14: delayed against immediate tasks (the ladder is the namespace's, not its own)
+    "delays": (CAPACITY, "1s"),
 }
+DELAYS_WORKLOAD = "delays"
 
 
 def queue_type_workload(queue_type: str) -> str:

@@ -199,7 +199,7 @@ def worker_arguments(description: str) -> argparse.ArgumentParser:
     """The command line both consumer processes take."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
-        "--mode", choices=("drain", "latency", "retry", "tiers", "calls"), required=True
+        "--mode", choices=("drain", "latency", "retry", "tiers", "calls", "delays"), required=True
     )
     parser.add_argument("--url", required=True)
     parser.add_argument(

@@ -16,11 +16,21 @@ from typing import Any
 
 OURS = "rabbitq"
 BASELINES = ("raw", "raw-task-message", "aiormq")
-SCENARIOS = ("publish", "drain", "latency", "retry", "memory", "scale", "queue_types", "calls")
+SCENARIOS = (
+    "publish",
+    "drain",
+    "latency",
+    "retry",
+    "memory",
+    "scale",
+    "queue_types",
+    "calls",
+    "delays",
+)
 # Where a smaller number is better; `offered` is an input, and machine and broker CPU (scale)
-# are context, not outcomes.
+# are context, not outcomes; so are a delays run's length, ladder levels and ladder count.
 _LOWER_BETTER = ("_ms", "rss", "cpu_us", "growth")
-_NEUTRAL = ("offered", "busy", "cores")
+_NEUTRAL = ("offered", "busy", "cores", "seconds", "levels", "held")
 
 Figures = dict[str, dict[str, dict[str, float]]]  # scenario -> metric -> side -> value
 

@@ -25,6 +25,8 @@ from rabbitq._metrics import Metrics
 
 SETTLE_POLL_SECONDS = 0.001
 SETTLE_SECONDS = 60.0
+# Modes whose tasks arrive while the consumer runs: ready as soon as it consumes.
+UNGATED = ("latency", "calls", "delays")  # paced or called by the runner, or none to drain
 
 
 async def _settled(consumer: rabbitq.Consumer, outcome: str, handled: int) -> None:
@@ -46,8 +48,9 @@ async def main(args: Any) -> None:
     if args.mode == "tiers":
         # The handler counts a forward as it raises; the last sample waits for the confirms.
         rss_at = tuple(x for x in rss_at if x < args.expect)
-    gated = args.mode not in ("latency", "calls")  # those are paced or called by the runner
-    probe = Probe(expect=args.expect, idle_seconds=args.idle, gated=gated, rss_at=rss_at)
+    probe = Probe(
+        expect=args.expect, idle_seconds=args.idle, gated=args.mode not in UNGATED, rss_at=rss_at
+    )
     probe.install()
     app, _ = build_app(probe)
     topology = rabbitq.parse_topology({"bench.toml": args.topology.read_text()})
@@ -63,7 +66,7 @@ async def main(args: Any) -> None:
     if running.done():
         running.result()  # raises what stopped the consumer (e.g. topology missing)
         sys.exit("rabbitq worker: the consumer stopped before it was ready")
-    if not gated:
+    if args.mode in UNGATED:
         probe.ready()
     idle = None if args.expect else asyncio.create_task(probe.watch_idle())
     await asyncio.wait(

@@ -3,6 +3,7 @@
     python -m benchmarks.run --n 20000 --reps 3 --json benchmarks/results.json
     python -m benchmarks.run --quick          # tiny N, one repetition: does it still run?
     python -m benchmarks.run --scenarios queue_types --cluster   # classic vs quorum, 3 nodes
+    python -m benchmarks.run --scenarios delays --n 100000       # delayed vs immediate tasks
 
 For each repetition, each scenario is measured on every system that takes part in it, one after
 the other, on the same broker and the same event loop: the raw aio-pika floor, the raw
@@ -34,7 +35,7 @@ from typing import Any
 
 import aiormq
 
-from benchmarks import broker, machine, scenarios
+from benchmarks import broker, delays, machine, scenarios
 from benchmarks import cluster as clusters
 from benchmarks.names import (
     CAPACITIES,
@@ -105,6 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the early RSS sample of the memory scenario, in forwarded tasks",
     )
     p.add_argument(
+        "--delays-cpu-n",
+        type=int,
+        default=0,
+        help="delays: tasks per broker-CPU run (published, waited for, consumed); default --n",
+    )
+    p.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
         help=f"comma-separated, from {','.join(SCENARIOS)} (default: all). latency "
@@ -168,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="a tiny run that only shows the runner works: --n 100 --reps 1 "
         f"--capacities {CAPACITY} --latency-seconds 0.3 --tier-n 200 "
-        "--tier-early 50 --idle 0.25 --calls 100",
+        "--tier-early 50 --idle 0.25 --calls 100 (delays: --delays-cpu-n 100, a 3 s delay)",
     )
     p.add_argument(
         "--delete-namespace",
@@ -181,6 +188,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.tier_n, args.tier_early, args.idle = 200, 50, 0.25
         args.calls = 100
         args.capacities = str(CAPACITY)
+        args.delays_cpu_n = 0
+    args.delays_cpu_n = args.delays_cpu_n or args.n
     try:
         chosen = {int(c) for c in args.capacities.split(",") if c.strip()} | {CAPACITY}
     except ValueError:
@@ -327,6 +336,8 @@ class Runner:
                     partial(scenarios.calls, count=a.calls, warmup=max(1, a.calls // 10)),
                 ),
             )
+        if "delays" in wants:
+            await self.delays()
 
     async def drains(self, capacities: tuple[int, ...]) -> None:
         a = self.args
@@ -392,6 +403,44 @@ class Runner:
                 },
                 "quorum/classic ",
             )
+
+    async def delays(self) -> None:
+        """Issue #14: delayed tasks against immediate ones, on rabbitq alone
+        (`benchmarks/delays.py`): consumer memory, publish rates, broker CPU per task."""
+        a = self.args
+        key = "delays"
+        self.record(
+            key,
+            await self.each(
+                f"a live consumer while {a.n:,} tasks are delayed by 1h-1d",
+                key,
+                partial(delays.memory, n=a.n),
+            ),
+            "memory ",
+        )
+        for how, batch in (("batch", a.batch), ("one_at_a_time", None)):
+            rates: dict[str, dict[str, float]] = {}
+            for kind in delays.KINDS:
+                figures = await self.each(
+                    f"publish {a.n:,} {kind} tasks, {how.replace('_', ' ')}",
+                    key,
+                    partial(delays.publish, n=a.n, batch=batch, kind=kind),
+                )
+                self.record(key, figures, "publish ")
+                for name, values in figures.items():
+                    rates.setdefault(name, {})[kind] = values[f"{kind} {how}_per_s"]
+            for name, by_kind in rates.items():
+                ratio = by_kind["delayed"] / by_kind["immediate"]
+                self.results.add(key, name, {f"delayed/immediate {how}_per_s": ratio}, "publish ")
+        self.record(
+            key,
+            await self.each(
+                f"broker CPU over the life of {a.delays_cpu_n:,} immediate, then delayed tasks",
+                key,
+                partial(delays.broker_cpu, n=a.delays_cpu_n, batch=a.batch, quick=a.quick),
+            ),
+            "broker ",
+        )
 
     async def latencies(self) -> None:
         a = self.args

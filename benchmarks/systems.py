@@ -71,6 +71,8 @@ EVERYTHING = PUBLISH | CONSUME | {"retry", "tiers", "scale", "queue_types", "cal
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 # a call that has no answer in this time is lost, not slow: the measurement is repeated
 CALLS_TIMEOUT_SECONDS = 120.0
+# delayed against immediate tasks (`benchmarks.delays`): rabbitq's own, no baseline has delays
+DELAYS = "delays"
 
 
 async def _concurrently(send: Any, n: int, publishers: int) -> float:
@@ -264,7 +266,7 @@ class RabbitqSide:
 
     name = "rabbitq"
     title = "rabbitq"
-    measures = EVERYTHING
+    measures = EVERYTHING | {DELAYS}
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -363,6 +365,40 @@ class RabbitqSide:
                 return await task.call(payloads[i], timeout=CALLS_TIMEOUT_SECONDS)
 
             return await _call_all(call, count, warmup)
+
+    async def publish_with_delays(
+        self, workload: str, delays: list[float | None], batch: int | None
+    ) -> float:
+        """Seconds to publish one task per delay (None: run now; else seconds from now), with
+        `publish_many` in batches of `batch`, or one at a time with `publish` if None.
+
+        An immediate task is published without the option, exactly as `publish_batches` does.
+        """
+        app, tasks = self._app()
+        task = tasks[workload]
+        payloads = [Job.make(i) for i in range(len(delays))]
+
+        def message(i: int) -> Any:
+            delay = delays[i]
+            return (
+                task.message(payloads[i])
+                if delay is None
+                else task.message(payloads[i], delay=delay)
+            )
+
+        async with app:
+            started = time.perf_counter()
+            if batch is None:
+                for i, delay in enumerate(delays):
+                    if delay is None:
+                        await task.publish(payloads[i])
+                    else:
+                        await task.publish(payloads[i], delay=delay)
+            else:
+                for start in range(0, len(delays), batch):
+                    end = min(start + batch, len(delays))
+                    await app.publish_many([message(i) for i in range(start, end)])
+            return time.perf_counter() - started
 
 
 class RawTaskMessageSide(RawSide):

@@ -13,7 +13,8 @@ from aio_pika.abc import AbstractConnection
 from tests.conftest import broker_url
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = {"publish", "drain", "latency", "retry", "memory", "scale", "queue_types"}
+SCENARIOS = {"publish", "drain", "latency", "retry", "memory", "scale", "queue_types", "delays"}
+QUICK_N = 100
 # classic against quorum, each with raw aio-pika on the same queue (the single-node path only:
 # `--cluster` starts three nodes, too slow here)
 QUEUE_TYPE_ROWS = [
@@ -21,7 +22,15 @@ QUEUE_TYPE_ROWS = [
     for qtype in ("classic", "quorum")
     for metric in ("batch_per_s", "c64_tasks_per_s")
 ]
-# Every system, each scenario, tiny N: about 15 s here; room for a slow machine.
+# delayed against immediate tasks (rabbitq alone): each figure the issue's acceptance reads
+DELAY_ROWS = [
+    "publish delayed/immediate batch_per_s",
+    "publish delayed/immediate one_at_a_time_per_s",
+    "broker delayed/immediate broker_cpu_us_per_task",
+    "memory consumer_rss_growth_mib",
+]
+# Every system, each scenario, tiny N: about 35 s here (20 of them delays, which waits for a
+# 3 s delay); room for a slow machine.
 RUN_TIMEOUT_SECONDS = 110
 
 
@@ -29,8 +38,9 @@ RUN_TIMEOUT_SECONDS = 110
 async def test_benchmark_runner_quick_run_reports_every_scenario(
     connection: AbstractConnection, tmp_path: Path
 ) -> None:
-    """`python -m benchmarks.run --quick` exits 0 and its JSON has every scenario, and rabbitq
-    over raw for both queue types."""
+    """`python -m benchmarks.run --quick` exits 0 and its JSON has every scenario, rabbitq
+    over raw for both queue types, and the delays figures with every delayed task counted in
+    the ladder."""
     results = tmp_path / "results.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -61,3 +71,7 @@ async def test_benchmark_runner_quick_run_reports_every_scenario(
     queue_types = summary["queue_types"]
     for row in QUEUE_TYPE_ROWS:
         assert queue_types.get(row, {}).get("ratio/raw") is not None, f"no rabbitq/raw for {row}"
+    delays = summary["delays"]
+    for row in DELAY_ROWS:
+        assert delays.get(row, {}).get("rabbitq") is not None, f"no rabbitq figure for {row}"
+    assert delays["memory ladder_held"]["rabbitq"]["median"] == QUICK_N
