@@ -47,6 +47,17 @@ async def _ladder_depths(connection: AbstractConnection, namespace: str) -> dict
     }
 
 
+async def _where(url: str, namespace: str, ran: dict[int, float]) -> str:
+    """Where the tasks are, for a failure: what ran, the ladder's and the work queue's depths."""
+    connection = await aio_pika.connect(url)
+    try:
+        levels = {i: n for i, n in (await _ladder_depths(connection, namespace)).items() if n}
+        work = await queue_depth(connection, f"{namespace}.later.work")
+    finally:
+        await connection.close()
+    return f"ran {sorted(ran)}, ladder levels holding tasks {levels}, work queue {work}"
+
+
 @pytest.mark.timeout(120)
 async def test_delayed_tasks_run_at_their_time_in_any_publish_order(
     make_topology, connection, url, namespace
@@ -134,7 +145,10 @@ async def test_delayed_tasks_survive_a_broker_restart(make_topology, connection,
     app = App(namespace=namespace, url=url)
     _, ran = _noted(app)
     async with running_consumer(app, topology.workload("later"), url):
-        await wait_until(lambda: len(ran) == 3, timeout=90, what=f"all 3 to run (ran: {ran})")
+        try:
+            await wait_until(lambda: len(ran) == 3, timeout=90, what="all 3 to run")
+        except AssertionError as error:
+            raise AssertionError(f"{error}: {await _where(url, namespace, ran)}") from None
     print(f"back {back - due[2]:.1f}s after task 2's time; ran, after its time: ", end="")
     print({n: round(ran[n] - due[n], 2) for n in ran})
     assert ran[1] >= due[1] and ran[2] >= due[2]
