@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -718,6 +719,40 @@ async def restore_broker(url: str) -> None:
     await actl("start_app", timeout=120, check=False)
     await actl("set_vm_memory_high_watermark", str(MEMORY_WATERMARK), check=False)
     await wait_for_broker(url)
+
+
+DLX_RETRY_SETTING = "dead_letter_worker_publisher_confirm_timeout"
+
+
+def shipped_dlx_retry_ms() -> int:
+    """The dead-letter worker's retry that rabbitmq/advanced.config ships (milliseconds)."""
+    text = (ROOT / "rabbitmq" / "advanced.config").read_text()
+    found = re.search(rf"\{{{DLX_RETRY_SETTING},\s*(\d+)\}}", text)
+    assert found, f"rabbitmq/advanced.config sets no {DLX_RETRY_SETTING}"
+    return int(found.group(1))
+
+
+@contextlib.asynccontextmanager
+async def dlx_retry_as_shipped() -> AsyncIterator[int]:
+    """The broker's at-least-once dead-letter retry set as rabbitmq/advanced.config ships it,
+    for the body; the broker's own value put back after. Yields the value in milliseconds.
+
+    A quorum queue's dead-letter worker reads the setting when it starts (with its queue, or
+    when the queue recovers after a restart), so the body's queues and restarts get it.
+    """
+    shipped = shipped_dlx_retry_ms()
+    before = await actl("eval", f"application:get_env(rabbit, {DLX_RETRY_SETTING}).")
+    try:
+        await actl("eval", f"application:set_env(rabbit, {DLX_RETRY_SETTING}, {shipped}).")
+        yield shipped
+    finally:
+        value = re.search(r"\{ok,\s*(\d+)\}", before)
+        restore = (
+            f"application:set_env(rabbit, {DLX_RETRY_SETTING}, {value.group(1)})."
+            if value
+            else f"application:unset_env(rabbit, {DLX_RETRY_SETTING})."
+        )
+        await actl("eval", restore, check=False)
 
 
 @contextlib.asynccontextmanager

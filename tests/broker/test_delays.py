@@ -18,7 +18,7 @@ from rabbitq import _status as status_
 from rabbitq._app import Task
 from rabbitq._wire import HEADER_RUN_AT
 from tests.helpers import queue_depth, running_consumer, wait_until
-from tests.ledger import broker_stopped
+from tests.ledger import broker_stopped, dlx_retry_as_shipped
 
 # how far from its time a delayed task may start (the issue's bar), the broker's expiry and the
 # consumer's start included
@@ -127,32 +127,39 @@ async def _depth_is(connection: AbstractConnection, queue: str, depth: int) -> b
 
 
 @pytest.mark.timeout(240)
-async def test_delayed_tasks_survive_a_broker_restart(make_topology, connection, url, namespace):
+async def test_delayed_tasks_survive_a_broker_restart(make_topology, url, namespace):
     """stop_app while tasks wait in the ladder, start_app after some were due: each runs, none
-    before its time, those due meanwhile right after the broker is back."""
-    topology = await make_topology(delays=True, later={"capacity": 4})
-    app = App(namespace=namespace, url=url)
-    task, _ = _noted(app)
-    due: dict[int, float] = {}
-    for n, delay in ((1, 3), (2, 6), (3, 25)):
-        due[n] = time.time() + delay
-        await task.publish(Item(n=n), delay=delay)
-    await app.close()
-    async with broker_stopped(url):
-        # down past two tasks' time: a span of wall clock, not a synchronisation
-        await asyncio.sleep(max(0.0, due[2] + 1 - time.time()))
-    back = time.time()
-    app = App(namespace=namespace, url=url)
-    _, ran = _noted(app)
-    async with running_consumer(app, topology.workload("later"), url):
-        try:
-            await wait_until(lambda: len(ran) == 3, timeout=90, what="all 3 to run")
-        except AssertionError as error:
-            raise AssertionError(f"{error}: {await _where(url, namespace, ran)}") from None
+    before its time, those due meanwhile right after the broker is back.
+
+    With the broker setting rabbitmq/advanced.config ships: a hop that meets a queue still
+    recovering waits for the dead-letter worker's retry (180 s by the broker's default, 15 s as
+    shipped), so "right after" means within that retry.
+    """
+    async with dlx_retry_as_shipped() as retry_ms:
+        topology = await make_topology(delays=True, later={"capacity": 4})
+        app = App(namespace=namespace, url=url)
+        task, _ = _noted(app)
+        due: dict[int, float] = {}
+        for n, delay in ((1, 3), (2, 6), (3, 25)):
+            due[n] = time.time() + delay
+            await task.publish(Item(n=n), delay=delay)
+        await app.close()
+        async with broker_stopped(url):
+            # down past two tasks' time: a span of wall clock, not a synchronisation
+            await asyncio.sleep(max(0.0, due[2] + 1 - time.time()))
+        back = time.time()
+        app = App(namespace=namespace, url=url)
+        _, ran = _noted(app)
+        async with running_consumer(app, topology.workload("later"), url):
+            try:
+                await wait_until(lambda: len(ran) == 3, timeout=90, what="all 3 to run")
+            except AssertionError as error:
+                raise AssertionError(f"{error}: {await _where(url, namespace, ran)}") from None
     print(f"back {back - due[2]:.1f}s after task 2's time; ran, after its time: ", end="")
     print({n: round(ran[n] - due[n], 2) for n in ran})
     assert ran[1] >= due[1] and ran[2] >= due[2]
-    assert ran[1] - back < 10 and ran[2] - back < 10
+    soon = 10 + retry_ms / 1000
+    assert ran[1] - back < soon and ran[2] - back < soon
     assert abs(ran[3] - due[3]) <= ON_TIME_SECONDS
 
 
