@@ -56,6 +56,13 @@ TRACEBACK_LINES = 12
 # on how long a stopping consumer waits for replies still on their way.
 REPLY_SECONDS = 5.0
 
+# Told of a settled delivery: its envelope (None if it could not be read), its outcome, what
+# the handler raised or the poison that stopped it, and its result as JSON (None unless it
+# succeeded and an observer or a reply asked for it).
+Observer = Callable[
+    [Delivery, "wire.Envelope | None", Outcome, BaseException | None, bytes | None], None
+]
+
 
 @dataclass(slots=True)
 class Settler:
@@ -79,6 +86,8 @@ class Settler:
     host: str = field(default_factory=socket.gethostname)
     #: replies on their way (`_reply_later`)
     replies: set[asyncio.Task[None]] = field(default_factory=set)
+    #: told of every settled outcome (`rabbitq.testing`); None, the default, costs one check
+    observer: Observer | None = None
 
     async def handle(self, message: Delivery, acker: Acker) -> None:
         props = message.properties
@@ -159,9 +168,11 @@ class Settler:
         result: bytes | None = None
         try:
             returned = await definition.run(payload, ctx, self.executor)
-            # only for a reply we will send; a result that cannot be encoded fails as any error
-            if props.reply_to is not None and reply.wants_reply(
-                props.reply_to, props.correlation_id
+            # only for a reply we will send (or an observer); a result that cannot be encoded
+            # fails as any error
+            if self.observer is not None or (
+                props.reply_to is not None
+                and reply.wants_reply(props.reply_to, props.correlation_id)
             ):
                 result = definition.dump_result(returned)
         except asyncio.CancelledError:
@@ -207,6 +218,8 @@ class Settler:
                 return
         if acker.settle(message):
             self._record(message, envelope, outcome, error, duration)
+            if self.observer is not None:
+                self.observer(message, envelope, outcome, error, result)
             props = message.properties
             if props.reply_to is not None and isinstance(outcome, Succeeded | ParkNow):
                 self._reply_later(message, outcome, error, result)
