@@ -4,6 +4,7 @@ would do with one attempt, decided by the consumer's own code, without a broker.
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -160,3 +161,16 @@ async def test_per_task_rules_decide_as_in_the_consumer(
 async def test_a_handler_past_its_timeout_is_retried_as_a_handler_timeout() -> None:
     run = await run_task(rules_app, slow, Mail(), topology=RULES_TOPOLOGY)
     assert run.retried and isinstance(run.error, rabbitq.HandlerTimeout)
+
+
+def test_the_kits_public_names_are_its_all_and_readme_lists_them() -> None:
+    """`rabbitq.testing.__all__` is sorted, complete, and in README's "Public API" section."""
+    import rabbitq.testing as kit
+
+    public = {n for n, v in vars(kit).items() if not n.startswith("_") and callable(v)}
+    fixtures = {"rabbitq_harness", "rabbitq_namespace", "rabbitq_url", "pytest_addoption"}
+    imported = {"AsyncIterator", "Path"}
+    assert kit.__all__ == sorted(set(kit.__all__))
+    assert set(kit.__all__) == public - fixtures - imported
+    section = (ROOT / "README.md").read_text().split("## Public API", 1)[1].split("\n## ", 1)[0]
+    assert set(re.findall(r"`rabbitq\.testing\.(\w+)`", section)) == set(kit.__all__)
