@@ -198,7 +198,7 @@ class Harness:
         if self._app is not None:
             raise ConfigError("the harness is already started; one app per test")
         if not isinstance(topology, Topology):
-            topology = load_topology(Path(topology or self.topology_dir))
+            topology = _load(Path(topology or self.topology_dir))
         chosen = sorted(app.workloads() if workloads is None else set(workloads))
         missing = [w for w in chosen if w not in topology.workloads]
         if missing:
@@ -384,6 +384,16 @@ class Harness:
                 await delete(connection, self.topology)
             finally:
                 await connection.close()
+
+
+def _load(directory: Path) -> Topology:
+    # a few small files, read once per test: not worth a thread
+    if not directory.exists():
+        raise ConfigError(
+            f"no topology at {str(directory)!r}; set rabbitq_topology in the pytest ini "
+            "(relative to the rootdir) or pass start(app, topology=...)"
+        )
+    return load_topology(directory)
 
 
 async def delete(connection: AbstractConnection, topology: Topology) -> None:

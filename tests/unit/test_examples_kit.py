@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,8 +15,8 @@ from pydantic import BaseModel
 import rabbitq
 from examples.demo_app import Flaky, Greeting, app, doomed, flaky, greet
 from rabbitq import ConfigError, ParkReason, Poison
-from rabbitq._topology import parse_topology
-from rabbitq.testing import TaskRun, run_task, run_task_sync
+from rabbitq._topology import load_topology, parse_topology
+from rabbitq.testing import Harness, TaskRun, for_test, run_task, run_task_sync
 from tests.observability import ROOT
 
 TOPOLOGY = ROOT / "topology"  # the examples' own: tiers 200ms, 1s, 5s; 3 attempts
@@ -174,3 +175,34 @@ def test_the_kits_public_names_are_its_all_and_readme_lists_them() -> None:
     assert set(kit.__all__) == public - fixtures - imported
     section = (ROOT / "README.md").read_text().split("## Public API", 1)[1].split("\n## ", 1)[0]
     assert set(re.findall(r"`rabbitq\.testing\.(\w+)`", section)) == set(kit.__all__)
+
+
+def test_for_test_renames_the_namespace_and_shortens_the_tiers_under_their_own_names() -> None:
+    """The test's topology: its namespace, 50 ms tiers named as the real ones, the real policy."""
+    real = load_topology(TOPOLOGY)
+    test = for_test(real, "rqt-x")
+    [workload] = test.workloads.values()
+    assert (test.namespace, workload.work_queue, test.has_ladder) == (
+        "rqt-x",
+        "rqt-x.demo.work",
+        False,
+    )
+    assert [(t.label, t.delay_seconds) for t in workload.tiers] == [
+        ("200ms", 0.05),
+        ("1s", 0.05),
+        ("5s", 0.05),
+    ]
+    assert [q.arguments["x-message-ttl"] for q in workload.queues() if q.role == "tier"] == [50] * 3
+    assert workload.spec == real.workload("demo").spec  # the decisions' policy: 0.2, 1, 5 s
+    kept = for_test(real, "rqt-y", delays=True, tier_seconds=None).workload("demo")
+    assert [t.delay_seconds for t in kept.tiers] == [0.2, 1.0, 5.0]
+    with pytest.raises(rabbitq.TopologyInvalid, match="no such workload"):
+        for_test(real, "rqt-z", workloads=["nope"])
+
+
+async def test_a_harness_without_its_topology_says_where_to_point_it(tmp_path: Path) -> None:
+    """No broker is needed to hear that the topology directory is missing."""
+    harness = Harness("amqp://guest:guest@127.0.0.1:1/", "rqt-x", tmp_path / "topology")
+    with pytest.raises(ConfigError, match="set rabbitq_topology in the pytest ini"):
+        await harness.start(app)
+    await harness.close()
