@@ -12,7 +12,7 @@ from aio_pika.abc import AbstractConnection
 
 from examples import feed
 from examples.demo_app import Flaky, Greeting, app, doomed, flaky, greet
-from rabbitq import ConfigError, ParkReason
+from rabbitq import ConfigError, ParkReason, Unroutable
 from rabbitq._declare import exists
 from rabbitq.testing import Harness, run_task
 from tests.helpers import wait_until
@@ -145,3 +145,23 @@ async def test_a_task_that_never_settles_fails_saying_where_it_was_last_seen(
         match=r"within 1.0s: \w+ \(demo.flaky\): retried 1 times, last in tier 200ms",
     ):
         await rabbitq_harness.settle(flaky.message(Flaky(n=3)), timeout=1.0)
+
+
+async def test_a_delayed_task_needs_the_ladder_which_delays_true_declares(
+    connection: AbstractConnection, rabbitq_harness: Harness
+) -> None:
+    """Without the ladder a delayed publish is unroutable; with it, the task runs after its
+    delay (a real one: the ladder is not shortened)."""
+    await rabbitq_harness.start(app, delays=True)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    [report] = await rabbitq_harness.settle(greet.message(Greeting(name="later"), delay=1))
+    assert report.succeeded and loop.time() - started >= 0.5  # rounded to the whole second
+
+
+async def test_without_the_ladder_a_delayed_publish_is_unroutable(
+    connection: AbstractConnection, rabbitq_harness: Harness
+) -> None:
+    await rabbitq_harness.start(app)
+    with pytest.raises(Unroutable):
+        await rabbitq_harness.settle(greet.message(Greeting(name="later"), delay=1))
