@@ -228,9 +228,13 @@ def _plan_or_apply(
                 await connection.close()
             try:
                 nodes_ = await api.nodes()
+            except ManagementUnavailable:  # a user tagged `management`, not `monitoring`
+                nodes_ = None
+            if nodes_ is not None:
                 running = sum(1 for n in nodes_ if n.get("running", True))
                 for note in declare.short_of_replicas(topo, running):
                     typer.echo(f"note: {note}", err=True)
+            try:
                 return await declare.reconcile_listed(api, topo, items)
             except ManagementUnavailable as exc:
                 typer.echo(f"note: objects no longer declared were not looked for: {exc}", err=True)
