@@ -149,6 +149,7 @@ class Consumer:
                 apply`). Once it has consumed, a missing object is retried for
                 `MISSING_WAIT_SECONDS` first: on a cluster, a queue whose node is stopping
                 answers as missing for a moment (then as unavailable, which is waited out).
+            AccessRefused: the user may not consume from the work queue (no read permission).
         """
         delay = RECONNECT_MIN_SECONDS
         missing_since = 0.0

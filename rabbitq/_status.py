@@ -9,7 +9,9 @@ A ready count leaves out what is unacked, so a parking lot being browsed at that
 
 The age of the oldest parked task is read from the head of the parking lot (which keeps park
 order): one `basic.get`, never acked; closing its channel puts the copy back where it was
-(RABBITMQ.md 10.1; a quorum lot counts it, far below its delivery limit). The park time is in
+(RABBITMQ.md 10.1; a quorum lot counts it, far below its delivery limit). That read is the
+only thing here that needs a permission (read on the parking lot; a passive declare needs
+none): without it the age is unknown, with a note saying what is missing. The park time is in
 the copy's headers, to the millisecond.
 
 Nothing here acks, publishes or declares anything. Merging the two sources and shaping the
