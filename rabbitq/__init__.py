@@ -6,6 +6,7 @@ The public API is what `__all__` lists; the modules behind it are private.
 from rabbitq._app import App, Task
 from rabbitq._consume import Consumer
 from rabbitq._errors import (
+    AccessRefused,
     CallError,
     CallLost,
     CallTimeout,
@@ -17,6 +18,7 @@ from rabbitq._errors import (
     ParkReason,
     Poison,
     PublishError,
+    PublishRefused,
     RabbitqError,
     ReplyInvalid,
     Retry,
@@ -36,6 +38,7 @@ from rabbitq._wire import Outgoing
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessRefused",
     "App",
     "CallError",
     "CallLost",
@@ -52,6 +55,7 @@ __all__ = [
     "ParkReason",
     "Poison",
     "PublishError",
+    "PublishRefused",
     "RabbitqError",
     "ReplyInvalid",
     "Retry",

@@ -1,5 +1,5 @@
-"""The `rabbitq` command: topology show|plan|apply|export, consume, parking, status, check,
-publish.
+"""The `rabbitq` command: topology show|plan|apply|export|permissions, consume, parking,
+status, check, publish.
 
 stdout carries results only; logs and errors go to stderr. An expected failure prints one
 `error: ...` line and exits non-zero (`--debug` adds the traceback). Exit codes: 0 success,
@@ -72,6 +72,11 @@ MANAGEMENT_URL = typer.Option(
     envvar="RABBITQ_MANAGEMENT_URL",
     help="The management API, if not at the broker's host on port 15672 (the --url's user).",
 )
+VHOST = typer.Option(
+    None, "--vhost", help="The vhost the objects go to (default: the --url's, or /)."
+)
+
+
 JSON = typer.Option(False, "--json", help="Print one JSON document.")
 DEBUG = typer.Option(False, "--debug", help="Show tracebacks of errors.")
 
@@ -223,9 +228,13 @@ def _plan_or_apply(
                 await connection.close()
             try:
                 nodes_ = await api.nodes()
+            except ManagementUnavailable:  # a user tagged `management`, not `monitoring`
+                nodes_ = None
+            if nodes_ is not None:
                 running = sum(1 for n in nodes_ if n.get("running", True))
                 for note in declare.short_of_replicas(topo, running):
                     typer.echo(f"note: {note}", err=True)
+            try:
                 return await declare.reconcile_listed(api, topo, items)
             except ManagementUnavailable as exc:
                 typer.echo(f"note: objects no longer declared were not looked for: {exc}", err=True)
@@ -293,9 +302,7 @@ _topology_command(
 def topology_export(
     topology: Path = TOPOLOGY,
     namespace: str | None = NAMESPACE,
-    vhost: str | None = typer.Option(
-        None, "--vhost", help="The vhost the objects go to (default: the --url's, or /)."
-    ),
+    vhost: str | None = VHOST,
     url: str = URL,
     debug: bool = DEBUG,
 ) -> None:
@@ -306,16 +313,80 @@ def topology_export(
 
     Example: rabbitq topology export --vhost prod > rabbitq-definitions.json
     """
-    from urllib.parse import unquote, urlsplit
-
     from rabbitq._definitions import definitions
 
     _setup_logging("warning", libraries=logging.CRITICAL)
     with _errors("", debug=debug):
         topo = load_topology(topology, namespace)
-        path = urlsplit(nodes(url)[0]).path
-        target = vhost if vhost is not None else unquote(path[1:]) if path not in ("", "/") else "/"
-        typer.echo(json.dumps(definitions(topo, target), indent=2))
+        typer.echo(json.dumps(definitions(topo, _vhost(vhost, url)), indent=2))
+
+
+def _vhost(vhost: str | None, url: str) -> str:
+    """`--vhost`, else the `--url`'s vhost, else `/`."""
+    from urllib.parse import unquote, urlsplit
+
+    if vhost is not None:
+        return vhost
+    path = urlsplit(nodes(url)[0]).path
+    return unquote(path[1:]) if path not in ("", "/") else "/"
+
+
+@topology_cli.command("permissions")
+def topology_permissions(
+    roles: list[str] = typer.Option(
+        [],
+        "--role",
+        help="deployer, worker, publisher or operator (repeat it; default: all four).",
+    ),
+    user: str | None = typer.Option(
+        None,
+        "--user",
+        help="The user to grant (default: NAMESPACE-ROLE); with several roles, their union.",
+    ),
+    workloads: list[str] = typer.Option(
+        [],
+        "--workload",
+        help="Limit the worker and operator to this workload (repeat it; default: all).",
+    ),
+    vhost: str | None = VHOST,
+    topology: Path = TOPOLOGY,
+    namespace: str | None = NAMESPACE,
+    url: str = URL,
+    as_json: bool = JSON,
+    debug: bool = DEBUG,
+) -> None:
+    """Print the rabbitmqctl set_permissions line of each role: only what its work needs.
+
+    deployer: topology apply, plan and check (configure, write and read on the namespace's
+    exchanges and queues). worker: consume (read its work queue, write where it forwards).
+    publisher: publish and call (write on the tasks exchange and the delay ladder). operator:
+    the parking commands, the console and status (read the parking lots, write to replay).
+    None of them may configure anything but the deployer. Prints only; run the lines to grant.
+
+    Example: rabbitq topology permissions --role worker --workload emails --user emails-worker
+    """
+    from rabbitq import _permissions as permissions
+
+    _setup_logging("warning", libraries=logging.CRITICAL)
+    with _errors("", as_json, debug):
+        topo = load_topology(topology, namespace)
+        target = _vhost(vhost, url)
+        grants = [permissions.grant(topo, role, workloads) for role in roles or permissions.ROLES]
+        if user is not None:  # one user, one set of permissions per vhost: the union
+            lines = [(permissions.merge(grants), user)]
+        else:
+            lines = [(g, permissions.default_user(topo.namespace, g.role)) for g in grants]
+        if as_json:
+            out = [
+                {"role": g.role, "user": u, "vhost": target, "purpose": g.purpose}
+                | dict(zip(("configure", "write", "read"), g.patterns, strict=True))
+                for g, u in lines
+            ]
+            typer.echo(json.dumps(out, indent=2))
+            return
+        for g, u in lines:
+            typer.echo(f"# {g.role}: {g.purpose}")
+            typer.echo(permissions.command(g, u, target))
 
 
 def load_app(spec: str) -> App:

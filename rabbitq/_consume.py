@@ -22,6 +22,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from prometheus_client import CollectorRegistry
 
+from rabbitq import _permissions as permissions
 from rabbitq._ack import Acker
 from rabbitq._amqp import ClosedByBroker, ConsumeConnection, Delivery, open_consumer
 from rabbitq._app import App
@@ -148,6 +149,7 @@ class Consumer:
                 apply`). Once it has consumed, a missing object is retried for
                 `MISSING_WAIT_SECONDS` first: on a cluster, a queue whose node is stopping
                 answers as missing for a moment (then as unavailable, which is waited out).
+            AccessRefused: the user may not consume from the work queue (no read permission).
         """
         delay = RECONNECT_MIN_SECONDS
         missing_since = 0.0
@@ -246,6 +248,10 @@ class Consumer:
                 await open_consumer(consuming, node, name, queue, capacity)
                 self._metrics.on_node(node_of(node))
             except (OSError, TimeoutError, ClosedByBroker) as exc:
+                # no read permission on the work queue: no reconnect would help
+                refused = permissions.refusal(str(exc), "read", "consume from")
+                if refused is not None:
+                    raise refused from None
                 raise SessionLost(scrub(f"{type(exc).__name__}: {exc}", self.url)) from None
             self._set_connected(True)
             tiers = ", ".join(t.label for t in self.workload.tiers) or "none"

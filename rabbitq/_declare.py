@@ -21,6 +21,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from rabbitq import _permissions as permissions
 from rabbitq._errors import QueueUnavailable, TopologyDrift, TopologyMissing
 from rabbitq._management import Management
 from rabbitq._topology import Exchange, Queue, Topology, Workload
@@ -120,6 +121,9 @@ async def _plan_one(connection: AbstractConnection, obj: Exchange | Queue) -> Pl
         return PlanItem(kind, obj.name, "unchanged")
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         return parse_inequivalent(kind, obj.name, str(exc.args[0] if exc.args else exc))
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        # comparing arguments is an active declare: a user without configure cannot plan
+        raise _refused(exc, "declare (to compare its arguments)") from None
     finally:
         if not channel.is_closed:
             await channel.close()
@@ -233,23 +237,39 @@ async def apply(connection: AbstractConnection, topology: Topology) -> list[Plan
     raise_on_drift(items)
     channel = await connection.channel(publisher_confirms=False)
     try:
-        for exchange in topology.exchanges():
-            await _declare_exchange(channel, exchange)
-        for queue in topology.queues():
-            await _declare_queue(channel, queue)
-        for binding in topology.bindings():
-            if binding.destination_type == "exchange":
-                x = await channel.get_exchange(binding.queue, ensure=False)
-                await x.bind(binding.exchange, routing_key=binding.routing_key)
-            else:
-                q = await channel.get_queue(binding.queue, ensure=False)
-                await q.bind(binding.exchange, routing_key=binding.routing_key)
+        await _declare_all(channel, topology)
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        # a declare with a dead-letter exchange and a binding need write and read too
+        raise _refused(exc, "declare or bind", "configure, write and read") from None
     finally:
-        await channel.close()
+        if not channel.is_closed:
+            await channel.close()
     for item in items:
         if item.action == "create":
             logger.info("created %s %s", item.kind, item.name)
     return items
+
+
+def _refused(
+    exc: aiormq.exceptions.ChannelAccessRefused, action: str, needs: str = "configure"
+) -> Exception:
+    """A declare's 403 in our words (a refusal we cannot read stays the broker's error)."""
+    refused = permissions.refusal(str(exc), needs, action)
+    return refused if refused is not None else exc
+
+
+async def _declare_all(channel: AbstractChannel, topology: Topology) -> None:
+    for exchange in topology.exchanges():
+        await _declare_exchange(channel, exchange)
+    for queue in topology.queues():
+        await _declare_queue(channel, queue)
+    for binding in topology.bindings():
+        if binding.destination_type == "exchange":
+            x = await channel.get_exchange(binding.queue, ensure=False)
+            await x.bind(binding.exchange, routing_key=binding.routing_key)
+        else:
+            q = await channel.get_queue(binding.queue, ensure=False)
+            await q.bind(binding.exchange, routing_key=binding.routing_key)
 
 
 async def check_exists(connection: AbstractConnection, workload: Workload) -> None:

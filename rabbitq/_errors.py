@@ -8,10 +8,12 @@ The tree::
     │   ├── TopologyDrift          a queue exists with other arguments than declared
     │   └── TopologyMissing        an exchange or queue the consumer needs does not exist
     ├── ConnectionFailed           the broker cannot be reached
+    ├── AccessRefused              the user lacks a permission (403 ACCESS_REFUSED)
     ├── SessionLost                a consumer's connection went away (it reconnects)
     ├── PublishError
     │   ├── NotConfirmed           the broker nacked, or the confirm did not come in time
-    │   └── Unroutable             the message was returned: no queue is bound for it
+    │   ├── Unroutable             the message was returned: no queue is bound for it
+    │   └── PublishRefused         the user may not publish to the exchange (an AccessRefused)
     ├── TaskError
     │   ├── Poison                 a message that cannot be run; parked at once with a reason
     │   └── HandlerTimeout         a handler outran its timeout (also a TimeoutError)
@@ -150,6 +152,27 @@ class ConnectionFailed(RabbitqError):
         super().__init__(f"cannot connect to {url}: {reason}")
 
 
+class AccessRefused(RabbitqError):
+    """The broker refused an operation (403 ACCESS_REFUSED): the user lacks a permission.
+
+    Attributes:
+        user: the user the broker named.
+        permission: what the operation needs ("configure", "write", "read", or several).
+        action: the operation in words ("publish to", "consume from", "declare").
+        kind, name, vhost: the exchange or queue it was refused on.
+    """
+
+    def __init__(
+        self, user: str, permission: str, action: str, kind: str, name: str, vhost: str
+    ) -> None:
+        self.user, self.permission, self.action = user, permission, action
+        self.kind, self.name, self.vhost = kind, name, vhost
+        super().__init__(
+            f"user {user!r} may not {action} {kind} {name!r} in vhost {vhost!r} (ACCESS_REFUSED, "
+            f"it needs {permission}): grant it with 'rabbitq topology permissions'"
+        )
+
+
 class SessionLost(RabbitqError):
     """A consumer's connection or channel went away under it; it reconnects."""
 
@@ -194,6 +217,11 @@ class Unroutable(PublishError):
             f"message {message_id!r} to exchange {exchange!r} with routing key {routing_key!r} "
             f"{what}; run 'rabbitq topology apply' or check the workload name"
         )
+
+
+class PublishRefused(PublishError, AccessRefused):
+    """The user may not publish to the exchange: nothing was sent (the broker closed the
+    channel before routing it)."""
 
 
 class TaskError(RabbitqError):

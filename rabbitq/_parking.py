@@ -24,6 +24,7 @@ from typing import Any
 
 import aiormq
 
+from rabbitq import _permissions as permissions
 from rabbitq import _wire as wire
 from rabbitq._amqp import ClosedByBroker, ConsumeConnection, Delivery, open_consumer
 from rabbitq._connection import client_name, connect, current_node
@@ -249,6 +250,9 @@ async def _read(url: str, workload: Workload) -> tuple[ConsumeConnection, list[D
         try:
             return await _read_once(url, workload)
         except ClosedByBroker as exc:
+            refused = permissions.refusal(str(exc), "read", "read the parking lot")
+            if refused is not None:  # the user may not read it: no wait would help
+                raise refused from None
             if "403" not in str(exc):  # 403 ACCESS_REFUSED: in exclusive use by another reader
                 raise
             if time.monotonic() > deadline:

@@ -20,12 +20,14 @@ import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
+from rabbitq import _permissions as permissions
 from rabbitq._connection import connect, is_open, mask_url
 from rabbitq._declare import exists
 from rabbitq._errors import (
     ConnectionFailed,
     NotConfirmed,
     PublishError,
+    PublishRefused,
     QueueUnavailable,
     SendError,
     Unroutable,
@@ -294,6 +296,10 @@ def _send_error(out: Outgoing, exc: BaseException, url: str, timeout: float) -> 
     """What a failed publish means to its caller."""
     if isinstance(exc, PublishError | ConnectionFailed):
         return exc
+    if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+        refused = permissions.refusal(str(exc), "write", "publish to", publish=True)
+        if isinstance(refused, PublishRefused):
+            return refused
     if isinstance(exc, aiormq.exceptions.PublishError | aiormq.exceptions.ChannelNotFoundEntity):
         # returned, or the exchange does not exist (the broker closes the channel)
         return Unroutable(out.message_id, out.exchange, out.routing_key)

@@ -9,7 +9,9 @@ A ready count leaves out what is unacked, so a parking lot being browsed at that
 
 The age of the oldest parked task is read from the head of the parking lot (which keeps park
 order): one `basic.get`, never acked; closing its channel puts the copy back where it was
-(RABBITMQ.md 10.1; a quorum lot counts it, far below its delivery limit). The park time is in
+(RABBITMQ.md 10.1; a quorum lot counts it, far below its delivery limit). That read is the
+only thing here that needs a permission (read on the parking lot; a passive declare needs
+none): without it the age is unknown, with a note saying what is missing. The park time is in
 the copy's headers, to the millisecond.
 
 Nothing here acks, publishes or declares anything. Merging the two sources and shaping the
@@ -27,7 +29,8 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 
 from rabbitq import _parking as parking
-from rabbitq._errors import TopologyMissing
+from rabbitq import _permissions as permissions
+from rabbitq._errors import AccessRefused, TopologyMissing
 from rabbitq._management import Management, ManagementUnavailable
 from rabbitq._topology import Workload
 
@@ -222,7 +225,10 @@ async def read(
     for workload in workloads:
         oldest = None
         if counts[workload.parking_queue].ready:
-            oldest = await _head_parked_at(connection, workload)
+            try:
+                oldest = await _head_parked_at(connection, workload)
+            except AccessRefused as exc:  # the rest needs no permission: say what is missing
+                notes.append(f"the age of the oldest parked task is unknown: {exc}")
         statuses.append(combine(workload, counts, stats, oldest))
     return Status(namespace, tuple(statuses), stats is not None, tuple(notes), delayed)
 
@@ -260,10 +266,17 @@ async def _head_parked_at(connection: AbstractConnection, workload: Workload) ->
     try:
         queue = await channel.get_queue(workload.parking_queue, ensure=False)
         # Not a consumer: a basic.get shows no consumer on the parking lot while it reads.
-        head = await queue.get(no_ack=False, fail=False, timeout=HEAD_READ_TIMEOUT_SECONDS)
+        try:
+            head = await queue.get(no_ack=False, fail=False, timeout=HEAD_READ_TIMEOUT_SECONDS)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            refused = permissions.refusal(str(exc), "read", "read the head of")
+            if refused is None:
+                raise
+            raise refused from None
         if head is None:  # taken meanwhile (a replay holds them all unacked)
             return None
         stamp = None if head.timestamp is None else head.timestamp.timestamp()
         return parking.parked_at(dict(head.headers or {}), stamp)
     finally:
-        await channel.close()  # never acked: the close puts it back at the head
+        if not channel.is_closed:  # a refusal closed it
+            await channel.close()  # never acked: the close puts it back at the head
