@@ -388,26 +388,25 @@ async def open_consumer(
     queue: str,
     prefetch: int,
     exclusive: bool = False,
+    context: ssl.SSLContext | None = None,
 ) -> None:
     """Connect, log in, open the channel, set the prefetch and start consuming `queue` (as its
     only consumer if `exclusive`: the broker refuses it, 403, while another consumes).
-    Deliveries may reach `connection.on_delivery` before this returns.
+    Deliveries may reach `connection.on_delivery` before this returns. An `amqps://` URL
+    uses `context` (rabbitq/_connection.py `tls_for` makes it from the URL), else the
+    system's CAs.
 
     Raises:
         OSError, TimeoutError or ClosedByBroker (with the broker's reply text).
     """
     parts = urlsplit(url)
     tls = parts.scheme == "amqps"
-    context = None
-    if tls:
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        context = ssl.create_default_context(cafile=query.get("cafile"))
-        if "certfile" in query:
-            context.load_cert_chain(query["certfile"], query.get("keyfile"))
+    if tls and context is None:
+        context = ssl.create_default_context()
     loop = asyncio.get_running_loop()
     host, port = parts.hostname or "localhost", parts.port or (5671 if tls else 5672)
     async with asyncio.timeout(OPEN_SECONDS):
-        await loop.create_connection(lambda: connection, host, port, ssl=context)
+        await loop.create_connection(lambda: connection, host, port, ssl=context if tls else None)
         try:  # (asyncio and uvloop both set TCP_NODELAY on TCP transports)
             await connection._open(url, name, queue, prefetch, exclusive)
         except BaseException:

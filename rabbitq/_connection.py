@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -18,6 +20,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection
 
 from rabbitq._errors import ConnectionFailed
+from rabbitq._tls import TlsProblem, describe_failure, tls_context, tls_settings
 
 logger = logging.getLogger("rabbitq.connection")
 T = TypeVar("T")
@@ -190,15 +193,46 @@ async def connect(url: str, name: str) -> AbstractConnection:
     return connection
 
 
+def tls_for(url: str) -> tuple[str, ssl.SSLContext | None]:
+    """One node's URL as aio-pika may read it (rabbitq's TLS options taken out) and the TLS
+    context its query and RABBITQ_TLS_* ask for (None for `amqp://`).
+
+    Raises:
+        ConnectionFailed: a TLS option is wrong or a certificate or key file cannot be used.
+    """
+    try:
+        stripped, settings = tls_settings(url, os.environ)
+        return stripped, tls_context(settings) if settings else None
+    except TlsProblem as exc:
+        raise ConnectionFailed(mask_url(url), str(exc)) from None
+
+
+def tls_reason(exc: BaseException, url: str) -> str | None:
+    """Why a connection to `url` failed its TLS handshake, in one line; None if it did not."""
+    settings = None
+    try:
+        settings = tls_settings(url, os.environ)[1]
+    except TlsProblem:
+        pass
+    if settings is None:
+        return None
+    name = settings.server_name or urlsplit(url).hostname or "localhost"
+    return describe_failure(exc, name, client_cert=settings.certfile is not None)
+
+
 async def _connect_one(url: str, name: str, seconds: float) -> AbstractConnection:
+    stripped, context = tls_for(url)
     try:
         return await aio_pika.connect(
-            url, timeout=seconds, client_properties={"connection_name": client_name(name)}
+            stripped,
+            timeout=seconds,
+            ssl_context=context,
+            client_properties={"connection_name": client_name(name)},
         )
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # aio-pika raises many types here; all mean "cannot connect"
-        reason = scrub(f"{type(exc).__name__}: {exc}", url)
+        reason = tls_reason(exc, url) or scrub(f"{type(exc).__name__}: {exc}", url)
         if "['Connection.OpenOk'], got <Connection.Close" in reason:
             # The login worked but Connection.Open was refused; aiormq drops the reply text.
             # The user is named by the URL only: scrub() would mask a user named like its password.

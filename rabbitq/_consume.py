@@ -26,7 +26,15 @@ from rabbitq import _permissions as permissions
 from rabbitq._ack import Acker
 from rabbitq._amqp import ClosedByBroker, ConsumeConnection, Delivery, open_consumer
 from rabbitq._app import App
-from rabbitq._connection import client_name, connect, current_node, node_of, scrub
+from rabbitq._connection import (
+    client_name,
+    connect,
+    current_node,
+    node_of,
+    scrub,
+    tls_for,
+    tls_reason,
+)
 from rabbitq._declare import check_exists
 from rabbitq._errors import ConfigError, ConnectionFailed, SessionLost, TopologyMissing
 from rabbitq._metrics import Metrics
@@ -245,14 +253,16 @@ class Consumer:
                 name = client_name(f"consumer {self.workload.name}")
                 # on the node the checks just reached (the broker's list may hold several)
                 node = current_node(self.url)
-                await open_consumer(consuming, node, name, queue, capacity)
+                stripped, context = tls_for(node)
+                await open_consumer(consuming, stripped, name, queue, capacity, context=context)
                 self._metrics.on_node(node_of(node))
             except (OSError, TimeoutError, ClosedByBroker) as exc:
                 # no read permission on the work queue: no reconnect would help
                 refused = permissions.refusal(str(exc), "read", "consume from")
                 if refused is not None:
                     raise refused from None
-                raise SessionLost(scrub(f"{type(exc).__name__}: {exc}", self.url)) from None
+                reason = tls_reason(exc, node) or scrub(f"{type(exc).__name__}: {exc}", self.url)
+                raise SessionLost(reason) from None
             self._set_connected(True)
             tiers = ", ".join(t.label for t in self.workload.tiers) or "none"
             self._log.info("consuming %s with capacity %d (tiers: %s)", queue, capacity, tiers)

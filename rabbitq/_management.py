@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
-import ssl
+import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -20,6 +21,16 @@ from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from rabbitq._connection import current_node
 from rabbitq._errors import RabbitqError
+from rabbitq._tls import (
+    ENV_CACERTFILE,
+    ENV_CERTFILE,
+    ENV_KEYFILE,
+    TlsProblem,
+    TlsSettings,
+    describe_failure,
+    tls_context,
+    tls_settings,
+)
 
 TIMEOUT_SECONDS = 5.0
 ENABLE_HINT = "enable it with 'rabbitmq-plugins enable rabbitmq_management'"
@@ -37,6 +48,7 @@ class Management:
     vhost: str
     user: str
     password: str
+    tls: TlsSettings | None = None  # for https: the AMQP URL's CA and client certificate
 
     @classmethod
     def from_urls(cls, amqp_url: str, management_url: str | None = None) -> Management:
@@ -44,8 +56,17 @@ class Management:
         for a list of nodes, beside the one this process connects to first.
 
         A `management_url` overrides the host, port and scheme; its own user, if it names one.
+        Over https the API is verified as the AMQP URL's TLS options (and RABBITQ_TLS_*) say.
+
+        Raises:
+            ManagementUnavailable: a bad `management_url` or TLS option.
         """
-        amqp = urlsplit(current_node(amqp_url))  # a cluster's: the node this process uses
+        node = current_node(amqp_url)  # a cluster's: the node this process uses
+        amqp = urlsplit(node)
+        try:
+            tls = tls_settings(node, os.environ)[1]
+        except TlsProblem as exc:
+            raise ManagementUnavailable(str(exc)) from None
         vhost = unquote(amqp.path[1:]) if amqp.path not in ("", "/") else "/"
         user, password = unquote(amqp.username or "guest"), unquote(amqp.password or "guest")
         if management_url:
@@ -69,13 +90,22 @@ class Management:
         netloc = f"[{host}]" if ":" in host else host
         if port:
             netloc += f":{port}"
-        return cls(f"{scheme}://{netloc}{prefix}", vhost, user, password)
+        if scheme == "https" and tls is None:  # an https API beside an amqp:// URL
+            env = os.environ
+            tls = TlsSettings(env.get(ENV_CACERTFILE), env.get(ENV_CERTFILE), env.get(ENV_KEYFILE))
+        elif management_url and tls is not None:  # the SNI name is the AMQP host's
+            tls = dataclasses.replace(tls, server_name=None)
+        return cls(f"{scheme}://{netloc}{prefix}", vhost, user, password, tls)
 
     def _fetch(self, path: str) -> Any:
         request = urllib.request.Request(self.base + path)
         token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
-        context = ssl.create_default_context() if self.base.startswith("https") else None
+        https = self.base.startswith("https")
+        try:
+            context = tls_context(self.tls or TlsSettings()) if https else None
+        except TlsProblem as exc:
+            raise ManagementUnavailable(f"the management API at {self.base}: {exc}") from None
         try:
             with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS, context=context) as r:
                 return json.loads(r.read())
@@ -92,6 +122,15 @@ class Management:
             ) from None
         except (OSError, ValueError) as exc:  # refused, timed out, not JSON
             reason = getattr(exc, "reason", exc)
+            name = (self.tls and self.tls.server_name) or urlsplit(self.base).hostname or ""
+            client_cert = bool(self.tls and self.tls.certfile)
+            tls = (
+                describe_failure(reason, name, client_cert)
+                if isinstance(reason, BaseException)
+                else None
+            )
+            if tls:
+                raise ManagementUnavailable(f"the management API at {self.base}: {tls}") from None
             raise ManagementUnavailable(
                 f"no management API at {self.base} ({reason}); {ENABLE_HINT}"
             ) from None

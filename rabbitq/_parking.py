@@ -27,7 +27,7 @@ import aiormq
 from rabbitq import _permissions as permissions
 from rabbitq import _wire as wire
 from rabbitq._amqp import ClosedByBroker, ConsumeConnection, Delivery, open_consumer
-from rabbitq._connection import client_name, connect, current_node
+from rabbitq._connection import client_name, connect, current_node, tls_for
 from rabbitq._errors import ParkingBusy, TopologyMissing
 from rabbitq._publish import Publisher
 from rabbitq._topology import Workload
@@ -281,9 +281,9 @@ async def _read_once(url: str, workload: Workload) -> tuple[ConsumeConnection, l
             return declared.declaration_result.message_count or 0
 
         count = await ready()
-        node = current_node(url)  # the node the control connection reached
+        node, context = tls_for(current_node(url))  # the node the control connection reached
         name = client_name(f"parking {workload.name}")
-        await open_consumer(reading, node, name, queue, prefetch=0, exclusive=True)
+        await open_consumer(reading, node, name, queue, prefetch=0, exclusive=True, context=context)
         deadline = time.monotonic() + 10 + count / 1000 * BROWSE_SECONDS_PER_1000
         while await ready() and not lost.is_set() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the broker
             await asyncio.sleep(0.01)
