@@ -49,6 +49,7 @@ class Management:
     user: str
     password: str
     tls: TlsSettings | None = None  # for https: the AMQP URL's CA and client certificate
+    tls_problem: str | None = None  # why the AMQP URL's TLS options cannot be used
 
     @classmethod
     def from_urls(cls, amqp_url: str, management_url: str | None = None) -> Management:
@@ -59,14 +60,16 @@ class Management:
         Over https the API is verified as the AMQP URL's TLS options (and RABBITQ_TLS_*) say.
 
         Raises:
-            ManagementUnavailable: a bad `management_url` or TLS option.
+            ManagementUnavailable: a bad `management_url`.
         """
         node = current_node(amqp_url)  # a cluster's: the node this process uses
         amqp = urlsplit(node)
+        tls: TlsSettings | None = None
+        problem = None  # said when the API is read: the AMQP connection says it first
         try:
             tls = tls_settings(node, os.environ)[1]
         except TlsProblem as exc:
-            raise ManagementUnavailable(str(exc)) from None
+            problem = str(exc)
         vhost = unquote(amqp.path[1:]) if amqp.path not in ("", "/") else "/"
         user, password = unquote(amqp.username or "guest"), unquote(amqp.password or "guest")
         if management_url:
@@ -95,7 +98,7 @@ class Management:
             tls = TlsSettings(env.get(ENV_CACERTFILE), env.get(ENV_CERTFILE), env.get(ENV_KEYFILE))
         elif management_url and tls is not None:  # the SNI name is the AMQP host's
             tls = dataclasses.replace(tls, server_name=None)
-        return cls(f"{scheme}://{netloc}{prefix}", vhost, user, password, tls)
+        return cls(f"{scheme}://{netloc}{prefix}", vhost, user, password, tls, problem)
 
     def _fetch(self, path: str) -> Any:
         request = urllib.request.Request(self.base + path)
@@ -103,6 +106,8 @@ class Management:
         request.add_header("Authorization", f"Basic {token}")
         https = self.base.startswith("https")
         try:
+            if self.tls_problem:
+                raise TlsProblem(self.tls_problem)
             context = tls_context(self.tls or TlsSettings()) if https else None
         except TlsProblem as exc:
             raise ManagementUnavailable(f"the management API at {self.base}: {exc}") from None

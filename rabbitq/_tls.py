@@ -231,9 +231,9 @@ def describe_failure(exc: BaseException, name: str, client_cert: bool = True) ->
     """One line for a TLS failure anywhere in `exc`'s chain (aiormq re-raises the `ssl` error
     as its own), connecting to `name`; None when no TLS error is in it.
 
-    Without a client certificate (`client_cert` false) a connection reset is taken as the
-    broker asking for one: over TLS 1.3 the broker's alert may arrive after the client
-    considers the handshake done, and the client then only sees the socket close.
+    A connection reset is taken as the broker refusing the client certificate, or asking for
+    one when there is none (`client_cert` false): over TLS 1.3 the broker checks it after the
+    client considers the handshake done, and its alert can be lost to the reset that follows.
     """
     seen: set[int] = set()
     reset = False
@@ -250,9 +250,10 @@ def describe_failure(exc: BaseException, name: str, client_cert: bool = True) ->
             reset or isinstance(current, ConnectionResetError) or "connection reset" in str(current)
         )
         current = current.__cause__ or current.__context__
-    if reset and not client_cert:
+    if reset:
+        maybe = "have refused the client" if client_cert else "require a client"
         return (
-            "the broker closed the connection during the TLS handshake: it may require a client "
+            f"the broker closed the connection during the TLS handshake: it may {maybe} "
             f"certificate; {CLIENT_CERT_HINT}"
         )
     return None

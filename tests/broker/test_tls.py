@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -169,9 +170,9 @@ def test_the_cli_reads_the_certificates_from_the_environment(node, tmp_path):
 
 
 FAILURES = [
-    # (case, host, query options, what the one line says)
+    # (case, host, query options, a regex for what the one line says)
     ("untrusted-ca", "localhost", {"cacertfile": "other-ca"}, "not signed by a trusted CA"),
-    ("hostname", "127.0.0.2", {}, "does not name '127.0.0.2' (hostname mismatch)"),
+    ("hostname", "127.0.0.2", {}, r"does not name '127\.0\.0\.2' \(hostname mismatch\)"),
     (
         "sni-name",
         "localhost",
@@ -188,13 +189,14 @@ FAILURES = [
         "no-client-cert",
         "localhost",
         {"certfile": "", "keyfile": ""},
-        "the broker requires a client certificate",
+        # over TLS 1.3 the broker's alert can be lost to the reset that follows it
+        "(the broker requires|it may require) a client certificate",
     ),
     (
         "client-cert-of-other-ca",
         "localhost",
         {"certfile": "other-client", "keyfile": "other-client-key"},
-        "the broker does not trust the client certificate's CA",
+        "the broker does not trust the client certificate's CA|it may have refused the client",
     ),
 ]
 
@@ -218,7 +220,7 @@ async def test_a_failed_handshake_says_why_in_one_line(node, host, options, says
         connection = await connect(url, "test tls failure")
         await connection.close()
     text = str(failed.value)
-    assert says in text
+    assert re.search(says, text), text
     assert "\n" not in text
     for secret in secrets_of(node):
         assert secret not in text
@@ -235,7 +237,9 @@ def test_the_cli_prints_one_error_line_and_exits_1(node, tmp_path, case):
     run = rabbitq_cli(url, {}, "topology", "apply", "-t", directory)
     assert run.returncode == 1, run.stderr
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], run.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(says, lines[0]), (
+        run.stderr
+    )
     for secret in secrets_of(node):
         assert secret not in run.stdout + run.stderr
 

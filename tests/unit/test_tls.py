@@ -10,7 +10,7 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from rabbitq._management import Management
+from rabbitq._management import Management, ManagementUnavailable
 from rabbitq._tls import (
     TlsProblem,
     TlsSettings,
@@ -163,7 +163,11 @@ def _wrapped(inner: BaseException) -> BaseException:
             False,
             "it may require a client certificate",
         ),
-        (_wrapped(ConnectionResetError(104, "Connection reset by peer")), True, None),
+        (
+            _wrapped(ConnectionResetError(104, "Connection reset by peer")),
+            True,
+            "it may have refused the client certificate",
+        ),
         (ConnectionRefusedError(111, "Connection refused"), False, None),
     ],
 )
@@ -256,3 +260,10 @@ def test_the_management_api_beside_an_amqps_url_is_https_with_its_tls_settings()
     other = Management.from_urls(url, "https://mgmt.example:443")
     assert other.tls == TlsSettings(cacertfile="/ca.pem")
     assert Management.from_urls("amqp://u:p@h/").tls is None
+
+
+def test_a_bad_tls_option_is_said_when_the_api_is_read_not_when_it_is_located():
+    """The AMQP connection reports it first (exit 1, as every connect failure); the API too."""
+    api = Management.from_urls("amqps://u:p@h/?cafile=/ca.pem")
+    with pytest.raises(ManagementUnavailable, match=r"\?cafile= is not read by rabbitq"):
+        api._fetch("/api/overview")
