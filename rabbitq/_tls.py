@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 ENV_CACERTFILE = "RABBITQ_TLS_CACERTFILE"
@@ -147,6 +147,8 @@ def tls_context(settings: TlsSettings) -> ssl.SSLContext:
     """
     context = _Context(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname by default
     context.server_name = settings.server_name
+    if sys.version_info >= (3, 13):  # as ssl.create_default_context (and so aiormq) does there
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
     if not settings.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -176,7 +178,7 @@ def _load_chain(context: ssl.SSLContext, certfile: str, keyfile: str | None) -> 
     context.load_cert_chain(certfile, keyfile, password=no_passphrase)
 
 
-def _load(what: str, path: str, load: Any) -> None:
+def _load(what: str, path: str, load: Callable[[str], object]) -> None:
     try:
         load(path)
     except TlsProblem:
