@@ -28,11 +28,12 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import import_module
-from typing import Any, Generic, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, Unpack
 
 from pydantic import BaseModel
 
 from rabbitq import _ladder as ladder
+from rabbitq import _tracing as tracing
 from rabbitq._call import Caller
 from rabbitq._connection import DEFAULT_URL
 from rabbitq._errors import ConfigError
@@ -41,6 +42,9 @@ from rabbitq._metrics import Metrics
 from rabbitq._publish import Publisher, raise_first
 from rabbitq._topology import NAME_PATTERN, ExchangeName, RoutingKey, task_exchange, work_queue
 from rabbitq._wire import Outgoing, new_task_headers
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
@@ -174,7 +178,11 @@ class Task(Generic[P, R]):
             NotConfirmed: the broker did not confirm it; it may or may not be queued.
         """
         out = self.message(payload, **options)
-        await (await self.app.publisher()).send(out)
+        if tracing.ENABLED:
+            with tracing.sending(out):
+                await (await self.app.publisher()).send(out)
+        else:
+            await (await self.app.publisher()).send(out)
         return out.message_id
 
     async def publish_many(
@@ -186,7 +194,11 @@ class Task(Generic[P, R]):
     def publish_sync(self, payload: P | dict[str, Any], **options: Unpack[PublishOptions]) -> str:
         """`publish` for synchronous code: blocks until confirmed; needs no event loop."""
         out = self.message(payload, **options)
-        self.app.run_sync(lambda: self._send(out))
+        if tracing.ENABLED:  # the span starts here, in the caller's thread and its context
+            with tracing.sending(out):
+                self.app.run_sync(lambda: self._send(out))
+        else:
+            self.app.run_sync(lambda: self._send(out))
         return out.message_id
 
     async def _send(self, out: Outgoing) -> None:
@@ -218,7 +230,15 @@ class Task(Generic[P, R]):
             ReplyInvalid: the reply is not a result of the task's return type.
             pydantic.ValidationError, Unroutable, NotConfirmed: as `publish`.
         """
-        return await self._call(self.message(payload, **options), timeout)
+        out = self.message(payload, **options)
+        if tracing.ENABLED:
+            span = tracing.start_send(out)
+            try:
+                return await self._call(out, timeout, span)
+            except BaseException as exc:
+                tracing.end(span, exc)  # unless it was sent: then the call failed later
+                raise
+        return await self._call(out, timeout)
 
     def call_sync(
         self,
@@ -229,13 +249,19 @@ class Task(Generic[P, R]):
     ) -> R:
         """`call` for synchronous code (and sync handlers): blocks until the result."""
         out = self.message(payload, **options)
-        return self.app.run_sync(
-            lambda: self._call(out, timeout), timeout=timeout + SYNC_CALL_MARGIN_SECONDS
-        )
+        span = tracing.start_send(out) if tracing.ENABLED else None
+        try:
+            return self.app.run_sync(
+                lambda: self._call(out, timeout, span), timeout=timeout + SYNC_CALL_MARGIN_SECONDS
+            )
+        except BaseException as exc:
+            if span is not None:
+                tracing.end(span, exc)  # unless it was sent: then the call failed later
+            raise
 
-    async def _call(self, out: Outgoing, timeout_seconds: float) -> R:
+    async def _call(self, out: Outgoing, timeout_seconds: float, span: Span | None = None) -> R:
         caller = await self.app.caller()
-        result: R = await caller.call(out, timeout_seconds, self.definition.load_result)
+        result: R = await caller.call(out, timeout_seconds, self.definition.load_result, span)
         return result
 
 
@@ -409,8 +435,13 @@ class App:
                 confirmed.
         """
         publisher = await self.publisher()
-        errors = await publisher.send_many(messages)
-        raise_first(messages, errors)
+        if tracing.ENABLED:
+            with tracing.sending_batch(messages):
+                errors = await publisher.send_many(messages)
+                raise_first(messages, errors)
+        else:
+            errors = await publisher.send_many(messages)
+            raise_first(messages, errors)
         return [m.message_id for m in messages]
 
     def publish_many_sync(self, messages: Sequence[Outgoing]) -> list[str]:

@@ -24,18 +24,22 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiormq
 import aiormq.abc
 from aio_pika.abc import AbstractChannel
 
 from rabbitq import _reply as reply
+from rabbitq import _tracing as tracing
 from rabbitq._connection import scrub
 from rabbitq._errors import CallLost, CallTimeout
 from rabbitq._pipeline import Confirms, can_pipeline
 from rabbitq._publish import Publisher
 from rabbitq._wire import Outgoing
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 logger = logging.getLogger("rabbitq.call")
 
@@ -63,11 +67,16 @@ class Caller:
         return len(self._waiting)
 
     async def call(
-        self, out: Outgoing, timeout_seconds: float, load: Callable[[bytes], Any]
+        self,
+        out: Outgoing,
+        timeout_seconds: float,
+        load: Callable[[bytes], Any],
+        span: Span | None = None,
     ) -> Any:
         """Publish `out` as a call and return its result, read by `load`.
 
-        `timeout_seconds` covers the publish and the wait for the reply.
+        `timeout_seconds` covers the publish and the wait for the reply; `span`, the publish's
+        producer span (`_tracing`), ends once the broker confirmed the request.
 
         Raises:
             TaskFailed: the task was parked.
@@ -88,6 +97,8 @@ class Caller:
                 # waiting before the publish: the reply can come before the confirm
                 self._waiting[correlation_id] = waiter
                 await self.publisher.send_on(channel, confirms, request)
+                if span is not None:
+                    tracing.end(span)
                 body, headers = await waiter
         except _Lost as lost:
             raise CallLost(task, out.message_id, lost.detail) from None

@@ -8,6 +8,7 @@ blocked loop misses heartbeats and the broker drops the connection with every ta
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any, Generic, TypeVar, get_type_hints
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from rabbitq import _tracing as tracing
 from rabbitq._errors import ConfigError, HandlerTimeout, ParkReason, Poison
 from rabbitq._outcome import TaskRules
 from rabbitq._wire import error_text
@@ -154,7 +156,11 @@ class TaskDef(Generic[P, R]):
             call = self.fn(*args)
         else:
             loop = asyncio.get_running_loop()
-            call = loop.run_in_executor(executor, functools.partial(self.fn, *args))
+            if tracing.ENABLED:  # in the delivery's context: its tasks join its trace
+                fn = functools.partial(contextvars.copy_context().run, self.fn, *args)
+            else:
+                fn = functools.partial(self.fn, *args)
+            call = loop.run_in_executor(executor, fn)
         if self.timeout_seconds is None:
             result = await call
         else:

@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rabbitq import _reply as reply
+from rabbitq import _tracing as tracing
 from rabbitq import _wire as wire
 from rabbitq._ack import Acker
 from rabbitq._amqp import Delivery
@@ -90,46 +91,62 @@ class Settler:
     observer: Observer | None = None
 
     async def handle(self, message: Delivery, acker: Acker) -> None:
-        props = message.properties
-        spec = self.workload.spec
-        redelivered = message.redelivered
-        envelope: wire.Envelope | None = None
-        error: BaseException | None = None
-        duration: float | None = None
-        result: bytes | None = None
+        # the delivery's process span (`_tracing`), current until it is settled; with tracing
+        # off this costs the check and a try, which costs nothing until something raises
+        span = (
+            tracing.Processing(message, self.workload.work_queue, self.workload.name)
+            if tracing.ENABLED
+            else None
+        )
         try:
-            if props.broken:
-                raise Poison(ParkReason.BAD_ENVELOPE, props.broken)
-            envelope = wire.decode(
-                body_size=len(message.body),
-                task=props.message_type,
-                message_id=props.message_id,
-                headers=props.headers,
-                max_message_bytes=spec.max_message_bytes,
-                content_type=props.content_type,
-            )
-        except Poison as poison:
-            error, outcome = poison, decide(poison, spec, time.time())
-        else:
-            definition = self.app.tasks.get(envelope.task)
-            outcome = decide(
-                envelope,
-                spec,
-                time.time(),
-                redelivered=redelivered,
-                registered=definition is not None,
-            )
-        if isinstance(outcome, Run):
-            assert envelope is not None and definition is not None
+            props = message.properties
+            spec = self.workload.spec
+            redelivered = message.redelivered
+            envelope: wire.Envelope | None = None
+            error: BaseException | None = None
+            duration: float | None = None
+            result: bytes | None = None
             try:
-                payload = definition.parse(message.body)
+                if props.broken:
+                    raise Poison(ParkReason.BAD_ENVELOPE, props.broken)
+                envelope = wire.decode(
+                    body_size=len(message.body),
+                    task=props.message_type,
+                    message_id=props.message_id,
+                    headers=props.headers,
+                    max_message_bytes=spec.max_message_bytes,
+                    content_type=props.content_type,
+                )
             except Poison as poison:
                 error, outcome = poison, decide(poison, spec, time.time())
             else:
-                error, duration, result = await self._run(message, envelope, definition, payload)
-                ran = RAN if error is None else Ran(error)
-                outcome = decide(envelope, spec, time.time(), ran=ran, rules=definition.rules)
-        await self._carry_out(message, acker, envelope, outcome, error, duration, result)
+                definition = self.app.tasks.get(envelope.task)
+                outcome = decide(
+                    envelope,
+                    spec,
+                    time.time(),
+                    redelivered=redelivered,
+                    registered=definition is not None,
+                )
+            if isinstance(outcome, Run):
+                assert envelope is not None and definition is not None
+                try:
+                    payload = definition.parse(message.body)
+                except Poison as poison:
+                    error, outcome = poison, decide(poison, spec, time.time())
+                else:
+                    error, duration, result = await self._run(
+                        message, envelope, definition, payload
+                    )
+                    ran = RAN if error is None else Ran(error)
+                    outcome = decide(envelope, spec, time.time(), ran=ran, rules=definition.rules)
+            await self._carry_out(message, acker, envelope, outcome, error, duration, result)
+        except BaseException as exc:
+            if span is not None:
+                span.close(exc)
+            raise
+        if span is not None:
+            span.close()
 
     async def _run(
         self,
@@ -215,6 +232,8 @@ class Settler:
                 )
                 acker.settle(message, requeue=True)
                 self.lose(f"a forward was not confirmed: {exc}")
+                if tracing.ENABLED:
+                    tracing.record_requeued(f"its {type(outcome).__name__} copy was not confirmed")
                 return
         if acker.settle(message):
             self._record(message, envelope, outcome, error, duration)
@@ -339,6 +358,14 @@ class Settler:
     ) -> None:
         """Count, log and report a settled outcome."""
         props = message.properties
+        if tracing.ENABLED:
+            tier = (
+                self.workload.tiers[outcome.tier_index].label
+                if isinstance(outcome, RetryIn)
+                else None
+            )
+            attempt = envelope.attempt if envelope is not None else 0
+            tracing.record_outcome(outcome, attempt, error, tier, self._clean)
         # a task name is a label only if the app registered it: poison names anything
         task = envelope.task if envelope is not None else None
         metrics = self.metrics.task(task)

@@ -221,9 +221,21 @@ def sanitize_header_value(value: Any) -> Any:
     return value
 
 
+# W3C trace context (`_tracing`): a copy keeps them, so a task's attempts stay in one trace;
+# a value longer than W3C allows (tracestate: 512) may be what made the headers too big
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+MAX_TRACE_HEADER_CHARS = 512
+
+
 def keep_own_headers(headers: Mapping[str, Any], dropped_reason: str) -> dict[str, Any]:
-    """Only rabbitq's headers, when the others cannot travel; says why they were dropped."""
-    out = {k: v for k, v in headers.items() if k.startswith("rabbitq-")}
+    """Only rabbitq's headers and the trace context, when the others cannot travel; says why
+    they were dropped."""
+    out = {
+        k: v
+        for k, v in headers.items()
+        if k.startswith("rabbitq-")
+        or (k in TRACE_HEADERS and isinstance(v, str) and len(v) <= MAX_TRACE_HEADER_CHARS)
+    }
     out[HEADER_DROPPED] = dropped_reason
     return out
 

@@ -1,0 +1,391 @@
+"""OpenTelemetry traces of publishes and of each delivery's processing (the `otel` extra).
+
+When `opentelemetry-api` is importable (`pip install 'rabbitq[otel]'`), spans go to the
+TracerProvider the app configured (the API's no-op one otherwise); when it is not, `ENABLED`
+is False and the publish and consume paths skip everything here after that one check.
+
+What is traced, after the OpenTelemetry messaging conventions (messaging-spans.md and
+rabbitmq.md of open-telemetry/semantic-conventions, the `messaging.*` names of v1.26 and
+later, not the older `messaging.destination` / `messaging.operation` that
+opentelemetry-instrumentation-aio-pika writes):
+
+* a publish of one message (`Task.publish`, `publish_sync`, `call`, delayed or not) is one
+  PRODUCER span `publish {exchange}:{routing key}` (operation type `send`), from before the
+  write to the broker's confirm; its context is the message's creation context, injected into
+  the headers as W3C `traceparent`/`tracestate` by the API's propagator;
+* `publish_many` is a PRODUCER `create` span per message, whose context that message carries,
+  and one CLIENT `publish` span for the batch that links to each;
+* a delivery is one CONSUMER span `process {exchange}:{routing key}:{queue}` (operation type
+  `process`), from decoding to the settling of its outcome, a child of the creation context the
+  message carries (rabbitq's consumer has no ambient span, so the conventions' "MAY" for single
+  messages is taken). Retried, recounted and parked copies keep the headers of the original
+  (`_wire`), so a task's publish, each attempt's processing and its park are one trace. The span
+  says the outcome (`rabbitq.outcome`: succeeded, retried, parked, redelivered, requeued), the
+  attempt, the tier or the park reason; a failed attempt records its exception and status ERROR.
+
+A delayed task's routing key carries its delay in binary (`_ladder`), so its span names use the
+low-cardinality `messaging.destination.template` (`NS.delay.{level}:{delay}.W`) instead of the
+name. Headers are untrusted: a `traceparent` that is not a string of the W3C form is ignored.
+
+The attribute builders are pure; only the `start_*`/`end_*`/`record_*` functions touch the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+from rabbitq._errors import Poison
+from rabbitq._ladder import LEVELS
+from rabbitq._outcome import Outcome, ParkNow, Recount, RetryIn, Succeeded
+
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry import propagate, trace
+    from opentelemetry.propagators.textmap import Getter
+    from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+except ImportError:  # the `otel` extra is not installed: tracing is off
+    ENABLED = False
+else:
+    ENABLED = True
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span, Tracer
+
+    from rabbitq._amqp import Delivery
+    from rabbitq._wire import Outgoing
+
+SYSTEM = "rabbitmq"
+
+Attributes = dict[str, str | int]
+
+# Pure: names and attributes --------------------------------------------------------------------
+
+
+def destination_name(exchange: str, routing_key: str, queue: str | None = None) -> str:
+    """`messaging.destination.name` as rabbitmq.md defines it.
+
+    Producer side (`queue` None): `{exchange}:{routing key}`, or the one that is not empty, or
+    `amq.default`. Consumer side: `{exchange}:{routing key}:{queue}`, empty parts left out,
+    and the queue left out when it equals the routing key.
+    """
+    parts = [exchange, routing_key]
+    if queue is not None and queue != routing_key:
+        parts.append(queue)
+    return ":".join(p for p in parts if p) or "amq.default"
+
+
+_LADDER_KEY = re.compile(rf"(?:[01]\.){{{LEVELS}}}")
+_LADDER_LEVEL = re.compile(r"\.delay\.\d\d$")
+
+
+def destination_template(exchange: str, routing_key: str, queue: str | None = None) -> str | None:
+    """`messaging.destination.template` of a delayed task (its key holds its delay, one name
+    per delay), with the delay and the ladder level as placeholders; None for other keys."""
+    match = _LADDER_KEY.match(routing_key)
+    if match is None:
+        return None
+    workload = routing_key[match.end() :]
+    exchange = _LADDER_LEVEL.sub(".delay.{level}", exchange)
+    return destination_name(exchange, f"{{delay}}.{workload}", queue)
+
+
+def span_name(operation: str, destination: str) -> str:
+    """`{messaging.operation.name} {destination}`; the operation alone without a destination."""
+    return f"{operation} {destination}" if destination else operation
+
+
+def _destination(exchange: str, routing_key: str, queue: str | None = None) -> Attributes:
+    attributes: Attributes = {
+        "messaging.destination.name": destination_name(exchange, routing_key, queue)
+    }
+    if routing_key:
+        attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
+    template = destination_template(exchange, routing_key, queue)
+    if template is not None:
+        attributes["messaging.destination.template"] = template
+    return attributes
+
+
+def publish_attributes(
+    exchange: str, routing_key: str, message_id: str, task: str | None, operation: str = "send"
+) -> Attributes:
+    """The attributes of a message's producer span: `send` (one publish) or `create` (one
+    message of a batch)."""
+    attributes: Attributes = {
+        "messaging.system": SYSTEM,
+        "messaging.operation.type": operation,
+        "messaging.operation.name": "publish" if operation == "send" else operation,
+        **_destination(exchange, routing_key),
+    }
+    if message_id:
+        attributes["messaging.message.id"] = message_id
+    if task:
+        attributes["rabbitq.task"] = task
+    return attributes
+
+
+def batch_attributes(destinations: set[str], count: int) -> Attributes:
+    """The attributes of a batch publish's span; the destination only if all share one."""
+    attributes: Attributes = {
+        "messaging.system": SYSTEM,
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "publish",
+        "messaging.batch.message_count": count,
+    }
+    if len(destinations) == 1:
+        attributes["messaging.destination.name"] = next(iter(destinations))
+    return attributes
+
+
+def process_attributes(
+    *,
+    exchange: str,
+    routing_key: str,
+    queue: str,
+    message_id: str | None,
+    delivery_tag: int,
+    correlation_id: str | None,
+    task: str | None,
+    workload: str,
+) -> Attributes:
+    """The attributes a delivery's process span starts with (the outcome comes later)."""
+    attributes: Attributes = {
+        "messaging.system": SYSTEM,
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        **_destination(exchange, routing_key, queue),
+        "messaging.rabbitmq.message.delivery_tag": delivery_tag,
+        "rabbitq.workload": workload,
+    }
+    if message_id:
+        attributes["messaging.message.id"] = message_id
+    if correlation_id:
+        attributes["messaging.message.conversation_id"] = correlation_id
+    if task:
+        attributes["rabbitq.task"] = task
+    return attributes
+
+
+def error_type(error: BaseException) -> str:
+    """`error.type`: the exception's class, or for poison (no handler ran) its park reason."""
+    if isinstance(error, Poison):
+        return str(error.reason)
+    cls = type(error)
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+
+
+def outcome_attributes(
+    outcome: Outcome, attempt: int, error: BaseException | None, tier: str | None = None
+) -> tuple[Attributes, bool]:
+    """What a settled outcome adds to its process span, and whether the attempt failed."""
+    attributes: Attributes = {"rabbitq.attempt": attempt}
+    failed = False
+    if isinstance(outcome, Succeeded):
+        attributes["rabbitq.outcome"] = "succeeded"
+    elif isinstance(outcome, Recount):
+        attributes["rabbitq.outcome"] = "redelivered"
+        attributes["rabbitq.redeliveries"] = outcome.redeliveries
+    elif isinstance(outcome, RetryIn):
+        attributes["rabbitq.outcome"] = "retried"
+        if tier is not None:
+            attributes["rabbitq.retry.tier"] = tier
+        failed = True
+    elif isinstance(outcome, ParkNow):
+        attributes["rabbitq.outcome"] = "parked"
+        attributes["rabbitq.park.reason"] = str(outcome.reason)
+        failed = True
+    if failed and error is not None:
+        attributes["error.type"] = error_type(error)
+    return attributes, failed
+
+
+# The API: spans ---------------------------------------------------------------------------------
+
+_tracer: Tracer | None = None
+
+
+def tracer() -> Tracer:
+    """rabbitq's tracer, from the global provider (a proxy until the app sets one)."""
+    global _tracer
+    if _tracer is None:
+        try:
+            own = version("rabbitq")
+        except PackageNotFoundError:
+            own = None
+        _tracer = trace.get_tracer("rabbitq", own)
+    return _tracer
+
+
+def start_send(out: Outgoing) -> Span:
+    """Start the producer span of one publish and put its context into `out`'s headers."""
+    attributes = publish_attributes(out.exchange, out.routing_key, out.message_id, out.task)
+    name = span_name(
+        "publish",
+        str(
+            attributes.get("messaging.destination.template")
+            or attributes["messaging.destination.name"]
+        ),
+    )
+    span = tracer().start_span(name, kind=SpanKind.PRODUCER, attributes=attributes)
+    propagate.inject(out.headers, context=trace.set_span_in_context(span))
+    return span
+
+
+def end(span: Span, error: BaseException | None = None) -> None:
+    """End a span (once: a span already ended is left as it is), as failed if `error`."""
+    if not span.is_recording():
+        return
+    if error is not None:
+        _fail(span, error)
+    span.end()
+
+
+@contextlib.contextmanager
+def sending(out: Outgoing) -> Iterator[Span]:
+    """`start_send` and `end` around a publish."""
+    span = start_send(out)
+    try:
+        yield span
+    except BaseException as exc:
+        end(span, exc)
+        raise
+    end(span)
+
+
+@contextlib.contextmanager
+def sending_batch(messages: Sequence[Outgoing]) -> Iterator[Span]:
+    """A `create` span per message (its context into that message's headers), then the batch's
+    span, linked to each, around the publish."""
+    links = []
+    destinations = set()
+    for out in messages:
+        attributes = publish_attributes(
+            out.exchange, out.routing_key, out.message_id, out.task, operation="create"
+        )
+        destination = str(attributes["messaging.destination.name"])
+        destinations.add(destination)
+        name = span_name(
+            "create", str(attributes.get("messaging.destination.template") or destination)
+        )
+        create = tracer().start_span(name, kind=SpanKind.PRODUCER, attributes=attributes)
+        context = trace.set_span_in_context(create)
+        propagate.inject(out.headers, context=context)
+        create.end()
+        links.append(Link(create.get_span_context()))
+    attributes = batch_attributes(destinations, len(messages))
+    name = span_name("publish", str(attributes.get("messaging.destination.name", "")))
+    span = tracer().start_span(name, kind=SpanKind.CLIENT, attributes=attributes, links=links)
+    try:
+        yield span
+    except BaseException as exc:
+        end(span, exc)
+        raise
+    end(span)
+
+
+class _HeaderGetter(Getter[Mapping[str, Any]]):
+    """Reads the trace headers of a delivery: strings only (a header is untrusted input)."""
+
+    def get(self, carrier: Mapping[str, Any], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return [value] if isinstance(value, str) else None
+
+    def keys(self, carrier: Mapping[str, Any]) -> list[str]:
+        return [k for k in carrier if isinstance(k, str)]
+
+
+_GETTER = _HeaderGetter() if ENABLED else None
+
+
+def creation_context(headers: Mapping[str, Any] | None) -> otel_context.Context | None:
+    """The creation context a delivery carries, if any (None: the span starts a trace)."""
+    if not headers or "traceparent" not in headers:
+        return None
+    try:
+        return propagate.extract(headers, getter=_GETTER)  # type: ignore[arg-type]
+    except Exception:  # a propagator that chokes on what a message carries: no parent then
+        return None
+
+
+class Processing:
+    """The process span of one delivery, current while it is handled."""
+
+    __slots__ = ("span", "_token")
+
+    def __init__(self, message: Delivery, queue: str, workload: str) -> None:
+        props = message.properties
+        attributes = process_attributes(
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            queue=queue,
+            message_id=props.message_id,
+            delivery_tag=message.tag,
+            correlation_id=props.correlation_id,
+            task=props.message_type,
+            workload=workload,
+        )
+        destination = (
+            attributes.get("messaging.destination.template")
+            or attributes["messaging.destination.name"]
+        )
+        self.span = tracer().start_span(
+            span_name("process", str(destination)),
+            context=creation_context(props.headers),
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+        )
+        # current while the handler runs: the tasks it publishes are children of this span
+        self._token = otel_context.attach(trace.set_span_in_context(self.span))
+
+    def close(self, error: BaseException | None = None) -> None:
+        otel_context.detach(self._token)
+        if isinstance(error, asyncio.CancelledError):
+            # the consumer stopped or lost its connection: the broker delivers it again
+            self.span.set_attribute("rabbitq.outcome", "requeued")
+            error = None
+        end(self.span, error)
+
+
+def record_outcome(
+    outcome: Outcome,
+    attempt: int,
+    error: BaseException | None,
+    tier: str | None,
+    clean: Callable[[str], str],
+) -> None:
+    """Put a settled outcome on the current process span; `clean` scrubs the error's texts
+    (a handler's library may quote the broker URL)."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    attributes, failed = outcome_attributes(outcome, attempt, error, tier)
+    span.set_attributes(attributes)
+    if failed and error is not None:
+        message = clean(str(error))
+        stack = clean("".join(traceback.format_exception(error)))
+        span.record_exception(error, {"exception.message": message, "exception.stacktrace": stack})
+        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {message}"[:500]))
+    elif failed:
+        span.set_status(Status(StatusCode.ERROR))
+
+
+def record_requeued(reason: str) -> None:
+    """The delivery went back to the queue (its copy was not confirmed): it runs again."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("rabbitq.outcome", "requeued")
+        span.set_status(Status(StatusCode.ERROR, reason))
+
+
+def _fail(span: Span, error: BaseException) -> None:
+    span.set_attribute("error.type", error_type(error))
+    span.record_exception(error)
+    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
