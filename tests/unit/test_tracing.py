@@ -171,8 +171,12 @@ class Boom(Exception):
     ],
 )
 def test_an_outcome_says_what_became_of_the_attempt(
-    outcome: Outcome, error: BaseException | None, tier, expected: dict[str, Any], failed: bool
-):
+    outcome: Outcome,
+    error: BaseException | None,
+    tier: str | None,
+    expected: dict[str, Any],
+    failed: bool,
+) -> None:
     attributes, did_fail = tracing.outcome_attributes(outcome, 2, error, tier)
     assert attributes == {"rabbitq.attempt": 2, **expected}
     assert did_fail is failed
