@@ -291,18 +291,19 @@ def sending_batch(messages: Sequence[Outgoing]) -> Iterator[Span]:
     end(span)
 
 
-class _HeaderGetter(Getter[Mapping[str, Any]]):
-    """Reads the trace headers of a delivery: strings only (a header is untrusted input)."""
+if ENABLED:  # a class of the API's: only where it is installed
 
-    def get(self, carrier: Mapping[str, Any], key: str) -> list[str] | None:
-        value = carrier.get(key)
-        return [value] if isinstance(value, str) else None
+    class _HeaderGetter(Getter[Mapping[str, Any]]):
+        """Reads the trace headers of a delivery: strings only (a header is untrusted input)."""
 
-    def keys(self, carrier: Mapping[str, Any]) -> list[str]:
-        return [k for k in carrier if isinstance(k, str)]
+        def get(self, carrier: Mapping[str, Any], key: str) -> list[str] | None:
+            value = carrier.get(key)
+            return [value] if isinstance(value, str) else None
 
+        def keys(self, carrier: Mapping[str, Any]) -> list[str]:
+            return [k for k in carrier if isinstance(k, str)]
 
-_GETTER = _HeaderGetter() if ENABLED else None
+    _GETTER = _HeaderGetter()
 
 
 def creation_context(headers: Mapping[str, Any] | None) -> otel_context.Context | None:
@@ -310,7 +311,7 @@ def creation_context(headers: Mapping[str, Any] | None) -> otel_context.Context 
     if not headers or "traceparent" not in headers:
         return None
     try:
-        return propagate.extract(headers, getter=_GETTER)  # type: ignore[arg-type]
+        return propagate.extract(headers, getter=_GETTER)
     except Exception:  # a propagator that chokes on what a message carries: no parent then
         return None
 
