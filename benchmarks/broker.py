@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -72,13 +73,19 @@ async def set_up(url: str, topology: Topology, raw: list[RawQueue]) -> None:
 
 
 async def fill(
-    url: str, queue_or_exchange: tuple[str, str], workload: str, count: int, first_id: int = 0
+    url: str,
+    queue_or_exchange: tuple[str, str],
+    workload: str,
+    count: int,
+    first_id: int = 0,
+    headers: dict[str, Any] | None = None,
 ) -> None:
     """Publish `count` rabbitq-format tasks with pipelined confirms (set-up, not timed).
 
     Args:
         queue_or_exchange: (exchange, routing key): ("", queue) for a raw queue, or
             (NS.tasks, workload) for rabbitq.
+        headers: more headers on every task (the tracing scenario's `traceparent`).
     """
     exchange_name, routing_key = queue_or_exchange
     async with connection(url, "bench filler") as conn:
@@ -92,7 +99,10 @@ async def fill(
 
         async def one(i: int) -> None:
             async with window:
-                message = aio_pika.Message(body(i), **task_properties(workload))
+                properties = task_properties(workload)
+                if headers:
+                    properties["headers"] = properties["headers"] | headers
+                message = aio_pika.Message(body(i), **properties)
                 await exchange.publish(message, routing_key=routing_key, mandatory=True)
 
         await asyncio.gather(*(one(first_id + i) for i in range(count)))

@@ -26,6 +26,7 @@ SCENARIOS = (
     "queue_types",
     "calls",
     "delays",
+    "tracing",
 )
 # Where a smaller number is better; `offered` is an input, and machine and broker CPU (scale)
 # are context, not outcomes; so are a delays run's length, ladder levels and ladder count.

@@ -87,10 +87,14 @@ async def main(args: Any) -> None:
     Probe.emit(result)
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
     parser = worker_arguments(__doc__ or "")
     parser.add_argument("--workload", required=True)
     parser.add_argument("--topology", type=Path, required=True, help="the run's topology file")
-    arguments = parser.parse_args()
+    arguments = parser.parse_args(argv)
     logs.setup("info", "text", (arguments.url,))
     run(lambda: main(arguments), arguments.loop)
+
+
+if __name__ == "__main__":
+    cli()

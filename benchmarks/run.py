@@ -4,6 +4,7 @@
     python -m benchmarks.run --quick          # tiny N, one repetition: does it still run?
     python -m benchmarks.run --scenarios queue_types --cluster   # classic vs quorum, 3 nodes
     python -m benchmarks.run --scenarios delays --n 100000       # delayed vs immediate tasks
+    python -m benchmarks.run --scenarios tracing --tracing-baseline main   # traces off vs on
 
 For each repetition, each scenario is measured on every system that takes part in it, one after
 the other, on the same broker and the same event loop: the raw aio-pika floor, the raw
@@ -35,7 +36,7 @@ from typing import Any
 
 import aiormq
 
-from benchmarks import broker, delays, machine, scenarios
+from benchmarks import broker, delays, machine, scenarios, tracing
 from benchmarks import cluster as clusters
 from benchmarks.names import (
     CAPACITIES,
@@ -50,7 +51,7 @@ from benchmarks.probe import LOOPS, uvloop_installed
 from benchmarks.probe import run as run_loop
 from benchmarks.procs import Disturbed
 from benchmarks.report import SCENARIOS, Results, table
-from benchmarks.systems import RunContext, Side, all_sides
+from benchmarks.systems import TRACING, RunContext, Side, all_sides
 from rabbitq._errors import RabbitqError
 from rabbitq._topology import parse_topology
 
@@ -117,6 +118,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated, from {','.join(SCENARIOS)} (default: all). latency "
         f"also measures the capacity-{CAPACITY} drain (its 80%% rate comes from "
         "there); a drain also gives its peak RSS (memory)",
+    )
+    p.add_argument(
+        "--tracing-baseline",
+        default="",
+        metavar="REF",
+        help="tracing: also drain with rabbitq as git REF has it (e.g. main, before tracing), "
+        "tracing off, to compare `off` with",
     )
     p.add_argument(
         "--skip-memory",
@@ -223,6 +231,7 @@ class Runner:
         self.results = Results()
         self.disturbed: list[str] = []
         self.drain_rate: dict[str, float] = {}  # capacity 64, this repetition, by side
+        self.baseline: Path | None = None  # tracing: rabbitq exported from --tracing-baseline
 
     async def measure(self, what: str, side: Side, make: Measure) -> dict[str, float]:
         """One measurement, repeated if something outside it disturbed it."""
@@ -338,6 +347,8 @@ class Runner:
             )
         if "delays" in wants:
             await self.delays()
+        if "tracing" in wants:
+            await self.tracing()
 
     async def drains(self, capacities: tuple[int, ...]) -> None:
         a = self.args
@@ -441,6 +452,28 @@ class Runner:
             ),
             "broker ",
         )
+
+    async def tracing(self) -> None:
+        """Issue #15: the capacity-64 drain with tracing off, on the no-op API and on an SDK
+        (`benchmarks/tracing.py`), on rabbitq alone; with `--tracing-baseline`, also the code
+        before tracing."""
+        a = self.args
+        key = TRACING
+        if a.tracing_baseline and self.baseline is None:
+            self.baseline = tracing.export_baseline(
+                a.tracing_baseline, self.ctx.topology_file.parent
+            )
+        figures: dict[str, dict[str, float]] = {}
+        for variant in tracing.order(len(self.results.reps), self.baseline is not None):
+            measured = await self.each(
+                f"drain capacity {CAPACITY}, tracing {variant}",
+                key,
+                partial(tracing.drain, variant=variant, n=a.n, baseline=self.baseline),
+            )
+            for name, values in measured.items():
+                figures.setdefault(name, {}).update(values)
+        for name, values in figures.items():
+            self.results.add(key, name, values | tracing.ratios(values))
 
     async def latencies(self) -> None:
         a = self.args

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from benchmarks import broker
@@ -36,12 +37,14 @@ async def _gated(
     count: int,
     expect_total: int,
     cpu: CpuSampler | None = None,
+    fill: Callable[[], Awaitable[None]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Fill, start, go; the workers' results once all are done (`cpu` samples meanwhile)."""
+    """Fill (the side's way, or `fill`), start, go; the workers' results once all are done
+    (`cpu` samples meanwhile)."""
     await broker.purge(side.ctx.url, side.queues(workload))
     try:
         await asyncio.gather(*(w.start() for w in workers))
-        await side.fill(workload, count)
+        await (fill() if fill is not None else side.fill(workload, count))
         await asyncio.gather(*(w.ready() for w in workers))
         if cpu is not None:
             cpu.start()

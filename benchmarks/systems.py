@@ -73,6 +73,8 @@ DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 CALLS_TIMEOUT_SECONDS = 120.0
 # delayed against immediate tasks (`benchmarks.delays`): rabbitq's own, no baseline has delays
 DELAYS = "delays"
+# traces off and on (`benchmarks/tracing.py`): rabbitq alone, like the delays
+TRACING = "tracing"
 
 
 async def _concurrently(send: Any, n: int, publishers: int) -> float:
@@ -266,7 +268,7 @@ class RabbitqSide:
 
     name = "rabbitq"
     title = "rabbitq"
-    measures = EVERYTHING | {DELAYS}
+    measures = EVERYTHING | {DELAYS, TRACING}
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx

@@ -13,7 +13,17 @@ from aio_pika.abc import AbstractConnection
 from tests.conftest import broker_url
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = {"publish", "drain", "latency", "retry", "memory", "scale", "queue_types", "delays"}
+SCENARIOS = {
+    "publish",
+    "drain",
+    "latency",
+    "retry",
+    "memory",
+    "scale",
+    "queue_types",
+    "delays",
+    "tracing",
+}
 QUICK_N = 100
 # classic against quorum, each with raw aio-pika on the same queue (the single-node path only:
 # `--cluster` starts three nodes, too slow here)
@@ -29,9 +39,15 @@ DELAY_ROWS = [
     "broker delayed/immediate broker_cpu_us_per_task",
     "memory consumer_rss_growth_mib",
 ]
-# Every system, each scenario, tiny N: about 35 s here (20 of them delays, which waits for a
-# 3 s delay); room for a slow machine.
-RUN_TIMEOUT_SECONDS = 110
+# traces off and on, each against the code before tracing (here the checkout's HEAD commit)
+TRACING_ROWS = [
+    "noop/off c64_tasks_per_s",
+    "on/off c64_tasks_per_s",
+    "off/main c64_tasks_per_s",
+]
+# Every system, each scenario, tiny N: about 45 s here (20 of them delays, which waits for a
+# 3 s delay; 8 the four tracing drains); room for a slow machine.
+RUN_TIMEOUT_SECONDS = 120
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_SECONDS + 10)
@@ -39,8 +55,8 @@ async def test_benchmark_runner_quick_run_reports_every_scenario(
     connection: AbstractConnection, tmp_path: Path
 ) -> None:
     """`python -m benchmarks.run --quick` exits 0 and its JSON has every scenario, rabbitq
-    over raw for both queue types, and the delays figures with every delayed task counted in
-    the ladder."""
+    over raw for both queue types, the delays figures with every delayed task counted in
+    the ladder, and the tracing ratios."""
     results = tmp_path / "results.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -51,6 +67,8 @@ async def test_benchmark_runner_quick_run_reports_every_scenario(
         broker_url(),
         "--json",
         str(results),
+        "--tracing-baseline",
+        "HEAD",
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -75,3 +93,5 @@ async def test_benchmark_runner_quick_run_reports_every_scenario(
     for row in DELAY_ROWS:
         assert delays.get(row, {}).get("rabbitq") is not None, f"no rabbitq figure for {row}"
     assert delays["memory ladder_held"]["rabbitq"]["median"] == QUICK_N
+    for row in TRACING_ROWS:
+        assert summary["tracing"].get(row, {}).get("rabbitq") is not None, f"no {row}"
