@@ -90,7 +90,9 @@ def _provider() -> tuple[Any, list[int]]:
             return SpanExportResult.SUCCESS
 
     provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(Dropping()))
+    # a queue that holds a whole run: a span the default queue (2,048) drops would not be
+    # counted, nor its cost
+    provider.add_span_processor(BatchSpanProcessor(Dropping(), max_queue_size=1_000_000))
     trace.set_tracer_provider(provider)
     return provider.force_flush, exported
 

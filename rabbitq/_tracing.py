@@ -1,8 +1,9 @@
 """OpenTelemetry traces of publishes and of each delivery's processing (the `otel` extra).
 
 When `opentelemetry-api` is importable (`pip install 'rabbitq[otel]'`), spans go to the
-TracerProvider the app configured (the API's no-op one otherwise); when it is not, `ENABLED`
-is False and the publish and consume paths skip everything here after that one check.
+TracerProvider the app set (`trace.set_tracer_provider`); until it sets one there would only be
+the API's no-op spans, so nothing is made (`active_tracer`). When the API is not importable,
+`ENABLED` is False and the publish and consume paths skip everything here after that check.
 
 What is traced, after the OpenTelemetry messaging conventions (messaging-spans.md and
 rabbitmq.md of open-telemetry/semantic-conventions, the `messaging.*` names of v1.26 and
@@ -212,36 +213,51 @@ def outcome_attributes(
 _tracer: Tracer | None = None
 
 
-def tracer() -> Tracer:
-    """rabbitq's tracer, from the global provider (a proxy until the app sets one)."""
+def active_tracer() -> Tracer | None:
+    """rabbitq's tracer once the app has set a TracerProvider, else None.
+
+    Until then every span would be the API's no-op one: rather than build names, attributes
+    and no-op spans per message (some 10 us a delivery), nothing is done, and no context is
+    passed on. The API lets a provider be set once, so the tracer is taken once.
+    """
     global _tracer
-    if _tracer is None:
-        try:
-            own = version("rabbitq")
-        except PackageNotFoundError:
-            own = None
-        _tracer = trace.get_tracer("rabbitq", own)
+    if _tracer is not None:
+        return _tracer
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        return None
+    try:
+        own: str | None = version("rabbitq")
+    except PackageNotFoundError:
+        own = None
+    _tracer = provider.get_tracer("rabbitq", own)
     return _tracer
 
 
-def start_send(out: Outgoing) -> Span:
-    """Start the producer span of one publish and put its context into `out`'s headers."""
-    attributes = publish_attributes(out.exchange, out.routing_key, out.message_id, out.task)
-    name = span_name(
-        "publish",
-        str(
-            attributes.get("messaging.destination.template")
-            or attributes["messaging.destination.name"]
-        ),
+def _named(operation: str, attributes: Attributes) -> str:
+    destination = attributes.get("messaging.destination.template") or attributes.get(
+        "messaging.destination.name", ""
     )
-    span = tracer().start_span(name, kind=SpanKind.PRODUCER, attributes=attributes)
+    return span_name(operation, str(destination))
+
+
+def start_send(out: Outgoing) -> Span | None:
+    """Start the producer span of one publish and put its context into `out`'s headers; None
+    if no provider is set."""
+    tracer = active_tracer()
+    if tracer is None:
+        return None
+    attributes = publish_attributes(out.exchange, out.routing_key, out.message_id, out.task)
+    span = tracer.start_span(
+        _named("publish", attributes), kind=SpanKind.PRODUCER, attributes=attributes
+    )
     propagate.inject(out.headers, context=trace.set_span_in_context(span))
     return span
 
 
-def end(span: Span, error: BaseException | None = None) -> None:
+def end(span: Span | None, error: BaseException | None = None) -> None:
     """End a span (once: a span already ended is left as it is), as failed if `error`."""
-    if not span.is_recording():
+    if span is None or not span.is_recording():
         return
     if error is not None:
         _fail(span, error)
@@ -249,7 +265,7 @@ def end(span: Span, error: BaseException | None = None) -> None:
 
 
 @contextlib.contextmanager
-def sending(out: Outgoing) -> Iterator[Span]:
+def sending(out: Outgoing) -> Iterator[Span | None]:
     """`start_send` and `end` around a publish."""
     span = start_send(out)
     try:
@@ -261,28 +277,30 @@ def sending(out: Outgoing) -> Iterator[Span]:
 
 
 @contextlib.contextmanager
-def sending_batch(messages: Sequence[Outgoing]) -> Iterator[Span]:
+def sending_batch(messages: Sequence[Outgoing]) -> Iterator[Span | None]:
     """A `create` span per message (its context into that message's headers), then the batch's
     span, linked to each, around the publish."""
+    tracer = active_tracer()
+    if tracer is None:
+        yield None
+        return
     links = []
     destinations = set()
     for out in messages:
         attributes = publish_attributes(
             out.exchange, out.routing_key, out.message_id, out.task, operation="create"
         )
-        destination = str(attributes["messaging.destination.name"])
-        destinations.add(destination)
-        name = span_name(
-            "create", str(attributes.get("messaging.destination.template") or destination)
+        destinations.add(str(attributes["messaging.destination.name"]))
+        create = tracer.start_span(
+            _named("create", attributes), kind=SpanKind.PRODUCER, attributes=attributes
         )
-        create = tracer().start_span(name, kind=SpanKind.PRODUCER, attributes=attributes)
-        context = trace.set_span_in_context(create)
-        propagate.inject(out.headers, context=context)
+        propagate.inject(out.headers, context=trace.set_span_in_context(create))
         create.end()
         links.append(Link(create.get_span_context()))
     attributes = batch_attributes(destinations, len(messages))
-    name = span_name("publish", str(attributes.get("messaging.destination.name", "")))
-    span = tracer().start_span(name, kind=SpanKind.CLIENT, attributes=attributes, links=links)
+    span = tracer.start_span(
+        _named("publish", attributes), kind=SpanKind.CLIENT, attributes=attributes, links=links
+    )
     try:
         yield span
     except BaseException as exc:
@@ -317,34 +335,14 @@ def creation_context(headers: Mapping[str, Any] | None) -> otel_context.Context 
 
 
 class Processing:
-    """The process span of one delivery, current while it is handled."""
+    """The process span of one delivery, current while it is handled (`start_process`)."""
 
     __slots__ = ("span", "_token")
 
-    def __init__(self, message: Delivery, queue: str, workload: str) -> None:
-        props = message.properties
-        attributes = process_attributes(
-            exchange=message.exchange,
-            routing_key=message.routing_key,
-            queue=queue,
-            message_id=props.message_id,
-            delivery_tag=message.tag,
-            correlation_id=props.correlation_id,
-            task=props.message_type,
-            workload=workload,
-        )
-        destination = (
-            attributes.get("messaging.destination.template")
-            or attributes["messaging.destination.name"]
-        )
-        self.span = tracer().start_span(
-            span_name("process", str(destination)),
-            context=creation_context(props.headers),
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-        )
+    def __init__(self, span: Span) -> None:
+        self.span = span
         # current while the handler runs: the tasks it publishes are children of this span
-        self._token = otel_context.attach(trace.set_span_in_context(self.span))
+        self._token = otel_context.attach(trace.set_span_in_context(span))
 
     def close(self, error: BaseException | None = None) -> None:
         otel_context.detach(self._token)
@@ -353,6 +351,32 @@ class Processing:
             self.span.set_attribute("rabbitq.outcome", "requeued")
             error = None
         end(self.span, error)
+
+
+def start_process(message: Delivery, queue: str, workload: str) -> Processing | None:
+    """Start a delivery's process span, a child of the creation context it carries; None if
+    no provider is set."""
+    tracer = active_tracer()
+    if tracer is None:
+        return None
+    props = message.properties
+    attributes = process_attributes(
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        queue=queue,
+        message_id=props.message_id,
+        delivery_tag=message.tag,
+        correlation_id=props.correlation_id,
+        task=props.message_type,
+        workload=workload,
+    )
+    span = tracer.start_span(
+        _named("process", attributes),
+        context=creation_context(props.headers),
+        kind=SpanKind.CONSUMER,
+        attributes=attributes,
+    )
+    return Processing(span)
 
 
 def record_outcome(
@@ -364,6 +388,8 @@ def record_outcome(
 ) -> None:
     """Put a settled outcome on the current process span; `clean` scrubs the error's texts
     (a handler's library may quote the broker URL)."""
+    if _tracer is None:  # no provider: no span was started
+        return
     span = trace.get_current_span()
     if not span.is_recording():
         return
@@ -380,6 +406,8 @@ def record_outcome(
 
 def record_requeued(reason: str) -> None:
     """The delivery went back to the queue (its copy was not confirmed): it runs again."""
+    if _tracer is None:
+        return
     span = trace.get_current_span()
     if span.is_recording():
         span.set_attribute("rabbitq.outcome", "requeued")

@@ -12,7 +12,7 @@ from rabbitq import _ladder as ladder
 from rabbitq import _tracing as tracing
 from rabbitq._errors import ParkReason, Poison
 from rabbitq._outcome import Outcome, ParkNow, Recount, RetryIn, Succeeded
-from rabbitq._wire import HEADER_DROPPED, keep_own_headers
+from rabbitq._wire import HEADER_DROPPED, Outgoing, keep_own_headers
 
 DELAYED = ladder.route("ns", "emails", 13)
 
@@ -217,3 +217,14 @@ def test_a_copy_whose_headers_cannot_travel_keeps_its_trace_context(value, kept)
     out = keep_own_headers(headers, "too big")
     assert out[HEADER_DROPPED] == "too big" and "other" not in out
     assert ("traceparent" in out) is kept and ("tracestate" in out) is kept
+
+
+def test_without_a_provider_nothing_is_made_and_no_header_is_added():
+    """The API alone (no `set_tracer_provider`): no spans, no trace context in the headers."""
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    assert tracing.active_tracer() is None
+    out = Outgoing(exchange="ns.tasks", routing_key="w", body=b"{}", message_id="i", headers={})
+    assert tracing.start_send(out) is None
+    with tracing.sending_batch([out]) as span:
+        assert span is None
+    assert out.headers == {}
