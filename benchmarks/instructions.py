@@ -2,6 +2,7 @@
 
     python -m benchmarks.instructions                      # this checkout
     python -m benchmarks.instructions --tree ../before     # another checkout, same broker
+    python -m benchmarks.instructions --no-otel            # opentelemetry not importable
 
 On a shared 2-core machine a rate moves by 10-20% between runs; an instruction count repeats
 to a fraction of a percent. Each scenario runs in one process twice under callgrind, with
@@ -103,7 +104,20 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
 """
 
 
-def instructions(tree: Path, scenario: str, n: int, url: str) -> int:
+# `--no-otel`: the child cannot import opentelemetry, as without the `otel` extra
+NO_OTEL = """
+import sys
+
+class NoOpenTelemetry:
+    def find_spec(self, name, path=None, target=None):
+        if name == "opentelemetry" or name.startswith("opentelemetry."):
+            raise ImportError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, NoOpenTelemetry())
+"""
+
+
+def instructions(tree: Path, scenario: str, n: int, url: str, no_otel: bool = False) -> int:
     """Instructions callgrind counted for one child run of `scenario` with `n` tasks."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -114,7 +128,7 @@ def instructions(tree: Path, scenario: str, n: int, url: str) -> int:
                 f"--callgrind-out-file={out}",
                 sys.executable,
                 "-c",
-                CHILD,
+                (NO_OTEL if no_otel else "") + CHILD,
                 scenario,
                 str(n),
                 url,
@@ -136,13 +150,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tree", type=Path, default=ROOT, help="the checkout to measure")
     p.add_argument("--url", default=os.environ.get("RABBITQ_URL", "amqp://guest:guest@127.0.0.1/"))
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument(
+        "--no-otel",
+        action="store_true",
+        help="opentelemetry cannot be imported: rabbitq's tracing is off, as without the extra",
+    )
     args = p.parse_args(argv)
     for scenario in args.scenarios.split(","):
         if scenario not in SIZES:
             p.error(f"--scenarios: {scenario!r} is not one of {', '.join(SCENARIOS)}")
         few, many = SIZES[scenario]
-        small = instructions(args.tree, scenario, few, args.url)
-        large = instructions(args.tree, scenario, many, args.url)
+        small = instructions(args.tree, scenario, few, args.url, args.no_otel)
+        large = instructions(args.tree, scenario, many, args.url, args.no_otel)
         per_task = (large - small) / (many - few)
         print(f"{args.tree}  {scenario:5}  {per_task / 1000:,.1f}k instructions per task")
 

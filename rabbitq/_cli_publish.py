@@ -22,6 +22,7 @@ from typing import Any
 import typer
 from pydantic import BaseModel, ValidationError
 
+from rabbitq import _tracing as tracing
 from rabbitq._app import App, Task
 from rabbitq._cli_parking import _safe
 from rabbitq._errors import ConfigError, SendError, UsageError
@@ -275,6 +276,12 @@ async def _send(url: str, messages: list[Outgoing]) -> list[SendError | None]:
     publisher = Publisher(url, name="publish")
     try:
         await publisher.start()
+        if tracing.ENABLED:  # traced if the --app module set a TracerProvider
+            with tracing.sending_batch(messages) as span:
+                errors = await publisher.send_many(messages)
+                if span is not None and (failed := [e for e in errors if e is not None]):
+                    tracing.end(span, failed[0])
+                return errors
         return await publisher.send_many(messages)
     finally:
         await publisher.close()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -211,6 +212,8 @@ def outcome_attributes(
 # The API: spans ---------------------------------------------------------------------------------
 
 _tracer: Tracer | None = None
+# whether OTEL_PYTHON_TRACER_PROVIDER names a provider for the API to make; read at first use
+_provider_from_env: bool | None = None
 
 
 def active_tracer() -> Tracer | None:
@@ -220,9 +223,16 @@ def active_tracer() -> Tracer | None:
     and no-op spans per message (some 10 us a delivery), nothing is done, and no context is
     passed on. The API lets a provider be set once, so the tracer is taken once.
     """
-    global _tracer
+    global _tracer, _provider_from_env
     if _tracer is not None:
         return _tracer
+    if _provider_from_env is None:
+        _provider_from_env = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+    # `get_tracer_provider()` looks the provider's environment variable up each time, a
+    # KeyError raised and caught (some 10k instructions a delivery); the API keeps the one set
+    # in `_TRACER_PROVIDER`, so while that is None and the variable unset there is none
+    if not _provider_from_env and getattr(trace, "_TRACER_PROVIDER", False) is None:
+        return None
     provider = trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
         return None

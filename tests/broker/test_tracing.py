@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from rabbitq import App, TaskContext
 from rabbitq import _tracing as tracing
+from tests.broker.test_publish_cli import APP, SPEC, invoke, payload
 from tests.helpers import drain_queue, running_consumer, wait_until
 
 
@@ -309,3 +310,23 @@ async def test_without_opentelemetry_publish_and_consume_work_and_add_no_headers
     assert report["imported"] == []
     assert report["headers"] == ["rabbitq-attempt", "rabbitq-published-at"]
     assert report["ran"] == [2, 3] and report["succeeded"] == 2
+
+
+async def test_rabbitq_publish_is_traced_as_a_batch(
+    make_topology, connection, namespace, url, spans
+):
+    """The CLI's publish carries a trace context once its --app module set a provider."""
+    topology = await make_topology(proc=SPEC)
+    result = await invoke(
+        "publish", "slow", "--json", json.dumps(payload(1)), "--app", APP,
+        "--namespace", namespace, "--url", url,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    [create] = named(spans, "create ")
+    [batch] = [s for s in spans.get_finished_spans() if s.kind is SpanKind.CLIENT]
+    assert [link.context.span_id for link in batch.links] == [create.context.span_id]
+    [queued] = await drain_queue(connection, topology.workload("proc").work_queue)
+    traceparent = (queued.headers or {})["traceparent"]
+    assert isinstance(traceparent, str) and create.context is not None
+    context = create.context
+    assert traceparent.startswith(f"00-{context.trace_id:032x}-{context.span_id:016x}-")
