@@ -1,4 +1,5 @@
-"""The names and attributes of rabbitq's spans, as tables (the spans themselves:
+"""The names and attributes of rabbitq's spans as tables (`_trace_names`), and what `_tracing`
+does with untrusted headers and without a provider (the spans themselves:
 tests/broker/test_tracing.py)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 from opentelemetry import trace
 
 from rabbitq import _ladder as ladder
+from rabbitq import _trace_names as names
 from rabbitq import _tracing as tracing
 from rabbitq._errors import ParkReason, Poison
 from rabbitq._outcome import Outcome, ParkNow, Recount, RetryIn, Succeeded
@@ -33,7 +35,7 @@ DELAYED = ladder.route("ns", "emails", 13)
 )
 def test_destination_names_follow_the_rabbitmq_conventions(exchange, routing_key, queue, name):
     """Producer `{exchange}:{routing key}`, consumer `...:{queue}`, empty parts left out."""
-    assert tracing.destination_name(exchange, routing_key, queue) == name
+    assert names.destination_name(exchange, routing_key, queue) == name
 
 
 @pytest.mark.parametrize(
@@ -52,17 +54,17 @@ def test_destination_names_follow_the_rabbitmq_conventions(exchange, routing_key
 )
 def test_a_delayed_task_gets_a_template_without_its_delay(exchange, routing_key, queue, template):
     """The ladder's keys carry the delay: the template replaces it (and the level)."""
-    assert tracing.destination_template(exchange, routing_key, queue) == template
+    assert names.destination_template(exchange, routing_key, queue) == template
 
 
 def test_span_names_are_the_operation_and_the_destination():
-    assert tracing.span_name("publish", "ns.tasks:emails") == "publish ns.tasks:emails"
-    assert tracing.span_name("publish", "") == "publish"
+    assert names.span_name("publish", "ns.tasks:emails") == "publish ns.tasks:emails"
+    assert names.span_name("publish", "") == "publish"
 
 
 def test_publish_attributes_use_the_current_messaging_names():
     """No `messaging.destination` / `messaging.operation` of the old conventions."""
-    attributes = tracing.publish_attributes("ns.tasks", "emails", "id-1", "emails.send")
+    attributes = names.publish_attributes("ns.tasks", "emails", "id-1", "emails.send")
     assert attributes == {
         "messaging.system": "rabbitmq",
         "messaging.operation.type": "send",
@@ -72,10 +74,10 @@ def test_publish_attributes_use_the_current_messaging_names():
         "messaging.message.id": "id-1",
         "rabbitq.task": "emails.send",
     }
-    created = tracing.publish_attributes("ns.tasks", "emails", "", None, operation="create")
+    created = names.publish_attributes("ns.tasks", "emails", "", None, operation="create")
     assert created["messaging.operation.type"] == created["messaging.operation.name"] == "create"
     assert "messaging.message.id" not in created and "rabbitq.task" not in created
-    delayed = tracing.publish_attributes(DELAYED.exchange, DELAYED.routing_key, "i", None)
+    delayed = names.publish_attributes(DELAYED.exchange, DELAYED.routing_key, "i", None)
     assert delayed["messaging.destination.template"] == "ns.delay.{level}:{delay}.emails"
 
 
@@ -87,7 +89,7 @@ def test_publish_attributes_use_the_current_messaging_names():
     ],
 )
 def test_a_batch_names_its_destination_only_when_it_has_one(destinations, count, expected):
-    attributes = tracing.batch_attributes(destinations, count)
+    attributes = names.batch_attributes(destinations, count)
     assert attributes == {
         "messaging.system": "rabbitmq",
         "messaging.operation.type": "send",
@@ -98,7 +100,7 @@ def test_a_batch_names_its_destination_only_when_it_has_one(destinations, count,
 
 
 def test_process_attributes_name_the_queue_and_the_delivery():
-    attributes = tracing.process_attributes(
+    attributes = names.process_attributes(
         exchange="ns.tasks",
         routing_key="emails",
         queue="ns.emails.work",
@@ -179,7 +181,7 @@ def test_an_outcome_says_what_became_of_the_attempt(
     expected: dict[str, Any],
     failed: bool,
 ) -> None:
-    attributes, did_fail = tracing.outcome_attributes(outcome, 2, error, tier)
+    attributes, did_fail = names.outcome_attributes(outcome, 2, error, tier)
     assert attributes == {"rabbitq.attempt": 2, **expected}
     assert did_fail is failed
 
