@@ -463,9 +463,14 @@ class Cluster:
         Mnesia counts a node as running before that, and the listeners open last)."""
         serving = self.serving()
         address = self._nodes[i].address
-        return all(self.running_nodes(j) == serving for j in serving) and all(
-            port_open(address, port) for port in (AMQP_PORT, MANAGEMENT_PORT)
-        )
+        try:
+            seen = all(self.running_nodes(j) == serving for j in serving)
+        except ClusterError:
+            # a paused node restarting its Mnesia answers `eval` with an error for a moment
+            # ("corrupt_or_missing_cluster_files", enoent): not rejoined yet; `heal`'s deadline
+            # still ends a node that never answers
+            return False
+        return seen and all(port_open(address, port) for port in (AMQP_PORT, MANAGEMENT_PORT))
 
     def _restart(self, i: int, timeout: float) -> None:
         """End node i's VM (whatever state it is stuck in), start it, wait until it rejoined."""
