@@ -136,7 +136,13 @@ def end(span: Span | None, error: BaseException | None = None) -> None:
 @contextlib.contextmanager
 def sending(out: Outgoing) -> Iterator[Span | None]:
     """`start_send` and `end` around a publish."""
-    span = start_send(out)
+    with _ending(start_send(out)) as span:
+        yield span
+
+
+@contextlib.contextmanager
+def _ending(span: Span | None) -> Iterator[Span | None]:
+    """`span` for the body, ended after it with what it raised."""
     try:
         yield span
     except BaseException as exc:
@@ -170,12 +176,8 @@ def sending_batch(messages: Sequence[Outgoing]) -> Iterator[Span | None]:
     span = tracer.start_span(
         _named("publish", attributes), kind=SpanKind.CLIENT, attributes=attributes, links=links
     )
-    try:
+    with _ending(span):
         yield span
-    except BaseException as exc:
-        end(span, exc)
-        raise
-    end(span)
 
 
 if ENABLED:  # a class of the API's: only where it is installed

@@ -1,9 +1,7 @@
 """A RabbitMQ node of the TLS tests' own, and the certificates it and its clients use.
 
-The node runs `/usr/lib/rabbitmq/bin/rabbitmq-server` from the Debian package as the
-`rabbitmq` user (so `rabbitmqctl` shares `/var/lib/rabbitmq/.erlang.cookie` with it), with an
-empty env file instead of `/etc/rabbitmq/rabbitmq-env.conf` (the default node's), its own node
-name, ports and directory (`/tmp/rqtls-<id>/`), and no plain AMQP listener. It asks every client
+A node of a test's own (tests/private_node.py) with its own node name, ports and directory
+(`/tmp/rqtls-<id>/`), and no plain AMQP listener. It asks every client
 for a certificate its CA signed (`fail_if_no_peer_cert = true`), and serves the management
 API over https only. The node on 5672 is never touched.
 
@@ -15,7 +13,6 @@ certificate and a client certificate of its own), and a broker certificate that 
 from __future__ import annotations
 
 import os
-import pwd
 import secrets
 import shutil
 import socket
@@ -28,8 +25,17 @@ from pathlib import Path
 
 import trustme
 
-RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
-RABBITMQ_HOME = Path("/var/lib/rabbitmq")
+from tests.background import free_port
+from tests.private_node import (
+    RABBITMQ_BIN,
+    as_rabbitmq,
+    environment,
+    log_tail,
+    own_by_rabbitmq,
+    package_unavailable,
+    write_directory,
+)
+
 USER = "rabbitq"
 BOOT_TIMEOUT_SECONDS = 40.0
 
@@ -38,22 +44,7 @@ def unavailable() -> str | None:
     """Why a node of our own cannot start here, or None."""
     if os.geteuid() != 0:
         return "the TLS tests start a RabbitMQ node as the rabbitmq user: they need root"
-    if not (RABBITMQ_BIN / "rabbitmq-server").exists():
-        return f"no RabbitMQ server at {RABBITMQ_BIN} (apt-get install rabbitmq-server)"
-    try:
-        pwd.getpwnam("rabbitmq")
-    except KeyError:
-        return "no 'rabbitmq' user (the Debian package creates it)"
-    if not (RABBITMQ_HOME / ".erlang.cookie").exists():
-        return f"no Erlang cookie at {RABBITMQ_HOME / '.erlang.cookie'}"
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return package_unavailable()
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,11 +144,7 @@ class TlsNode:
 
     def _prepare(self) -> None:
         d, c = self.directory, self.certificates
-        (d / "mnesia").mkdir(parents=True)
-        (d / "log").mkdir()
-        (d / "rabbitmq-env.conf").write_text("")
-        (d / "enabled_plugins").write_text("[rabbitmq_management].\n")
-        # the broker reads server.pem/server.key; `serve_expired` swaps them
+        # the broker reads server.pem/server.key; `serve` swaps them
         shutil.copy(c.path("server.pem"), d / "server.pem")
         shutil.copy(c.path("server.key"), d / "server.key")
         ssl_files = [
@@ -182,36 +169,11 @@ class TlsNode:
             "log.file.level = info",
             "",
         ]
-        (d / "rabbitmq.conf").write_text("\n".join(lines))
-        account = pwd.getpwnam("rabbitmq")
-        for path in [d, *d.rglob("*")]:
-            os.chown(path, account.pw_uid, account.pw_gid)
-        d.chmod(0o700)  # rabbitmq.conf holds the password
-
-    def _environment(self) -> dict[str, str]:
-        d = self.directory
-        return {
-            "HOME": str(RABBITMQ_HOME),
-            "PATH": "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8",
-            "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),
-            "RABBITMQ_NODENAME": self.name,
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(d / "log"),
-            "RABBITMQ_PID_FILE": str(d / "pid"),
-            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
-        }
+        write_directory(d, plugins="[rabbitmq_management].\n", config="\n".join(lines))
 
     def _command(self, *argv: str) -> list[str]:
-        variables = [f"{k}={v}" for k, v in self._environment().items()]
-        return [
-            *("setpriv", "--reuid=rabbitmq", "--regid=rabbitmq", "--init-groups"),
-            *("env", "-i", *variables),
-            *argv,
-        ]
+        more = {"RABBITMQ_DIST_PORT": str(self.dist_port)}
+        return as_rabbitmq(environment(self.directory, self.name, **more), *argv)
 
     def start(self) -> None:
         """Boot the node and wait until its TLS listener completes a handshake with a client
@@ -261,8 +223,7 @@ class TlsNode:
         for suffix in ("pem", "key"):
             target = self.directory / f"server.{suffix}"
             shutil.copy(self.certificates.path(f"{cert}.{suffix}"), target)
-            account = pwd.getpwnam("rabbitmq")
-            os.chown(target, account.pw_uid, account.pw_gid)
+            own_by_rabbitmq(target)
         self.ctl("eval", "ssl:clear_pem_cache().")
 
     def stop(self) -> None:
@@ -282,9 +243,5 @@ class TlsNode:
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def log_tail(self, lines: int = 30) -> str:
-        text = ""
-        for path in (self.directory / "server.out", *(self.directory / "log").glob("*.log")):
-            if path.exists():
-                tail = path.read_text(errors="replace").splitlines()[-lines:]
-                text += f"--- {path}\n" + "\n".join(tail) + "\n"
-        return text
+        logs = (self.directory / "log").glob("*.log")
+        return log_tail((self.directory / "server.out", *logs), lines)

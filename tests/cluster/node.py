@@ -17,7 +17,6 @@ loopback, so the node creates an administrator `rabbitq` with the cluster's rand
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -26,8 +25,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
-RABBITMQ_HOME = Path("/var/lib/rabbitmq")  # its .erlang.cookie is the cluster's
+from tests import private_node
+from tests.private_node import (
+    RABBITMQ_BIN,
+    as_rabbitmq,
+    log_tail,
+    package_unavailable,
+    write_directory,
+)
+
 USER = "rabbitq"
 AMQP_PORT = 5672
 MANAGEMENT_PORT = 15672
@@ -52,15 +58,7 @@ def unavailable() -> str | None:
         return f"'ip netns list' failed: {exc}"
     if listing.returncode != 0:
         return f"'ip netns list' failed: {listing.stderr.decode(errors='replace').strip()}"
-    if not (RABBITMQ_BIN / "rabbitmq-server").exists():
-        return f"no RabbitMQ server at {RABBITMQ_BIN} (apt-get install rabbitmq-server)"
-    try:
-        pwd.getpwnam("rabbitmq")
-    except KeyError:
-        return "no 'rabbitmq' user (the Debian package creates it)"
-    if not (RABBITMQ_HOME / ".erlang.cookie").exists():
-        return f"no Erlang cookie at {RABBITMQ_HOME / '.erlang.cookie'}"
-    return None
+    return package_unavailable()
 
 
 def port_open(address: str, port: int, timeout: float = 1.0) -> bool:
@@ -94,35 +92,18 @@ class Node:
 
     def prepare(self, *, password: str, net_ticktime_seconds: int) -> None:
         """Write the node's directory: data and log dirs, config, plugins; owned by rabbitmq."""
-        d = self.directory
-        (d / "mnesia").mkdir(parents=True)
-        (d / "log").mkdir()
-        (d / "rabbitmq-env.conf").write_text("")
-        (d / "enabled_plugins").write_text(PLUGINS)
-        (d / "rabbitmq.conf").write_text(config(password, net_ticktime_seconds))
-        account = pwd.getpwnam("rabbitmq")
-        for path in [d, *d.rglob("*")]:
-            os.chown(path, account.pw_uid, account.pw_gid)
-        d.chmod(0o700)  # rabbitmq.conf holds the password
+        write_directory(
+            self.directory, plugins=PLUGINS, config=config(password, net_ticktime_seconds)
+        )
 
     def environment(self) -> dict[str, str]:
         d = self.directory
-        return {
-            "HOME": str(RABBITMQ_HOME),
-            "PATH": "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8",
-            # an empty env file instead of /etc/rabbitmq/rabbitmq-env.conf (the default node's)
-            "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),
-            "RABBITMQ_USE_LONGNAME": "true",
-            "RABBITMQ_NODENAME": self.name,
-            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(d / "log"),
-            "RABBITMQ_PID_FILE": str(self.pid_file),
-            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
-        }
+        return private_node.environment(
+            d,
+            self.name,
+            RABBITMQ_USE_LONGNAME="true",
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(d / "advanced.config"),
+        )
 
     @property
     def pid_file(self) -> Path:
@@ -130,13 +111,7 @@ class Node:
 
     def command(self, *argv: str) -> list[str]:
         """argv run inside the node's namespace, as rabbitmq, with only the node's environment."""
-        variables = [f"{k}={v}" for k, v in self.environment().items()]
-        return [
-            *("ip", "netns", "exec", self.namespace),
-            *("setpriv", "--reuid=rabbitmq", "--regid=rabbitmq", "--init-groups"),
-            *("env", "-i", *variables),
-            *argv,
-        ]
+        return ["ip", "netns", "exec", self.namespace, *as_rabbitmq(self.environment(), *argv)]
 
     def server_command(self) -> list[str]:
         return self.command(str(RABBITMQ_BIN / "rabbitmq-server"))
@@ -147,12 +122,8 @@ class Node:
 
     def log_tail(self, lines: int = 30) -> str:
         """The end of the node's server output and log, for error messages."""
-        text = ""
-        for path in (self.directory / "server.out", self.directory / "log" / f"{self.name}.log"):
-            if path.exists():
-                tail = path.read_text(errors="replace").splitlines()[-lines:]
-                text += f"--- {path}\n" + "\n".join(tail) + "\n"
-        return text
+        log = self.directory / "log" / f"{self.name}.log"
+        return log_tail((self.directory / "server.out", log), lines)
 
 
 def config(password: str, net_ticktime_seconds: int) -> str:
