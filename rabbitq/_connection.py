@@ -23,6 +23,16 @@ from rabbitq._errors import ConnectionFailed
 from rabbitq._tls import TlsProblem, describe_failure, tls_context, tls_settings
 
 logger = logging.getLogger("rabbitq.connection")
+
+
+def _not_the_failed_connect(record: logging.LogRecord) -> bool:
+    return record.msg != "error when creating transport: %r"
+
+
+# aiormq logs a connect that fails at ERROR, then raises it; every connect here turns that
+# into ConnectionFailed, which says it once (a command's one `error:` line). On its logger, not
+# a handler, so no command and no app that has not set up logging prints it twice.
+logging.getLogger("aiormq.connection").addFilter(_not_the_failed_connect)
 T = TypeVar("T")
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"

@@ -96,8 +96,6 @@ def setup(
     """Send every log line to stderr (or `stream`) in `fmt`, masking the passwords of `urls`."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(urls) if fmt == "json" else TextFormatter(urls))
-    # aiormq logs a failed connect that connect() raises as ConnectionFailed: say it once
-    handler.addFilter(lambda record: record.msg != "error when creating transport: %r")
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -8,6 +8,7 @@ import pytest
 
 from rabbitq._connection import connect, mask_url
 from rabbitq._errors import ConnectionFailed
+from tests.background import free_port
 from tests.broker.test_declare import WORKLOAD, rabbitq_cli
 
 
@@ -53,3 +54,27 @@ async def test_cli_on_an_unknown_vhost_prints_one_error_line(url, namespace, top
         f"error: cannot connect to {mask_url(bad)}: {_vhost_reason(vhost)}"
     ]
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["parking", "list", "w"],
+        ["topology", "plan"],
+        ["consume", "w", "--app", "tests.broker.apps:app", "--burst"],
+    ],
+    ids=["status", "parking-list", "plan", "consume"],
+)
+async def test_a_refused_connection_is_one_error_line(namespace, topology_dir, command):
+    """Nothing listens at the URL: each command says so once, in its `error:` line (aiormq's own
+    "error when creating transport" line is not printed beside it); exit 1."""
+    closed = f"amqp://guest:secret@127.0.0.1:{free_port()}/"
+    directory = topology_dir(w=WORKLOAD)
+
+    result = await rabbitq_cli(closed, *command, "--topology", directory, "--namespace", namespace)
+
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: cannot connect to {mask_url(closed)}: "), line
+    assert "secret" not in result.stderr + result.stdout
