@@ -109,9 +109,13 @@ def text(status: status_.Status, now: float, title: str | None = None) -> list[s
     lines = [f"{head}  {title}" if title else head]
     lines += table(rows(status, now))
     if status.delayed is not None:
-        lines.append(f"delayed: {status.delayed} tasks wait in the delay ladder (every workload)")
+        lines.append(f"delayed: {_waiting(status.delayed)} in the delay ladder (every workload)")
     lines += [f"note: {note}" for note in status.notes]
     return lines
+
+
+def _waiting(count: int) -> str:
+    return "1 task waits" if count == 1 else f"{count} tasks wait"
 
 
 def redraw(lines: Sequence[str], first: bool) -> str:

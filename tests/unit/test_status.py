@@ -243,6 +243,19 @@ def test_text_has_the_title_the_table_and_the_notes() -> None:
     assert len(lines) == 1 + 1 + 4 + 2
 
 
+@pytest.mark.parametrize(
+    ("delayed", "line"),
+    [
+        (0, "delayed: 0 tasks wait in the delay ladder (every workload)"),
+        (1, "delayed: 1 task waits in the delay ladder (every workload)"),
+        (4, "delayed: 4 tasks wait in the delay ladder (every workload)"),
+    ],
+)
+def test_text_says_how_many_tasks_wait_in_the_ladder(delayed: int, line: str) -> None:
+    status = Status("shop", status_of().workloads, management=False, delayed=delayed)
+    assert text(status, now=1125.0)[-1] == line
+
+
 def test_the_json_document_has_stable_keys() -> None:
     """One document: namespace, management, note, workloads by name with tiers by label."""
     status = Status("shop", status_of().workloads, management=True, notes=("x", "y"))
