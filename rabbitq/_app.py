@@ -56,6 +56,14 @@ CALL_TIMEOUT_SECONDS = 60.0
 # raises, not the wait's
 SYNC_CALL_MARGIN_SECONDS = 5.0
 MAX_PRIORITY = 255
+# AMQP's message-id is a short string: 255 bytes at most
+MAX_KEY_BYTES = 255
+
+
+def _check_key(key: str) -> None:
+    """An idempotency key fits AMQP's message-id (a short string) and a log line."""
+    if not key or len(key.encode()) > MAX_KEY_BYTES or not key.isprintable():
+        raise ConfigError(f"idempotency_key must be 1 to {MAX_KEY_BYTES} bytes of printable text")
 
 
 def _deadline_seconds(deadline: datetime | timedelta | None, now: float) -> float | None:
@@ -125,7 +133,8 @@ class Task(Generic[P, R]):
                 the workload's max_priority as that maximum.
             deadline: an aware datetime, or a timedelta from now, after which the task is not
                 run but parked as expired.
-            idempotency_key: becomes the message_id, so consumers can deduplicate.
+            idempotency_key: becomes the message_id (1 to 255 bytes of printable text), so
+                consumers can deduplicate.
             delay: run the task this long from now (a timedelta, or seconds), to the second,
                 up to 8 years; it waits in the namespace's delay ladder, in the broker.
             at: run the task at this aware datetime (one in the past: now).
@@ -137,6 +146,8 @@ class Task(Generic[P, R]):
         model = self.definition.check_payload(payload)
         if priority is not None and not 0 <= priority <= MAX_PRIORITY:
             raise ConfigError(f"priority {priority!r} must be from 0 to {MAX_PRIORITY}")
+        if idempotency_key is not None:
+            _check_key(idempotency_key)
         now = time.time()
         deadline_at = _deadline_seconds(deadline, now)
         run_at = _run_at(delay, at, now)

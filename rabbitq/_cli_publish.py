@@ -32,6 +32,8 @@ from rabbitq._topology import NAMESPACE_PATTERN, load_topology, parse_duration
 from rabbitq._wire import Outgoing, error_text
 
 STDIN = "-"
+# which option a ConfigError of Task.message is about, by how its message starts
+_OPTION_OF_ERROR = (("priority", "--priority"), ("idempotency_key", "--idempotency-key"))
 SHOWN_TASKS = 10  # an unknown task's error lists at most this many registered names
 
 
@@ -163,6 +165,15 @@ def _later(delay: str | None, at: str | None) -> dict[str, Any]:
     return {}
 
 
+def _key(key: str | None, file: str | None) -> str | None:
+    """--idempotency-key: one task's message id, so never one shared by a file's lines."""
+    if key is None:
+        return None
+    if file is not None:
+        raise UsageError("--idempotency-key names one task: use it with --json, not --file")
+    return key
+
+
 def _namespace(option: str | None, app: App, topology: Path) -> str:
     """--namespace, else the App's own, else the topology's (as `rabbitq consume` takes it)."""
     if option is not None:
@@ -214,6 +225,12 @@ def register(
             "--at",
             help="Run it at this ISO 8601 time with its offset, e.g. 2027-01-01T09:00Z.",
         ),
+        idempotency_key: str | None = typer.Option(
+            None,
+            "--idempotency-key",
+            help="The task's message id (with --json): run the command again with the same key "
+            "and consumers can tell it is the same task.",
+        ),
         app_spec: str = typer.Option(
             ..., "--app", envvar="RABBITQ_APP", help="Where the App is: 'package.module:app'."
         ),
@@ -244,15 +261,21 @@ def register(
             except ValueError as exc:
                 raise UsageError(f"--deadline {deadline!r}: {exc}") from None
             later = _later(delay, at)
+            key = _key(idempotency_key, file)
             models = _payloads(payload, file, definition)
             # A Task of an App in the chosen namespace: the user's App is left as it was.
             sender = Task(App(namespace=_namespace(namespace, app, topology)), definition)
             try:
                 messages = [
-                    sender.message(m, priority=priority, deadline=within, **later) for m in models
+                    sender.message(
+                        m, priority=priority, deadline=within, idempotency_key=key, **later
+                    )
+                    for m in models
                 ]
             except ConfigError as exc:  # an option is out of range (the payloads are valid)
-                option = "--priority" if str(exc).startswith("priority") else "--delay/--at"
+                option = next(
+                    (o for p, o in _OPTION_OF_ERROR if str(exc).startswith(p)), "--delay/--at"
+                )
                 raise UsageError(f"{option}: {exc}") from None
             if not messages:
                 typer.echo(f"no tasks in {_label(file)}: nothing was published", err=True)

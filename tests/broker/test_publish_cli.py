@@ -61,6 +61,20 @@ async def test_a_json_payload_is_queued_with_its_task_name_priority_and_deadline
     assert int((before + 300) * 1000) <= deadline_ms <= int((after + 300) * 1000) + 1
 
 
+async def test_an_idempotency_key_is_the_tasks_message_id_each_time_it_is_sent(
+    make_topology: Any, connection: AbstractConnection, url: str, namespace: str
+) -> None:
+    """A script that sends again (it lost the first answer) sends the same task id twice."""
+    topology = await make_topology(proc=SPEC)
+    args = ["publish", "slow", "--json", json.dumps(payload(1)), "--idempotency-key", "order-42"]
+    for _ in range(2):
+        result = await invoke(*args, "--app", APP, "--namespace", namespace, "--url", url)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.splitlines() == ["order-42"]
+    queued = await drain_queue(connection, topology.workload(WORKLOAD).work_queue)
+    assert [m.message_id for m in queued] == ["order-42", "order-42"]
+
+
 async def test_every_line_of_a_file_is_one_task_and_the_printed_ids_are_theirs(
     make_topology: Any, connection: AbstractConnection, url: str, namespace: str, tmp_path: Path
 ) -> None:

@@ -161,6 +161,19 @@ def test_message_id_is_the_idempotency_key() -> None:
     assert ids == {"order-42"}
 
 
+@pytest.mark.parametrize("key", ["", "x" * 256, "é" * 128, "a\nb", "a\x1bb"])
+def test_an_idempotency_key_that_is_no_message_id_is_refused(key: str) -> None:
+    """Empty, past AMQP's 255-byte short string, or with control characters (it is logged)."""
+    _, send = _app()
+    with pytest.raises(ConfigError, match="idempotency_key must be 1 to 255 bytes"):
+        send.message({"to": "a"}, idempotency_key=key)
+
+
+def test_an_idempotency_key_of_255_bytes_is_the_message_id() -> None:
+    _, send = _app()
+    assert send.message({"to": "a"}, idempotency_key="é" * 127 + "x").message_id == "é" * 127 + "x"
+
+
 def test_message_id_is_fresh_and_unique_without_a_key() -> None:
     """Without an idempotency key every message gets a new unique id."""
     _, send = _app()

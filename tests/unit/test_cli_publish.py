@@ -173,10 +173,15 @@ def ndjson(tmp_path: Path) -> Path:
         (["items.add", "--json", '{"n": 1}', "--delay", "1h", "--deadline", "10m"],
          "--delay/--at: the deadline is 3000s before the task is to run; it would only ever "
          "be parked as expired"),
+        (["items.add", "--file", "NDJSON", "--idempotency-key", "k"], "--idempotency-key "
+         "names one task: use it with --json, not --file"),
+        (["items.add", "--json", '{"n": 1}', "--idempotency-key", "x" * 256],
+         "--idempotency-key: idempotency_key must be 1 to 255 bytes of printable text"),
     ],
     ids=["unknown-task", "invalid-json-payload", "no-payload", "two-payloads", "bad-line",
          "missing-file", "priority", "deadline", "namespace", "delay", "delay-too-long",
-         "at-not-a-time", "at-without-offset", "delay-and-at", "deadline-before-delay"],
+         "at-not-a-time", "at-without-offset", "delay-and-at", "deadline-before-delay",
+         "key-with-file", "key-too-long"],
 )  # fmt: skip
 def test_bad_input_is_one_error_line_and_exit_2_before_connecting(
     args: list[str], error: str, ndjson: Path
