@@ -28,7 +28,7 @@ from rabbitq import _permissions as permissions
 from rabbitq import _wire as wire
 from rabbitq._amqp import ClosedByBroker, ConsumeConnection, Delivery, open_consumer
 from rabbitq._connection import client_name, connect, current_node, tls_for
-from rabbitq._errors import ParkingBusy, TopologyMissing
+from rabbitq._errors import ParkingBusy, ParkReason, TopologyMissing
 from rabbitq._publish import Publisher
 from rabbitq._topology import Workload
 
@@ -123,17 +123,49 @@ def parked_at(headers: dict[str, Any], timestamp_s: float | None) -> float | Non
     return _ms(headers, wire.HEADER_PARKED_AT) or timestamp_s
 
 
+def broker_death(headers: dict[str, Any]) -> tuple[ParkReason, str] | None:
+    """Why the broker itself moved a task into the parking lot, with no consumer involved:
+    the reason and what happened, from its latest `x-death`; None if rabbitq parked it.
+
+    The work queue dead-letters into the parking lot, so two deaths there arrive without
+    rabbitq's headers: an AMQP `expiration` set by the publisher that ran out while the task
+    was queued (`expired`), and a quorum work queue's delivery limit (`crash_loop`: it was
+    handed out and returned that often). rabbitq's own parked copies never carry `x-death`.
+    """
+    if wire.HEADER_PARK_REASON in headers:
+        return None
+    deaths = headers.get("x-death")
+    if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
+        return None
+    latest = deaths[0]  # the broker puts the most recent death first
+    queue = _text(latest, "queue")
+    if _text(latest, "reason") == "expired":
+        ttl = _text(latest, "original-expiration")
+        its = f"its expiration of {ttl} ms" if ttl else "its expiration"
+        return ParkReason.EXPIRED, f"{its} ran out in {queue} before a consumer took it"
+    if _text(latest, "reason") == "delivery_limit":
+        return ParkReason.CRASH_LOOP, f"handed out by {queue} up to its delivery limit"
+    return None
+
+
+def reason_of(headers: dict[str, Any]) -> str:
+    """A parked copy's reason: rabbitq's header, else the broker's (`broker_death`), else ''."""
+    death = broker_death(headers)
+    return str(death[0]) if death else _text(headers, wire.HEADER_PARK_REASON)
+
+
 def parked(delivery: Delivery) -> Parked:
     """A parked copy read back (any message in the parking lot: what it lacks is empty)."""
     props = delivery.properties
     headers = dict(props.headers or {})
     attempts = headers.get(wire.HEADER_PARK_ATTEMPTS, headers.get(wire.HEADER_ATTEMPT, 0))
+    death = broker_death(headers)
     return Parked(
         message_id=props.message_id or "",
         task=props.message_type or "",
-        reason=_text(headers, wire.HEADER_PARK_REASON),
+        reason=reason_of(headers),
         error_type=_text(headers, wire.HEADER_PARK_ERROR_TYPE),
-        error=_text(headers, wire.HEADER_PARK_ERROR),
+        error=death[1] if death else _text(headers, wire.HEADER_PARK_ERROR),
         traceback=_text(headers, wire.HEADER_PARK_TRACEBACK),
         attempts=attempts if isinstance(attempts, int) else 0,
         first_failure=_ms(headers, wire.HEADER_FIRST_FAILURE),

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
@@ -163,6 +164,48 @@ async def test_the_cli_lists_groups_and_shows_a_parked_task(
     refused = await asyncio.to_thread(invoke, "parking", "purge", "jobs", "--all")
     assert refused.exit_code == 2 and "--yes" in refused.stderr
     assert await queue_depth(connection, f"{namespace}.jobs.parking") == 3 * PER_SITE
+
+
+async def test_a_task_whose_expiration_ran_out_in_the_work_queue_lists_as_expired(
+    make_topology: Any, connection: AbstractConnection, url: str, namespace: str, tmp_path: Path
+) -> None:
+    """A publisher's own AMQP `expiration` runs out while the task waits (no consumer): the
+    broker dead-letters it into the parking lot with `x-death` only, and `parking list` says
+    what happened, not a blank reason."""
+    spec: dict[str, Any] = {}
+    topology = await make_topology(jobs=spec)
+    workload = topology.workload("jobs")
+    app = App(namespace=namespace, url=url)
+
+    @app.task("jobs.quick", workload="jobs")
+    async def quick(item: Item) -> None: ...
+
+    message = quick.message(Item(n=1), idempotency_key="quick-1")
+    channel = await connection.channel()
+    try:
+        exchange = await channel.get_exchange(message.exchange, ensure=False)
+        await exchange.publish(
+            aio_pika.Message(
+                message.body,
+                message_id=message.message_id,
+                type=message.task,
+                headers=dict(message.headers),
+                expiration=0.05,
+            ),
+            routing_key=message.routing_key,
+        )
+    finally:
+        await channel.close()
+    await wait_until(lambda: _depth(connection, workload.parking_queue, 1), what="the park")
+    (tmp_path / "test.toml").write_text(toml_for({"jobs": spec}))
+    where = ("--topology", tmp_path, "--namespace", namespace)
+    listed = await rabbitq_cli(url, "parking", "list", "jobs", "--json", *where)
+    assert listed.returncode == 0, listed.stderr
+    [task] = json.loads(listed.stdout)
+    assert (task["message_id"], task["reason"]) == ("quick-1", "expired")
+    assert task["error"] == (
+        f"its expiration of 50 ms ran out in {workload.work_queue} before a consumer took it"
+    )
 
 
 async def test_ten_thousand_parked_tasks_are_read_and_left_in_their_order(

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from rabbitq._parking import Filter, Parked, fingerprint, frames, groups
+from rabbitq._parking import (
+    Filter,
+    Parked,
+    broker_death,
+    fingerprint,
+    frames,
+    groups,
+    reason_of,
+)
 
 
 def tb(*sites: tuple[str, int, str]) -> str:
@@ -114,3 +124,47 @@ def test_a_replayed_copy_has_a_fresh_budget_and_a_bounded_history() -> None:
     history = copy.headers[HEADER_HISTORY]
     assert len(history) == MAX_HISTORY and history[:-1] == old[-(MAX_HISTORY - 1) :]
     assert history[-1]["reason"] == "retries_exhausted" and history[-1]["parked_at"] == 2_000_000
+
+
+def _death(reason: str, **more: object) -> dict[str, object]:
+    return {"queue": "shop.emails.work", "reason": reason, "count": 1, **more}
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        # parked by rabbitq: its own header says why, whatever else is there
+        ({"rabbitq-park-reason": "invalid_payload"}, None),
+        ({"rabbitq-park-reason": "too_large", "x-death": [_death("expired")]}, None),
+        # dead-lettered by the broker out of the work queue
+        (
+            {"x-death": [_death("expired", **{"original-expiration": "60000"})]},
+            ("expired", "its expiration of 60000 ms ran out in shop.emails.work before a "
+             "consumer took it"),
+        ),
+        (
+            {"x-death": [_death("expired")]},
+            ("expired", "its expiration ran out in shop.emails.work before a consumer took it"),
+        ),
+        (
+            {"x-death": [_death("delivery_limit"), _death("expired")]},
+            ("crash_loop", "handed out by shop.emails.work up to its delivery limit"),
+        ),
+        # bytes, as a header decoder may leave them
+        ({"x-death": [{"queue": b"q", "reason": b"expired"}]},
+         ("expired", "its expiration ran out in q before a consumer took it")),
+        # nothing to go by
+        ({}, None),
+        ({"x-death": []}, None),
+        ({"x-death": "expired"}, None),
+        ({"x-death": ["expired"]}, None),
+        ({"x-death": [_death("rejected")]}, None),
+        ({"x-death": [_death("maxlen")]}, None),
+    ],
+)  # fmt: skip
+def test_a_death_the_broker_caused_names_its_reason(
+    headers: dict[str, Any], expected: tuple[str, str] | None
+) -> None:
+    assert broker_death(headers) == expected
+    reason = expected[0] if expected else str(headers.get("rabbitq-park-reason", ""))
+    assert reason_of(headers) == reason
