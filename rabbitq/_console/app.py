@@ -230,7 +230,7 @@ def build(console: Console) -> Starlette:
         return Response(generate_latest(console.registry), media_type="text/plain; version=0.0.4")
 
     async def guard_requests(request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if request.url.path != "/login" and not guard.token_ok(
+        if not _public(request.url.path) and not guard.token_ok(
             console.token,
             guard.presented_token(
                 request.headers.get("authorization"), request.cookies.get(guard.COOKIE)
@@ -278,6 +278,12 @@ def build(console: Console) -> Starlette:
     return Starlette(
         routes=routes, middleware=[Middleware(BaseHTTPMiddleware, dispatch=guard_requests)]
     )
+
+
+def _public(path: str) -> bool:
+    """The login page and its stylesheet and script (shipped in the package, no data in them):
+    without them the login page a stranger gets would be unstyled."""
+    return path == "/login" or path.startswith("/static/")
 
 
 async def _form(request: Request) -> dict[str, Any]:

@@ -125,7 +125,7 @@ async def jobs(
     return workload, topology_dir(jobs=JOBS), await park_some(connection, workload, 3)
 
 
-ROUTES = ["/", "/workloads/jobs", "/workloads/jobs/tasks/m0", "/metrics", "/static/console.css"]
+ROUTES = ["/", "/workloads/jobs", "/workloads/jobs/tasks/m0", "/metrics"]
 ACTIONS = ["/workloads/jobs/confirm", "/workloads/jobs/replay", "/workloads/jobs/purge"]
 
 
@@ -139,6 +139,10 @@ async def test_beyond_loopback_every_page_and_action_needs_the_token(jobs, url, 
         for path in ACTIONS:
             code, _ = await call(base, path, form={"ids": " ".join(ids), "do": "purge-matching"})
             assert code == 401, path
+        # the login page's stylesheet and script come without it: they hold no data
+        for path in ("/static/console.css", "/static/console.js"):
+            assert (await call(base, path))[0] == 200, path
+        assert (await call(base, "/static/../app.py"))[0] in (401, 404)
         wrong = {"Authorization": "Bearer " + TOKEN[:-1]}
         assert (await call(base, "/", headers=wrong))[0] == 401
         assert (await call(base, "/login", form={"token": "nope"}))[0] == 401
