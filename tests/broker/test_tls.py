@@ -28,6 +28,7 @@ from rabbitq._errors import ConnectionFailed
 from rabbitq._management import Management, ManagementUnavailable
 from rabbitq._topology import parse_topology
 from tests.broker.conftest import toml_for
+from tests.broker.test_console_http import call, console
 from tests.helpers import running_consumer, wait_until
 from tests.tls_node import Certificates, TlsNode, unavailable
 
@@ -125,8 +126,8 @@ def tls_env(c: Certificates) -> dict[str, str]:
 
 
 def test_the_cli_reads_the_certificates_from_the_environment(node, tmp_path):
-    """`topology apply`, `publish`, `status` (management over https too), `parking list` and
-    `consume --burst` work with a bare amqps:// URL and RABBITQ_TLS_*."""
+    """`topology apply`, `publish`, `status` and `check` (management over https too), `parking
+    list` and `consume --burst` work with a bare amqps:// URL and RABBITQ_TLS_*."""
     directory = tmp_path / "topology"
     directory.mkdir()
     namespace = f'namespace = "tls{os.urandom(4).hex()}"\n'
@@ -151,6 +152,7 @@ def test_the_cli_reads_the_certificates_from_the_environment(node, tmp_path):
             url, env, "status", "--json", "-t", directory, "--management-url", api
         ),
         "parking": rabbitq_cli(url, env, "parking", "list", "proc", "--json", "-t", directory),
+        "check": rabbitq_cli(url, env, "check", "--json", "-t", directory, "--management-url", api),
         # on uvloop, by an address the certificate does not carry, with the name it does
         "consume": rabbitq_cli(
             node.url("127.0.0.2", "server_name_indication=localhost"),
@@ -163,6 +165,9 @@ def test_the_cli_reads_the_certificates_from_the_environment(node, tmp_path):
         assert run.returncode == 0, f"{what}: {run.stdout}\n{run.stderr}"
         for secret in secrets_of(node):
             assert secret not in run.stdout + run.stderr
+    # check read the broker over both: its topology and alarms come from amqps and https
+    found = {f["check"]: f for f in json.loads(runs["check"].stdout)["findings"]}
+    assert found["topology"]["status"] == "ok" and found["alarm"]["status"] == "ok", found
     status = json.loads(runs["status"].stdout)
     assert status["management"] is True and status["note"] is None, status  # read over https
     assert status["workloads"]["proc"]["ready"] == 1, status
@@ -263,3 +268,26 @@ async def test_the_management_api_is_verified_with_the_amqp_urls_ca(node):
     bad_url = node.url(query=query(node.certificates, cacertfile=node.certificates.other_ca))
     with pytest.raises(ManagementUnavailable, match="not signed by a trusted CA"):
         await Management.from_urls(bad_url, api).overview()
+
+
+async def test_the_console_reads_the_broker_over_amqps(node, tmp_path):
+    """The console's overview comes from amqps (the certificates in the URL's query) and the
+    management API over https, and shows no secret."""
+    directory = tmp_path / "topology"
+    directory.mkdir()
+    namespace = f"tls{os.urandom(4).hex()}"
+    (directory / "t.toml").write_text(f'namespace = "{namespace}"\n' + toml_for({"proc": {}}))
+    applied = rabbitq_cli(
+        node.url(), tls_env(node.certificates), "topology", "apply", "-t", directory
+    )
+    assert applied.returncode == 0, applied.stderr
+    url = node.url(query=query(node.certificates))
+    api = f"https://localhost:{node.management_port}"
+    async with console(url, directory, namespace, "--management-url", api) as base:
+        code, page = await call(base, "/")
+        parked = await call(base, "/workloads/proc")
+    # its depths came over amqps; a management API it could not read would be a note
+    assert code == 200 and 'data-workload="proc"' in page and 'class="note"' not in page, page
+    assert parked[0] == 200, parked
+    for secret in secrets_of(node):
+        assert secret not in page + parked[1]
