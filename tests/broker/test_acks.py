@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
-from rabbitq import App, Consumer
+from rabbitq import App
 from rabbitq._ack import Acker
 from rabbitq._amqp import ConsumeConnection, Delivery, open_consumer
 from tests.conftest import broker_url
 from tests.helpers import plain_message, queue_depth, running_consumer, wait_until
+from tests.ledger import actl
 
 
 class Item(BaseModel):
@@ -74,30 +76,94 @@ async def test_a_long_task_does_not_hold_back_the_acks_of_later_ones(
     assert await queue_depth(connection, workload.work_queue) == 0
 
 
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 async def test_graceful_stop_sends_the_acks_still_batched(
-    make_topology, connection, url, namespace
+    make_topology, connection, url, namespace, queue_type
 ):
     """Acks held for batching reach the broker before the consumer closes: nothing redelivered."""
-    topology = await make_topology(jobs={"capacity": 64})
+    tasks = 10
+    topology = await make_topology(jobs={"capacity": 64, "queue_type": queue_type})
     workload = topology.workload("jobs")
     app = App(namespace=namespace, url=url)
     seen: list[int] = []
-    holder: list[Consumer] = []
+    release = asyncio.Event()
 
     @app.task("jobs.record", workload="jobs")
     async def record(item: Item) -> None:
         seen.append(item.n)
-        if len(seen) == 10:
-            holder[0].stop()  # stop right away, before the ack timer fires
+        await release.wait()
 
-    await app.publish_many([record.message(Item(n=n)) for n in range(10)])
+    await app.publish_many([record.message(Item(n=n)) for n in range(tasks)])
     await app.close()
     async with running_consumer(app, workload, url) as consumer:
-        holder.append(consumer)
-        # 10 finished tasks are fewer than one batch (64 // 4): their acks are still held
-        # when the stop comes.
-        await wait_until(lambda: len(seen) == 10, what="10 tasks to run")
-    assert await queue_depth(connection, workload.work_queue) == 0
+        await wait_until(lambda: len(seen) == tasks, what=f"{tasks} tasks to run")
+        # every one finishes in the same moment and the stop comes with them, before the ack
+        # timer fires: 10 finished tasks are fewer than one batch (64 // 4), so their acks
+        # are still held when the stop comes
+        release.set()
+        consumer.stop()
+    assert consumer.counts["succeeded"] == tasks, consumer.counts
+    # every task is gone from the queue, ready and handed out alike: an ack the channel
+    # dropped would leave its task handed out to a consumer that is gone, then back ready
+    await wait_until(
+        lambda: _messages_in(workload.work_queue, queue_type, 0),
+        what="the queue to hold no task at all",
+    )
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_a_stop_right_after_hundreds_of_single_acks_redelivers_nothing(
+    make_topology, connection, url, namespace, queue_type
+):
+    """255 tasks finish above one that still runs, so each is acked in a frame of its own; it
+    finishes and the stop comes at once. A quorum queue's client on the broker's channel sends
+    at most 32 commands ahead of the leader and a channel that closes drops the ones it still
+    holds back (`_parking.QUORUM_ACKS_PER_READ`): none of the 256 may run again."""
+    tasks = 256
+    topology = await make_topology(jobs={"capacity": tasks, "queue_type": queue_type})
+    workload = topology.workload("jobs")
+    app = App(namespace=namespace, url=url)
+    seen: list[int] = []
+    others, first = asyncio.Event(), asyncio.Event()
+
+    @app.task("jobs.record", workload="jobs")
+    async def record(item: Item) -> None:
+        seen.append(item.n)
+        await (first if item.n == 0 else others).wait()
+
+    await app.publish_many([record.message(Item(n=n)) for n in range(tasks)])
+    await app.close()
+    async with running_consumer(app, workload, url) as consumer:
+        await wait_until(lambda: len(seen) == tasks, what=f"{tasks} tasks to run")
+        others.set()
+        await wait_until(lambda: consumer.counts["succeeded"] == tasks - 1, what="255 done")
+        first.set()
+        consumer.stop()
+    assert consumer.counts["succeeded"] == tasks, consumer.counts
+    await wait_until(
+        lambda: _messages_in(workload.work_queue, queue_type, 0),
+        what="the queue to hold no task at all",
+    )
+
+
+# A quorum queue's `list_queues messages` is its last tick's figure (every 5 s): ask its
+# Raft state instead.
+_QUORUM_TOTAL = (
+    'Q = rabbit_misc:r(<<"/">>, queue, <<"{name}">>), {{ok, A}} = rabbit_amqqueue:lookup(Q), '
+    "{{Ra, _}} = amqqueue:get_pid(A), "
+    "{{ok, {{_, N}}, _}} = ra:local_query({{Ra, node()}}, fun rabbit_fifo:query_messages_total/1), "
+    "N."
+)
+
+
+async def _messages_in(queue: str, queue_type: str, count: int) -> bool:
+    """The broker's own count of a queue's tasks, ready and unacked alike: a passive declare
+    counts only the ready ones."""
+    if queue_type == "quorum":
+        return (await actl("eval", _QUORUM_TOTAL.format(name=queue))).strip() == str(count)
+    listed = await actl("list_queues", "-q", "--no-table-headers", "name", "messages")
+    counts = dict(line.split("\t") for line in listed.splitlines() if "\t" in line)
+    return counts.get(queue) == str(count)
 
 
 async def _held(
