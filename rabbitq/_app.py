@@ -190,7 +190,7 @@ class Task(Generic[P, R]):
         """
         out = self.message(payload, **options)
         if tracing.ENABLED:
-            with tracing.sending(out):
+            with tracing.sending(out, self.app._broker_url):
                 await (await self.app.publisher()).send(out)
         else:
             await (await self.app.publisher()).send(out)
@@ -206,7 +206,7 @@ class Task(Generic[P, R]):
         """`publish` for synchronous code: blocks until confirmed; needs no event loop."""
         out = self.message(payload, **options)
         if tracing.ENABLED:  # the span starts here, in the caller's thread and its context
-            with tracing.sending(out):
+            with tracing.sending(out, self.app._broker_url):
                 self.app.run_sync(lambda: self._send(out))
         else:
             self.app.run_sync(lambda: self._send(out))
@@ -243,7 +243,7 @@ class Task(Generic[P, R]):
         """
         out = self.message(payload, **options)
         if tracing.ENABLED:
-            span = tracing.start_send(out)
+            span = tracing.start_send(out, self.app._broker_url)
             try:
                 return await self._call(out, timeout, span)
             except BaseException as exc:
@@ -260,7 +260,7 @@ class Task(Generic[P, R]):
     ) -> R:
         """`call` for synchronous code (and sync handlers): blocks until the result."""
         out = self.message(payload, **options)
-        span = tracing.start_send(out) if tracing.ENABLED else None
+        span = tracing.start_send(out, self.app._broker_url) if tracing.ENABLED else None
         try:
             return self.app.run_sync(
                 lambda: self._call(out, timeout, span), timeout=timeout + SYNC_CALL_MARGIN_SECONDS
@@ -416,6 +416,12 @@ class App:
         if self._publisher is publisher:
             self._publisher, self._loop, self._consumer_namespace = None, None, None
 
+    @property
+    def _broker_url(self) -> str:
+        """The broker this app publishes to: its publisher's (a consumer's, inside one), else
+        its own `url`, else the default."""
+        return self._publisher.url if self._publisher is not None else self.url or DEFAULT_URL
+
     async def publisher(self) -> Publisher:
         """The publisher of this app, connecting on first use."""
         loop = asyncio.get_running_loop()
@@ -447,7 +453,7 @@ class App:
         """
         publisher = await self.publisher()
         if tracing.ENABLED:
-            with tracing.sending_batch(messages):
+            with tracing.sending_batch(messages, publisher.url):
                 errors = await publisher.send_many(messages)
                 raise_first(messages, errors)
         else:

@@ -300,7 +300,7 @@ async def _send(url: str, messages: list[Outgoing]) -> list[SendError | None]:
     try:
         await publisher.start()
         if tracing.ENABLED:  # traced if the --app module set a TracerProvider
-            with tracing.sending_batch(messages) as span:
+            with tracing.sending_batch(messages, url) as span:
                 errors = await publisher.send_many(messages)
                 if span is not None and (failed := [e for e in errors if e is not None]):
                     tracing.end(span, failed[0])

@@ -94,7 +94,9 @@ class Settler:
         # the delivery's process span (`_tracing`), current until it is settled; with tracing
         # off this costs the check and a try, which costs nothing until something raises
         span = (
-            tracing.start_process(message, self.workload.work_queue, self.workload.name)
+            tracing.start_process(
+                message, self.workload.work_queue, self.workload.name, self.publisher.url
+            )
             if tracing.ENABLED
             else None
         )

@@ -11,6 +11,7 @@ rabbitq's own facts (task, workload, attempt, outcome) are `rabbitq.*` attribute
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 from rabbitq._errors import Poison
 from rabbitq._ladder import LEVELS
@@ -47,6 +48,26 @@ def destination_template(exchange: str, routing_key: str, queue: str | None = No
     workload = routing_key[match.end() :]
     exchange = _LADDER_LEVEL.sub(".delay.{level}", exchange)
     return destination_name(exchange, f"{{delay}}.{workload}", queue)
+
+
+# the ports the AMQP URI spec gives each scheme when the URL leaves the port out
+_DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
+
+
+def server_attributes(node_url: str) -> Attributes:
+    """`server.address` and `server.port` of the node a span's message goes through or came
+    from: the host and port of its URL, never the credentials; nothing if the URL has no host."""
+    try:
+        parts = urlsplit(node_url)
+        port = parts.port
+    except ValueError:  # a port that is not a number: the connection fails on its own
+        return {}
+    if not parts.hostname:
+        return {}
+    return {
+        "server.address": parts.hostname,
+        "server.port": port or _DEFAULT_PORTS.get(parts.scheme, 5672),
+    }
 
 
 def span_name(operation: str, destination: str) -> str:

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from rabbitq._connection import current_node
 from rabbitq._outcome import Outcome
 from rabbitq._trace_names import (
     Attributes,
@@ -49,6 +50,7 @@ from rabbitq._trace_names import (
     outcome_attributes,
     process_attributes,
     publish_attributes,
+    server_attributes,
     span_name,
 )
 
@@ -110,13 +112,19 @@ def _named(operation: str, attributes: Attributes) -> str:
     return span_name(operation, str(destination))
 
 
-def start_send(out: Outgoing) -> Span | None:
-    """Start the producer span of one publish and put its context into `out`'s headers; None
-    if no provider is set."""
+def _server(url: str | None) -> Attributes:
+    """The node a connection to `url` uses now (the one that last answered), as attributes."""
+    return {} if url is None else server_attributes(current_node(url))
+
+
+def start_send(out: Outgoing, url: str | None = None) -> Span | None:
+    """Start the producer span of one publish to `url`'s broker and put its context into
+    `out`'s headers; None if no provider is set."""
     tracer = active_tracer()
     if tracer is None:
         return None
     attributes = publish_attributes(out.exchange, out.routing_key, out.message_id, out.task)
+    attributes |= _server(url)
     span = tracer.start_span(
         _named("publish", attributes), kind=SpanKind.PRODUCER, attributes=attributes
     )
@@ -134,9 +142,9 @@ def end(span: Span | None, error: BaseException | None = None) -> None:
 
 
 @contextlib.contextmanager
-def sending(out: Outgoing) -> Iterator[Span | None]:
+def sending(out: Outgoing, url: str | None = None) -> Iterator[Span | None]:
     """`start_send` and `end` around a publish."""
-    with _ending(start_send(out)) as span:
+    with _ending(start_send(out, url)) as span:
         yield span
 
 
@@ -152,9 +160,9 @@ def _ending(span: Span | None) -> Iterator[Span | None]:
 
 
 @contextlib.contextmanager
-def sending_batch(messages: Sequence[Outgoing]) -> Iterator[Span | None]:
+def sending_batch(messages: Sequence[Outgoing], url: str | None = None) -> Iterator[Span | None]:
     """A `create` span per message (its context into that message's headers), then the batch's
-    span, linked to each, around the publish."""
+    span to `url`'s broker, linked to each, around the publish."""
     tracer = active_tracer()
     if tracer is None:
         yield None
@@ -172,7 +180,7 @@ def sending_batch(messages: Sequence[Outgoing]) -> Iterator[Span | None]:
         propagate.inject(out.headers, context=trace.set_span_in_context(create))
         create.end()
         links.append(Link(create.get_span_context()))
-    attributes = batch_attributes(destinations, len(messages))
+    attributes = batch_attributes(destinations, len(messages)) | _server(url)
     span = tracer.start_span(
         _named("publish", attributes), kind=SpanKind.CLIENT, attributes=attributes, links=links
     )
@@ -224,9 +232,11 @@ class Processing:
         end(self.span, error)
 
 
-def start_process(message: Delivery, queue: str, workload: str) -> Processing | None:
-    """Start a delivery's process span, a child of the creation context it carries; None if
-    no provider is set."""
+def start_process(
+    message: Delivery, queue: str, workload: str, url: str | None = None
+) -> Processing | None:
+    """Start a delivery's process span (it came from `url`'s broker), a child of the creation
+    context it carries; None if no provider is set."""
     tracer = active_tracer()
     if tracer is None:
         return None
@@ -240,7 +250,7 @@ def start_process(message: Delivery, queue: str, workload: str) -> Processing | 
         correlation_id=props.correlation_id,
         task=props.message_type,
         workload=workload,
-    )
+    ) | _server(url)
     span = tracer.start_span(
         _named("process", attributes),
         context=creation_context(props.headers),

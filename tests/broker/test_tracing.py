@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -24,7 +25,12 @@ from pydantic import BaseModel
 from rabbitq import App, TaskContext
 from rabbitq import _tracing as tracing
 from tests.broker.test_publish_cli import APP, SPEC, invoke, payload
+from tests.conftest import broker_url
 from tests.helpers import drain_queue, running_consumer, wait_until
+
+# the broker the tests use, as spans name it: host and port, no credentials
+_BROKER = urlsplit(broker_url())
+SERVER = (_BROKER.hostname, _BROKER.port or 5672)
 
 
 class Item(BaseModel):
@@ -88,6 +94,8 @@ async def test_one_trace_links_the_publish_each_attempt_and_the_park(
         "messaging.rabbitmq.destination.routing_key": "jobs",
         "messaging.message.id": message_id,
         "rabbitq.task": "jobs.fail",
+        "server.address": SERVER[0],
+        "server.port": SERVER[1],
     }
     assert publish.context is not None
     trace_id = publish.context.trace_id
@@ -109,6 +117,7 @@ async def test_one_trace_links_the_publish_each_attempt_and_the_park(
         assert span.attributes["messaging.rabbitmq.destination.routing_key"] == "jobs"
         assert span.attributes["messaging.message.id"] == "traced-1"
         assert span.attributes["rabbitq.task"] == "jobs.fail"
+        assert (span.attributes["server.address"], span.attributes["server.port"]) == SERVER
         assert span.attributes["error.type"] == "tests.broker.test_tracing.Boom"
         assert span.status.status_code is StatusCode.ERROR
         [event] = [e for e in span.events if e.name == "exception"]
@@ -201,6 +210,7 @@ async def test_child_tasks_batches_and_calls_join_the_trace_they_are_published_i
     [batch] = [s for s in finished if s.kind is SpanKind.CLIENT]
     assert batch.name == f"publish {namespace}.tasks:jobs"
     assert (batch.attributes or {})["messaging.batch.message_count"] == 2
+    assert ((batch.attributes or {})["server.address"], batch.attributes["server.port"]) == SERVER
     linked = {link.context.span_id for link in batch.links}
     assert linked == {c.context.span_id for c in creates if c.context is not None}
 
@@ -325,6 +335,8 @@ async def test_rabbitq_publish_is_traced_as_a_batch(
     [create] = named(spans, "create ")
     [batch] = [s for s in spans.get_finished_spans() if s.kind is SpanKind.CLIENT]
     assert [link.context.span_id for link in batch.links] == [create.context.span_id]
+    assert batch.attributes is not None
+    assert (batch.attributes["server.address"], batch.attributes["server.port"]) == SERVER
     [queued] = await drain_queue(connection, topology.workload("proc").work_queue)
     traceparent = (queued.headers or {})["traceparent"]
     assert isinstance(traceparent, str) and create.context is not None

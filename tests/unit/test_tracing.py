@@ -254,3 +254,23 @@ def test_a_provider_set_after_the_first_publish_is_used_from_then_on():
         [sys.executable, "-c", SET_LATER], capture_output=True, text=True, timeout=30
     )
     assert done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "attributes"),
+    [
+        ("amqp://guest:guest@127.0.0.1:5672/",
+         {"server.address": "127.0.0.1", "server.port": 5672}),
+        ("amqp://app:s3cret@mq.example/prod",
+         {"server.address": "mq.example", "server.port": 5672}),
+        ("amqps://app:s3cret@mq.example/?cacertfile=/ca.pem",
+         {"server.address": "mq.example", "server.port": 5671}),
+        ("amqp://[::1]:5673/", {"server.address": "::1", "server.port": 5673}),
+        ("amqp://h:notaport/", {}),
+        ("not a url", {}),
+    ],
+)  # fmt: skip
+def test_server_attributes_are_the_host_and_port_never_the_credentials(
+    url: str, attributes: dict[str, Any]
+) -> None:
+    assert names.server_attributes(url) == attributes
