@@ -277,4 +277,4 @@ def _report(what: str, tasks: list[parking.Parked], as_json: bool) -> None:
         return
     for t in tasks:
         typer.echo(f"{what} {_safe(t.message_id)}  {_safe(t.task)}  {_safe(t.reason)}")
-    typer.echo(f"{what} {len(tasks)} tasks", err=True)
+    typer.echo(f"{what} {len(tasks)} task{'' if len(tasks) == 1 else 's'}", err=True)

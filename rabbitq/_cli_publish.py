@@ -288,7 +288,7 @@ def register(
             if 0 < failed < len(messages):
                 typer.echo(
                     f"published {len(messages) - failed} of {len(messages)} tasks (their ids are "
-                    f"on stdout); {failed} were not confirmed",
+                    f"on stdout); {failed} {'was' if failed == 1 else 'were'} not confirmed",
                     err=True,
                 )
             raise_first(messages, outcome)

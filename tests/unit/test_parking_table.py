@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from rabbitq._cli_parking import _report
 from rabbitq._parking import (
     Filter,
     Parked,
@@ -168,3 +169,18 @@ def test_a_death_the_broker_caused_names_its_reason(
     assert broker_death(headers) == expected
     reason = expected[0] if expected else str(headers.get("rabbitq-park-reason", ""))
     assert reason_of(headers) == reason
+
+
+@pytest.mark.parametrize(("count", "total"), [(0, "replayed 0 tasks"), (1, "replayed 1 task"),
+                                              (2, "replayed 2 tasks")])  # fmt: skip
+def test_a_replay_or_purge_ends_with_how_many_on_stderr(
+    count: int, total: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tasks = [
+        Parked(f"m{n}", "jobs.send", "expired", "", "", "", 1, None, None, None, {}, b"")
+        for n in range(count)
+    ]
+    _report("replayed", tasks, as_json=False)
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"replayed m{n}  jobs.send  expired" for n in range(count)]
+    assert err == f"{total}\n"
