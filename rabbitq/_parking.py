@@ -138,19 +138,22 @@ def broker_death(headers: dict[str, Any]) -> tuple[ParkReason, str] | None:
     if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
         return None
     latest = deaths[0]  # the broker puts the most recent death first
-    queue = _text(latest, "queue")
-    if _text(latest, "reason") == "expired":
+    why, queue = _text(latest, "reason"), _text(latest, "queue")
+    if why == "expired":
         ttl = _text(latest, "original-expiration")
         its = f"its expiration of {ttl} ms" if ttl else "its expiration"
         return ParkReason.EXPIRED, f"{its} ran out in {queue} before a consumer took it"
-    if _text(latest, "reason") == "delivery_limit":
+    if why == "delivery_limit":
         return ParkReason.CRASH_LOOP, f"handed out by {queue} up to its delivery limit"
     return None
 
 
 def reason_of(headers: dict[str, Any]) -> str:
     """A parked copy's reason: rabbitq's header, else the broker's (`broker_death`), else ''."""
-    death = broker_death(headers)
+    return _reason(headers, broker_death(headers))
+
+
+def _reason(headers: dict[str, Any], death: tuple[ParkReason, str] | None) -> str:
     return str(death[0]) if death else _text(headers, wire.HEADER_PARK_REASON)
 
 
@@ -163,7 +166,7 @@ def parked(delivery: Delivery) -> Parked:
     return Parked(
         message_id=props.message_id or "",
         task=props.message_type or "",
-        reason=reason_of(headers),
+        reason=_reason(headers, death),
         error_type=_text(headers, wire.HEADER_PARK_ERROR_TYPE),
         error=death[1] if death else _text(headers, wire.HEADER_PARK_ERROR),
         traceback=_text(headers, wire.HEADER_PARK_TRACEBACK),

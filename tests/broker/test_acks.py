@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from aio_pika.abc import AbstractConnection
@@ -12,6 +14,7 @@ from pydantic import BaseModel
 from rabbitq import App
 from rabbitq._ack import Acker
 from rabbitq._amqp import ConsumeConnection, Delivery, open_consumer
+from rabbitq._topology import Workload
 from tests.conftest import broker_url
 from tests.helpers import plain_message, queue_depth, running_consumer, wait_until
 from tests.ledger import actl
@@ -76,30 +79,44 @@ async def test_a_long_task_does_not_hold_back_the_acks_of_later_ones(
     assert await queue_depth(connection, workload.work_queue) == 0
 
 
-@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
-async def test_graceful_stop_sends_the_acks_still_batched(
-    make_topology, connection, url, namespace, queue_type
-):
-    """Acks held for batching reach the broker before the consumer closes: nothing redelivered."""
-    tasks = 10
-    topology = await make_topology(jobs={"capacity": 64, "queue_type": queue_type})
-    workload = topology.workload("jobs")
+async def _recorded(
+    make_topology: Any,
+    url: str,
+    namespace: str,
+    spec: dict[str, Any],
+    tasks: int,
+    gate: Callable[[int], asyncio.Event],
+) -> tuple[Workload, App, list[int]]:
+    """A workload of `spec` with `tasks` tasks queued; task n notes that it runs, then waits
+    for `gate(n)`. The workload, its app and the notes."""
+    topology = await make_topology(jobs=spec)
     app = App(namespace=namespace, url=url)
     seen: list[int] = []
-    release = asyncio.Event()
 
     @app.task("jobs.record", workload="jobs")
     async def record(item: Item) -> None:
         seen.append(item.n)
-        await release.wait()
+        await gate(item.n).wait()
 
     await app.publish_many([record.message(Item(n=n)) for n in range(tasks)])
     await app.close()
+    return topology.workload("jobs"), app, seen
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_graceful_stop_sends_the_acks_still_batched(
+    make_topology, url, namespace, queue_type
+):
+    """Acks held for batching reach the broker before the consumer closes: nothing redelivered."""
+    tasks, release = 10, asyncio.Event()
+    spec = {"capacity": 64, "queue_type": queue_type}
+    workload, app, seen = await _recorded(
+        make_topology, url, namespace, spec, tasks, lambda _: release
+    )
     async with running_consumer(app, workload, url) as consumer:
         await wait_until(lambda: len(seen) == tasks, what=f"{tasks} tasks to run")
-        # every one finishes in the same moment and the stop comes with them, before the ack
-        # timer fires: 10 finished tasks are fewer than one batch (64 // 4), so their acks
-        # are still held when the stop comes
+        # every one finishes in the same moment and the stop comes with them: 10 finished
+        # tasks are fewer than one batch (64 // 4), so their acks are still held when it comes
         release.set()
         consumer.stop()
     assert consumer.counts["succeeded"] == tasks, consumer.counts
@@ -113,30 +130,22 @@ async def test_graceful_stop_sends_the_acks_still_batched(
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 async def test_a_stop_right_after_hundreds_of_single_acks_redelivers_nothing(
-    make_topology, connection, url, namespace, queue_type
+    make_topology, url, namespace, queue_type
 ):
-    """255 tasks finish above one that still runs, so each is acked in a frame of its own; it
+    """249 tasks finish above one that still runs, so each is acked in a frame of its own; it
     finishes and the stop comes at once. A quorum queue's client on the broker's channel sends
     at most 32 commands ahead of the leader and a channel that closes drops the ones it still
-    holds back (`_parking.QUORUM_ACKS_PER_READ`): none of the 256 may run again."""
-    tasks = 256
-    topology = await make_topology(jobs={"capacity": tasks, "queue_type": queue_type})
-    workload = topology.workload("jobs")
-    app = App(namespace=namespace, url=url)
-    seen: list[int] = []
-    others, first = asyncio.Event(), asyncio.Event()
-
-    @app.task("jobs.record", workload="jobs")
-    async def record(item: Item) -> None:
-        seen.append(item.n)
-        await (first if item.n == 0 else others).wait()
-
-    await app.publish_many([record.message(Item(n=n)) for n in range(tasks)])
-    await app.close()
+    holds back (`_parking.QUORUM_ACKS_PER_READ`): none of the 250 may run again. (Not a
+    multiple of the 32-ack batch: the last acks are still held when the stop comes.)"""
+    tasks, others, first = 250, asyncio.Event(), asyncio.Event()
+    spec = {"capacity": tasks, "queue_type": queue_type}
+    workload, app, seen = await _recorded(
+        make_topology, url, namespace, spec, tasks, lambda n: first if n == 0 else others
+    )
     async with running_consumer(app, workload, url) as consumer:
         await wait_until(lambda: len(seen) == tasks, what=f"{tasks} tasks to run")
         others.set()
-        await wait_until(lambda: consumer.counts["succeeded"] == tasks - 1, what="255 done")
+        await wait_until(lambda: consumer.counts["succeeded"] == tasks - 1, what="all but one done")
         first.set()
         consumer.stop()
     assert consumer.counts["succeeded"] == tasks, consumer.counts
